@@ -1,0 +1,43 @@
+# Set-up and entry points. `make test` and `make demo` create .venv when it is missing.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: venv test lint unit integration demo bench-curate clean
+
+$(BIN)/mmray: pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: the pinned CPU wheel comes from local disk; a bare `torch` would pull CUDA.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/mmray
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+unit: venv
+	$(BIN)/pytest -q tests/unit
+
+integration: venv
+	$(BIN)/pytest -q tests/integration
+
+test: venv lint
+	$(BIN)/pytest -q tests
+
+demo: venv
+	$(BIN)/mmray sample-data .demo/raw --n 600
+	$(BIN)/mmray curate --input .demo/raw/metadata.parquet --output .demo/shards \
+		--image-size 64 --samples-per-shard 200
+
+bench-curate: venv
+	$(BIN)/python bench/curate.py
+
+clean:
+	rm -rf .demo mlruns mlflow.db .pytest_cache

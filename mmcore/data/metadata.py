@@ -1,0 +1,202 @@
+"""Read (url, caption, extra columns) metadata and split it into shard inputs.
+
+Inputs are parquet, csv, tsv or jsonl files (csv/tsv/jsonl may be gzipped), or a folder of
+them, read batch by batch with pyarrow: the whole table is never held in memory. Planning
+assigns every input row a key ``SSSSSIII`` (shard number, index in the shard, img2dataset's
+scheme) and writes the rows as small parquet "parts" that the curation job reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.json as pjson
+import pyarrow.parquet as pq
+
+InputFormat = Literal["parquet", "csv", "tsv", "jsonl"]
+# Columns that the job writes itself; an input column of the same name is kept as src_<name>.
+RESERVED = (
+    "key shard part url caption status error_message width height original_width "
+    "original_height sha256 phash duplicate_of image"
+).split()
+SHARD_DIGITS = 5
+
+
+class InputError(ValueError):
+    """Unusable input: missing file or column, unknown format. Raised before any work."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class InputConfig:
+    """Where the (url, caption) rows come from; img2dataset's names and defaults."""
+
+    path: str = ""  # a file, or a folder of files of one format
+    format: InputFormat | None = None  # default: from the file extension
+    url_col: str = "url"
+    caption_col: str = "caption"
+
+
+@dataclasses.dataclass
+class Plan:
+    n_rows: int
+    shard_rows: list[int]  # input rows per shard
+    parts: list[str]  # part files, in key order
+
+
+def input_files(cfg: InputConfig) -> tuple[list[Path], InputFormat]:
+    """The files to read and their format; raises ``InputError``."""
+    root = Path(cfg.path)
+    if not cfg.path or not root.exists():
+        raise InputError(f"input {cfg.path!r} does not exist")
+    if root.is_dir():
+        files = sorted(p for p in root.iterdir() if p.is_file() and _guess_format(p))
+        fmt = cfg.format or (_guess_format(files[0]) if files else None)
+        files = [p for p in files if _guess_format(p) == fmt]
+    else:
+        files, fmt = [root], cfg.format or _guess_format(root)
+    if fmt is None:
+        raise InputError(f"cannot tell the format of {cfg.path!r}: pass --input-format")
+    if not files:
+        raise InputError(f"no {fmt} files in {cfg.path!r}")
+    return files, fmt
+
+
+_EXTENSIONS: dict[str, InputFormat] = {
+    "parquet": "parquet", "csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "json": "jsonl"
+}  # fmt: skip
+
+
+def _guess_format(path: Path) -> InputFormat | None:
+    suffixes = [s.lower() for s in path.suffixes if s.lower() not in (".gz", ".gzip")]
+    ext = suffixes[-1].lstrip(".") if suffixes else ""
+    return _EXTENSIONS.get(ext)
+
+
+def read_batches(cfg: InputConfig, batch_rows: int = 4096) -> Iterator[pa.Table]:
+    """Stream the input as tables with string ``url`` and ``caption`` columns first.
+
+    Every file's columns are checked before the first batch is yielded, so a missing column
+    fails before any work starts.
+    """
+    files, fmt = input_files(cfg)
+    for path in files:
+        _check_columns(path, _schema_names(path, fmt), cfg)
+    for path in files:
+        for batch in _file_batches(path, fmt, cfg, batch_rows):
+            yield _normalise(pa.Table.from_batches([batch]), cfg)
+
+
+def _schema_names(path: Path, fmt: InputFormat) -> list[str]:
+    try:
+        if fmt == "parquet":
+            return pq.ParquetFile(path).schema_arrow.names
+        return next(iter(_file_batches(path, fmt, None, 1)), pa.record_batch([])).schema.names
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"cannot read {path} as {fmt}: {e}") from e
+
+
+def _check_columns(path: Path, names: list[str], cfg: InputConfig) -> None:
+    missing = [c for c in (cfg.url_col, cfg.caption_col) if c not in names]
+    if missing:
+        raise InputError(
+            f"{path}: missing column(s) {missing}; it has {names}. "
+            "Set --url-col / --caption-col to the right names."
+        )
+
+
+def _file_batches(
+    path: Path, fmt: InputFormat, cfg: InputConfig | None, batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    if fmt == "parquet":
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+        return
+    if fmt == "jsonl":
+        yield from pjson.open_json(path)
+        return
+    delimiter = "," if fmt == "csv" else "\t"
+    convert = pcsv.ConvertOptions(check_utf8=False)
+    if cfg is not None:  # every column as text; the caption as bytes (may be invalid UTF-8)
+        names = _schema_names(path, fmt)
+        types = {n: pa.string() for n in names} | {cfg.caption_col: pa.binary()}
+        convert = pcsv.ConvertOptions(column_types=types, check_utf8=False)
+    parse = pcsv.ParseOptions(delimiter=delimiter, quote_char='"' if fmt == "csv" else False)
+    yield from pcsv.open_csv(path, parse_options=parse, convert_options=convert)
+
+
+def _normalise(table: pa.Table, cfg: InputConfig) -> pa.Table:
+    """url and caption as strings (invalid UTF-8 replaced), then extras, renamed if reserved."""
+    url = _as_text(table.column(cfg.url_col))
+    caption = _as_text(table.column(cfg.caption_col))
+    cols, names = [url, caption], ["url", "caption"]
+    for name in table.column_names:
+        if name in (cfg.url_col, cfg.caption_col):
+            continue
+        cols.append(table.column(name))
+        names.append(f"src_{name}" if name in RESERVED else name)
+    return pa.table(cols, names=names)
+
+
+def _as_text(col: pa.ChunkedArray) -> pa.Array:
+    def text(v: object) -> str:
+        if isinstance(v, bytes):
+            return v.decode("utf-8", errors="replace")
+        return "" if v is None else str(v)
+
+    return pa.array([text(v) for v in col.to_pylist()], pa.string())
+
+
+def shard_key(shard: int, index: int, samples_per_shard: int) -> str:
+    """img2dataset's key: zero-padded shard number, then the index within the shard."""
+    return f"{shard:0{SHARD_DIGITS}d}{index:0{len(str(samples_per_shard - 1))}d}"
+
+
+def plan_shards(
+    cfg: InputConfig, out_dir: Path, samples_per_shard: int, rows_per_part: int
+) -> Plan:
+    """Write the input as parquet parts of at most ``rows_per_part`` rows, keyed by shard.
+
+    A part never crosses a shard boundary; parts are named ``SSSSS_PPPP.parquet``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = Plan(n_rows=0, shard_rows=[], parts=[])
+    pending: list[pa.Table] = []
+    pending_rows = part = 0
+
+    def flush() -> None:
+        nonlocal part
+        rows = pa.concat_tables(pending, promote_options="permissive").combine_chunks()
+        shard, first = divmod(plan.n_rows, samples_per_shard)
+        if shard >= 10**SHARD_DIGITS:
+            raise InputError("more than 99999 shards: raise --samples-per-shard")
+        if first == 0:
+            plan.shard_rows.append(0)
+            part = 0
+        keys = [shard_key(shard, i, samples_per_shard) for i in range(first, first + len(rows))]
+        rows = rows.add_column(0, "key", pa.array(keys, pa.string()))
+        rows = rows.add_column(1, "shard", pa.array([shard] * len(rows), pa.int32()))
+        path = out_dir / f"{shard:0{SHARD_DIGITS}d}_{part:04d}.parquet"
+        pq.write_table(rows, path)
+        plan.parts.append(str(path))
+        plan.shard_rows[-1] += len(rows)
+        plan.n_rows += len(rows)
+        part += 1
+
+    for table in read_batches(cfg):
+        while table.num_rows:
+            left_in_shard = samples_per_shard - plan.n_rows % samples_per_shard
+            room = min(rows_per_part, left_in_shard) - pending_rows
+            take = min(table.num_rows, room)
+            pending.append(table.slice(0, take))
+            pending_rows += take
+            table = table.slice(take)
+            if take == room:
+                flush()
+                pending, pending_rows = [], 0
+    if pending_rows:
+        flush()
+    return plan

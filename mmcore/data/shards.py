@@ -1,0 +1,196 @@
+"""Shard output: staged pieces → ``NNNNN.tar`` + ``NNNNN.parquet`` + ``NNNNN_stats.json``.
+
+Layout of an output folder (DESIGN.md):
+  NNNNN.tar           KEY.jpg|KEY.webp, KEY.txt, KEY.json for every kept sample, in key order
+  NNNNN.parquet       one row for EVERY input row of the shard: key, url, caption, status,
+                      error_message, sizes, hashes, duplicate_of, the input's extra columns
+  NNNNN_stats.json    counts by status for the shard, the tar's sha256
+  manifest.json       the job's config, counts by status, every shard with count and sha256
+Every file is written under a temporary name and renamed, so a killed job never leaves a
+partial file under a final name; ``_stats.json`` is renamed last and marks a finished shard.
+Tars are byte-for-byte reproducible (fixed member metadata), so a resumed run produces the
+same sha256 as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SUCCESS = "success"
+STATS_SUFFIX = "_stats.json"
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+# Columns of the per-shard parquet that come before the input's extra columns.
+PARQUET_COLUMNS = [
+    "key", "url", "caption", "status", "error_message", "width", "height",
+    "original_width", "original_height", "sha256", "phash", "duplicate_of",
+]  # fmt: skip
+_INTERNAL = {"shard", "image", "thumb"}
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` then rename tmp to ``path`` (atomic on one filesystem)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_pieces(batch: pa.Table, pieces_dir: Path) -> dict[str, np.ndarray]:
+    """Stage processed rows, one parquet piece per shard in the batch; returns counts."""
+    out: dict[str, list] = {"shard": [], "rows": [], "successes": []}
+    for shard in sorted(set(batch.column("shard").to_pylist())):
+        rows = batch.filter(pc.equal(batch.column("shard"), shard))
+        first = rows.column("key")[0].as_py()
+        path = pieces_dir / f"{shard:05d}_{first}.parquet"
+        atomic_write(path, lambda tmp, rows=rows: pq.write_table(rows, tmp))
+        out["shard"].append(shard)
+        out["rows"].append(len(rows))
+        out["successes"].append(pc.sum(pc.equal(rows.column("status"), SUCCESS)).as_py() or 0)
+    return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
+
+
+def piece_paths(pieces_dir: Path, shard: int | None = None) -> list[Path]:
+    pattern = "*.parquet" if shard is None else f"{shard:05d}_*.parquet"
+    return sorted(pieces_dir.glob(pattern))
+
+
+def staged_rows(pieces_dir: Path) -> dict[int, int]:
+    """Rows staged so far per shard, from parquet footers (no data read)."""
+    counts: dict[int, int] = collections.Counter()
+    for path in piece_paths(pieces_dir):
+        counts[int(path.name[:5])] += pq.ParquetFile(path).metadata.num_rows
+    return dict(counts)
+
+
+DEDUP_COLUMNS = ("key", "sha256", "phash", "thumb")
+
+
+def hash_index(pieces_dir: Path) -> dict[str, list]:
+    """``key``, ``sha256``, ``phash``, ``thumb`` of every staged success: dedup's input.
+
+    Only these columns are read (parquet is columnar), never the image bytes.
+    """
+    paths = piece_paths(pieces_dir)
+    if not paths:
+        return {c: [] for c in DEDUP_COLUMNS}
+    table = pa.concat_tables(pq.read_table(p, columns=[*DEDUP_COLUMNS, "status"]) for p in paths)
+    table = table.filter(pc.equal(table.column("status"), SUCCESS))
+    return {c: table.column(c).to_pylist() for c in DEDUP_COLUMNS}
+
+
+def finalize_shard(
+    shard: int,
+    pieces_dir: Path,
+    out_dir: Path,
+    dropped: Mapping[str, tuple[str, str]],
+    image_ext: str,
+) -> dict[str, Any]:
+    """Write the shard's tar, parquet and stats from its staged pieces; returns its stats."""
+    name = f"{shard:05d}"
+    table = pa.concat_tables(pq.read_table(p) for p in piece_paths(pieces_dir, shard))
+    table = table.sort_by("key")
+    rows = table.drop_columns([c for c in _INTERNAL if c in table.column_names]).to_pylist()
+    images = table.column("image").to_pylist()
+    for row in rows:
+        row["duplicate_of"] = None
+        if row["key"] in dropped:
+            status, kept = dropped[row["key"]]
+            row.update(status=status, error_message=f"{status} of {kept}", duplicate_of=kept)
+
+    tar_path = out_dir / f"{name}.tar"
+    members = [(r, img) for r, img in zip(rows, images, strict=True) if r["status"] == SUCCESS]
+    atomic_write(tar_path, lambda tmp: _write_tar(tmp, members, image_ext))
+    atomic_write(out_dir / f"{name}.parquet", lambda tmp: pq.write_table(_parquet(rows), tmp))
+    counts = collections.Counter(row["status"] for row in rows)
+    stats = {
+        "shard": name,
+        "tar": tar_path.name,
+        "parquet": f"{name}.parquet",
+        "count": len(rows),
+        "successes": counts.get(SUCCESS, 0),
+        "status_counts": dict(sorted(counts.items())),
+        "sha256": file_sha256(tar_path),
+        "bytes": tar_path.stat().st_size,
+    }
+    write_json(out_dir / f"{name}{STATS_SUFFIX}", stats)
+    return stats
+
+
+def sample_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``KEY.json`` member: the sample's metadata and the input's extra columns."""
+    return {k: v for k, v in row.items() if k not in ("error_message", "duplicate_of")}
+
+
+def _write_tar(path: Path, members: list[tuple[dict, bytes]], image_ext: str) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for row, image in members:
+            key = row["key"]
+            text = row["caption"].encode()
+            meta = json.dumps(sample_json(row), ensure_ascii=False, default=str).encode()
+            for ext, data in ((image_ext, image), ("txt", text), ("json", meta)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _parquet(rows: list[dict[str, Any]]) -> pa.Table:
+    table = pa.Table.from_pylist(rows)
+    extras = [c for c in table.column_names if c not in PARQUET_COLUMNS]
+    return table.select(PARQUET_COLUMNS + extras)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
+
+
+def finished_shards(out_dir: Path) -> dict[int, dict[str, Any]]:
+    """Stats of every shard whose ``_stats.json`` exists (written last: the shard is whole)."""
+    return {
+        int(p.name[:5]): json.loads(p.read_text())
+        for p in sorted(out_dir.glob(f"[0-9][0-9][0-9][0-9][0-9]{STATS_SUFFIX}"))
+    }
+
+
+def build_manifest(config: Mapping[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The dataset's manifest; ``digest`` identifies the data (hash of the shard hashes)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for s in shards:
+        counts.update(s["status_counts"])
+    digest = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()
+    return {
+        "format": "mmray-webdataset",
+        "version": SCHEMA_VERSION,
+        "digest": digest,
+        "n_input": sum(s["count"] for s in shards),
+        "n_samples": counts.get(SUCCESS, 0),
+        "status_counts": dict(sorted(counts.items())),
+        "shards": [
+            {k: s[k] for k in ("shard", "tar", "parquet", "count", "successes", "sha256", "bytes")}
+            for s in shards
+        ],
+        "config": dict(config),
+    }

@@ -1,0 +1,99 @@
+"""The one place that talks to MLflow.
+
+``MLFLOW_TRACKING_URI`` wins when set; otherwise runs go to an embedded store in the working
+directory (``sqlite:///$PWD/mlflow.db``, artifacts under ``./mlruns``). Jobs call
+``start_run(...)`` and get a ``Tracker``; ``NullTracker`` is the no-op used when tracking is
+off (or on ranks other than 0), so job code never branches on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from mmcore.config import flatten
+
+log = logging.getLogger(__name__)
+
+_MAX_PARAM_LEN = 6000  # MLflow rejects longer param values
+
+
+def tracking_uri() -> str:
+    """The tracking URI jobs use: the environment's, else an embedded local store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+class NullTracker:
+    """Tracking switched off: every call does nothing."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def log_dict(self, data: Any, artifact_file: str) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_dataset(self, source: str, name: str, digest: str, context: str) -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+
+class Tracker(NullTracker):
+    """An active MLflow run; thin methods so that callers never import mlflow."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        import mlflow
+
+        flat = flatten(dict(params))
+        mlflow.log_params({k: str(v)[:_MAX_PARAM_LEN] for k, v in flat.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        import mlflow
+
+        mlflow.log_dict(data, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path)
+
+    def log_dataset(self, source: str, name: str, digest: str, context: str) -> None:
+        """Record a dataset as this run's input (lineage), identified by ``digest``."""
+        import mlflow
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        dataset = MetaDataset(resolve_dataset_source(source), name=name, digest=digest[:36])
+        mlflow.log_input(dataset, context=context)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        import mlflow
+
+        mlflow.set_tags(dict(tags))
+
+
+@contextlib.contextmanager
+def start_run(
+    experiment: str, run_name: str | None = None, enabled: bool = True
+) -> Iterator[NullTracker]:
+    """Open an MLflow run in ``experiment`` (created when missing) for the ``with`` block."""
+    if not enabled:
+        yield NullTracker()
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name) as run:
+        log.info("MLflow run %s in %s (%s)", run.info.run_id, experiment, tracking_uri())
+        yield Tracker(run.info.run_id)
