@@ -9,8 +9,10 @@ off (or on ranks other than 0), so job code never branches on it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,12 @@ from mmcore.config import flatten
 log = logging.getLogger(__name__)
 
 _MAX_PARAM_LEN = 6000  # MLflow rejects longer param values
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrackingConfig:
+    enabled: bool = True  # false: no MLflow run at all
+    experiment: str = "mmray"  # MLflow experiment (created when missing)
 
 
 def tracking_uri() -> str:
@@ -73,7 +81,10 @@ class Tracker(NullTracker):
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
 
-        dataset = MetaDataset(resolve_dataset_source(source), name=name, digest=digest[:36])
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": same class
+            warnings.simplefilter("ignore", UserWarning)
+            resolved = resolve_dataset_source(source)
+        dataset = MetaDataset(resolved, name=name, digest=digest[:36])
         mlflow.log_input(dataset, context=context)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
@@ -83,17 +94,15 @@ class Tracker(NullTracker):
 
 
 @contextlib.contextmanager
-def start_run(
-    experiment: str, run_name: str | None = None, enabled: bool = True
-) -> Iterator[NullTracker]:
-    """Open an MLflow run in ``experiment`` (created when missing) for the ``with`` block."""
-    if not enabled:
+def start_run(cfg: TrackingConfig, run_name: str | None = None) -> Iterator[NullTracker]:
+    """Open an MLflow run in ``cfg.experiment`` for the ``with`` block (no-op if disabled)."""
+    if not cfg.enabled:
         yield NullTracker()
         return
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment)
+    mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(run_name=run_name) as run:
-        log.info("MLflow run %s in %s (%s)", run.info.run_id, experiment, tracking_uri())
+        log.info("MLflow run %s in %s (%s)", run.info.run_id, cfg.experiment, tracking_uri())
         yield Tracker(run.info.run_id)

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 ResizeMode = Literal["center_crop", "keep_ratio", "border", "no"]
+HASH_SIDE = 128  # smallest short side a JPEG is draft-decoded to
 
 
 class Rejected(Exception):
@@ -74,7 +75,9 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
     """Decode, check, hash, resize and encode one image; raises ``Rejected``."""
     img = open_checked(data, cfg)
     ow, oh = img.size
-    scale = _scale(ow, oh, cfg)
+    # Decode at no less than HASH_SIDE on the short side: the phash of a much smaller draft
+    # drifts from that of the full image, and near duplicates would be missed.
+    scale = max(_scale(ow, oh, cfg), HASH_SIDE / min(ow, oh))
     if cfg.draft and img.format == "JPEG" and scale < 1:
         img.draft("RGB", (math.ceil(ow * scale), math.ceil(oh * scale)))
     try:

@@ -83,12 +83,18 @@ def read_batches(cfg: InputConfig, batch_rows: int = 4096) -> Iterator[pa.Table]
     Every file's columns are checked before the first batch is yielded, so a missing column
     fails before any work starts.
     """
-    files, fmt = input_files(cfg)
-    for path in files:
-        _check_columns(path, _schema_names(path, fmt), cfg)
+    files, fmt = check_input(cfg)
     for path in files:
         for batch in _file_batches(path, fmt, cfg, batch_rows):
             yield _normalise(pa.Table.from_batches([batch]), cfg)
+
+
+def check_input(cfg: InputConfig) -> tuple[list[Path], InputFormat]:
+    """Check that every input file is readable and has the url and caption columns."""
+    files, fmt = input_files(cfg)
+    for path in files:
+        _check_columns(path, _schema_names(path, fmt), cfg)
+    return files, fmt
 
 
 def _schema_names(path: Path, fmt: InputFormat) -> list[str]:

@@ -104,19 +104,17 @@ def finalize_shard(
     """Write the shard's tar, parquet and stats from its staged pieces; returns its stats."""
     name = f"{shard:05d}"
     table = pa.concat_tables(pq.read_table(p) for p in piece_paths(pieces_dir, shard))
-    table = table.sort_by("key")
-    rows = table.drop_columns([c for c in _INTERNAL if c in table.column_names]).to_pylist()
+    table = _mark_dropped(table.sort_by("key"), dropped)
     images = table.column("image").to_pylist()
-    for row in rows:
-        row["duplicate_of"] = None
-        if row["key"] in dropped:
-            status, kept = dropped[row["key"]]
-            row.update(status=status, error_message=f"{status} of {kept}", duplicate_of=kept)
+    table = table.drop_columns([c for c in _INTERNAL if c in table.column_names])
+    extras = [c for c in table.column_names if c not in PARQUET_COLUMNS]
+    table = table.select(PARQUET_COLUMNS + extras)
+    rows = table.to_pylist()
 
     tar_path = out_dir / f"{name}.tar"
     members = [(r, img) for r, img in zip(rows, images, strict=True) if r["status"] == SUCCESS]
     atomic_write(tar_path, lambda tmp: _write_tar(tmp, members, image_ext))
-    atomic_write(out_dir / f"{name}.parquet", lambda tmp: pq.write_table(_parquet(rows), tmp))
+    atomic_write(out_dir / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
     counts = collections.Counter(row["status"] for row in rows)
     stats = {
         "shard": name,
@@ -133,8 +131,12 @@ def finalize_shard(
 
 
 def sample_json(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``KEY.json`` member: the sample's metadata and the input's extra columns."""
-    return {k: v for k, v in row.items() if k not in ("error_message", "duplicate_of")}
+    """The ``KEY.json`` member: the sample's metadata and the input's extra columns.
+
+    The phash is written as 16 hex digits: a uint64 does not fit JSON readers' int64.
+    """
+    meta = {k: v for k, v in row.items() if k not in ("error_message", "duplicate_of")}
+    return meta | {"phash": f"{row['phash']:016x}"}
 
 
 def _write_tar(path: Path, members: list[tuple[dict, bytes]], image_ext: str) -> None:
@@ -149,10 +151,19 @@ def _write_tar(path: Path, members: list[tuple[dict, bytes]], image_ext: str) ->
                 tar.addfile(info, io.BytesIO(data))
 
 
-def _parquet(rows: list[dict[str, Any]]) -> pa.Table:
-    table = pa.Table.from_pylist(rows)
-    extras = [c for c in table.column_names if c not in PARQUET_COLUMNS]
-    return table.select(PARQUET_COLUMNS + extras)
+def _mark_dropped(table: pa.Table, dropped: Mapping[str, tuple[str, str]]) -> pa.Table:
+    """Set status, error_message and duplicate_of for the rows dedup dropped."""
+    status = table.column("status").to_pylist()
+    errors = table.column("error_message").to_pylist()
+    kept_of: list[str | None] = [None] * len(table)
+    for i, key in enumerate(table.column("key").to_pylist()):
+        if key in dropped:
+            status[i], kept_of[i] = dropped[key]
+            errors[i] = f"{status[i]} of {kept_of[i]}"
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
+    idx = table.schema.get_field_index("error_message")
+    table = table.set_column(idx, "error_message", pa.array(errors, pa.string()))
+    return table.append_column("duplicate_of", pa.array(kept_of, pa.string()))
 
 
 def file_sha256(path: Path) -> str:
@@ -165,6 +176,14 @@ def file_sha256(path: Path) -> str:
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
+
+
+def remove_partial_files(out_dir: Path) -> int:
+    """Delete temporary files a killed run left behind; returns how many."""
+    partial = list(out_dir.glob(".*.tmp*"))
+    for path in partial:
+        path.unlink()
+    return len(partial)
 
 
 def finished_shards(out_dir: Path) -> dict[int, dict[str, Any]]:

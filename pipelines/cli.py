@@ -1,0 +1,53 @@
+"""The ``mmray`` command: one entry point, a subcommand per stage.
+
+    mmray sample-data OUT [--n N] [--seed S]
+    mmray curate --input META --output DIR [flags] [key.sub=value ...]
+Each job is also ``python -m pipelines.<job>`` (for ``ray job submit``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def sample_data(argv: list[str]) -> int:
+    from mmcore.data.sample import make_sample_data
+
+    p = argparse.ArgumentParser(prog="mmray sample-data", description="Write a synthetic crawl.")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--n", type=int, default=600, help="metadata rows (junk included)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-px", type=int, default=96, help="smallest side of clean images")
+    p.add_argument("--max-px", type=int, default=256, help="largest side of clean images")
+    args = p.parse_args(argv)
+    info = make_sample_data(
+        args.out, n=args.n, seed=args.seed, min_px=args.min_px, max_px=args.max_px
+    )
+    print(
+        json.dumps({"out": args.out, "metadata": f"{args.out}/metadata.parquet"} | info["counts"])
+    )
+    return 0
+
+
+def curate(argv: list[str]) -> int:
+    from pipelines.curate import main as curate_main
+
+    return curate_main(argv)
+
+
+COMMANDS = {"sample-data": sample_data, "curate": curate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        names = ", ".join(COMMANDS)
+        print(f"usage: mmray {{{names}}} ...\n\n{__doc__}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Curation job: (url, caption) metadata → clean WebDataset shards, on Ray Data.
+
+    mmray curate --input meta.parquet --output shards/ --image-size 256 --resize-mode center_crop
+    ray job submit --working-dir . -- python -m pipelines.curate --input ... --output ...
+
+Stages (every input row is accounted for in exactly one shard parquet row):
+  1. plan      driver, streaming pyarrow: validate columns, key rows, write shard inputs
+  2. stage     Ray Data: clean captions → fetch → decode/check/hash/resize/encode → pieces
+  3. dedup     driver, over the hash columns only: exact (sha256) and near (phash + colour)
+  4. finalize  Ray Data over shards: NNNNN.tar, NNNNN.parquet, NNNNN_stats.json (atomic)
+  5. manifest  manifest.json, the summary table, the MLflow run
+Rerunning the same command resumes: staged and finished shards are kept, the rest is redone,
+and the result equals that of an uninterrupted run (dedup keeps the smallest key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mmcore.config import ConfigError, load_config, to_dict
+from mmcore.data.captions import CaptionConfig
+from mmcore.data.curate import clean_captions, fetch_images, process_images
+from mmcore.data.dedup import DedupConfig, find_duplicates
+from mmcore.data.fetch import FetchConfig
+from mmcore.data.images import ImageConfig
+from mmcore.data.metadata import InputConfig, InputError, check_input, plan_shards
+from mmcore.data.shards import (
+    MANIFEST,
+    build_manifest,
+    finalize_shard,
+    finished_shards,
+    hash_index,
+    piece_paths,
+    remove_partial_files,
+    staged_rows,
+    write_json,
+    write_pieces,
+)
+from mmcore.tracking import TrackingConfig, start_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(kw_only=True)
+class OutputConfig:
+    path: str = ""  # output folder
+    samples_per_shard: int = 10_000  # input rows per shard (img2dataset's default)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ComputeConfig:
+    """How the work is spread over Ray; changes speed, never the result."""
+
+    rows_per_task: int = 256  # input rows per Ray Data block (one task each)
+    batch_size: int = 64  # rows per map_batches call; fetch.threads download within it
+    num_cpus: float = 1.0  # CPUs reserved per processing task
+    concurrency: int | None = None  # max processing tasks at once (None: as CPUs allow)
+
+
+@dataclasses.dataclass(kw_only=True)
+class CurateConfig:
+    input: InputConfig = dataclasses.field(default_factory=InputConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    captions: CaptionConfig = dataclasses.field(default_factory=CaptionConfig)
+    fetch: FetchConfig = dataclasses.field(default_factory=FetchConfig)
+    image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
+    dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
+    tracking: TrackingConfig = dataclasses.field(
+        default_factory=lambda: TrackingConfig(experiment="mmray-curate")
+    )
+
+    def validate(self) -> None:
+        if not self.input.path or not self.output.path:
+            raise ValueError("input.path (--input) and output.path (--output) are required")
+        if self.output.samples_per_shard < 1 or self.compute.rows_per_task < 1:
+            raise ValueError("samples_per_shard and rows_per_task must be >= 1")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the output; a resumed run must match them."""
+        d = to_dict(self)
+        for section in ("compute", "tracking"):
+            d.pop(section)
+        return d
+
+
+# --- Ray wrappers: thin, each maps an mmcore function over the dataset ---------------------
+
+
+def _stage(cfg: CurateConfig, parts: list[str], pieces: Path) -> collections.Counter:
+    """Run stage 2 over the given input parts; returns rows staged per shard."""
+    import ray.data
+
+    remote = {"num_cpus": cfg.compute.num_cpus, "concurrency": cfg.compute.concurrency}
+    batch = {"batch_size": cfg.compute.batch_size, "batch_format": "numpy"}
+    ds = (
+        ray.data.read_parquet(parts, override_num_blocks=len(parts))
+        .map_batches(clean_captions, fn_kwargs={"cfg": cfg.captions}, **batch, **remote)
+        .map_batches(fetch_images, fn_kwargs={"cfg": cfg.fetch}, **batch, **remote)
+        .map_batches(process_images, fn_kwargs={"cfg": cfg.image}, **batch, **remote)
+        .map_batches(
+            write_pieces,
+            fn_kwargs={"pieces_dir": pieces},
+            batch_size=None,
+            batch_format="pyarrow",
+            **remote,
+        )
+    )
+    staged: collections.Counter = collections.Counter()
+    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        staged.update(dict(zip(out["shard"].tolist(), out["rows"].tolist(), strict=True)))
+    return staged
+
+
+def _finalize_row(row: dict[str, Any], pieces: Path, out: Path, image_ext: str) -> dict:
+    dropped = {k: tuple(v) for k, v in json.loads(row["dropped"]).items()}
+    stats = finalize_shard(int(row["shard"]), pieces, out, dropped, image_ext)
+    return {"shard": row["shard"], "stats": json.dumps(stats)}
+
+
+def _finalize(cfg: CurateConfig, shards: list[int], dropped: dict, pieces: Path) -> None:
+    import ray.data
+
+    by_shard: dict[int, dict] = collections.defaultdict(dict)
+    for key, value in dropped.items():
+        by_shard[int(key[:5])][key] = value
+    items = [{"shard": s, "dropped": json.dumps(by_shard[s])} for s in shards]
+    kwargs = {"pieces": pieces, "out": Path(cfg.output.path), "image_ext": cfg.image.encode_format}
+    ds = ray.data.from_items(items).map(
+        _finalize_row, fn_kwargs=kwargs, num_cpus=cfg.compute.num_cpus
+    )
+    for _ in ds.iter_rows():
+        pass
+
+
+# --- the job ------------------------------------------------------------------------------
+
+
+def run(cfg: CurateConfig) -> dict[str, Any]:
+    """Curate ``cfg.input`` into shards under ``cfg.output.path``; returns the summary."""
+    out = Path(cfg.output.path)
+    work, identity = out / "_work", cfg.identity()
+    manifest_path = out / MANIFEST
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        _check_same(manifest["config"], identity, manifest_path)
+        log.info("%s is complete already; nothing to do", out)
+        return _summary(manifest, processed=0, elapsed=0.0, run_id=None)
+
+    t0 = time.perf_counter()
+    if out.exists() and (n := remove_partial_files(out)):
+        log.info("removed %d partial files of an interrupted run", n)
+    plan = _load_or_plan(cfg, work, identity)
+    pieces = work / "pieces"
+    pieces.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(pieces)
+    staged = staged_rows(pieces)
+    todo_shards = {s for s, n in enumerate(plan["shard_rows"]) if staged.get(s) != n}
+    for shard in todo_shards:  # partly staged: redo the whole shard
+        for path in piece_paths(pieces, shard):
+            path.unlink()
+    parts = [p for p in plan["parts"] if int(Path(p).name[:5]) in todo_shards]
+    processed = sum(plan["shard_rows"][s] for s in todo_shards)
+    log.info(
+        "curate: %d input rows, %d shards, %d to process",
+        plan["n_rows"],
+        len(plan["shard_rows"]),
+        processed,
+    )
+    if parts:
+        _stage(cfg, parts, pieces)
+    staged = staged_rows(pieces)
+    missing = {s: n for s, n in enumerate(plan["shard_rows"]) if staged.get(s) != n}
+    if missing:
+        raise RuntimeError(f"staging lost rows for shards {sorted(missing)}")
+
+    index = hash_index(pieces)
+    dropped = find_duplicates(
+        index["key"], index["sha256"], index["phash"], index["thumb"], cfg.dedup
+    )
+    done = finished_shards(out)
+    _finalize(cfg, [s for s in range(len(plan["shard_rows"])) if s not in done], dropped, pieces)
+
+    shards = finished_shards(out)
+    manifest = build_manifest(identity, [shards[s] for s in sorted(shards)])
+    if manifest["n_input"] != plan["n_rows"]:
+        raise RuntimeError(f"accounting: {manifest['n_input']} rows written, {plan['n_rows']} read")
+    write_json(manifest_path, manifest)
+    shutil.rmtree(work)
+    elapsed = time.perf_counter() - t0
+    run_id = _track(cfg, manifest, processed, elapsed)
+    return _summary(manifest, processed, elapsed, run_id)
+
+
+def _check_same(previous: dict, identity: dict, where: Path) -> None:
+    if json.loads(json.dumps(previous, default=str)) != json.loads(
+        json.dumps(identity, default=str)
+    ):
+        raise ConfigError(
+            f"{where} was made with a different config; use a new --output folder "
+            "(or delete the old one) to curate with these settings"
+        )
+
+
+def _load_or_plan(cfg: CurateConfig, work: Path, identity: dict) -> dict[str, Any]:
+    """Stage 1, or its saved result when resuming the same command."""
+    plan_path = work / "plan.json"
+    if plan_path.exists():
+        saved = json.loads(plan_path.read_text())
+        _check_same(saved["config"], identity, plan_path)
+        return saved
+    if work.exists():
+        shutil.rmtree(work)  # a plan that never finished: start over
+    t0 = time.perf_counter()
+    plan = plan_shards(
+        cfg.input, work / "inputs", cfg.output.samples_per_shard, cfg.compute.rows_per_task
+    )
+    saved = dataclasses.asdict(plan) | {"config": identity}
+    write_json(plan_path, saved)
+    log.info("planned %d rows in %.1fs", plan.n_rows, time.perf_counter() - t0)
+    return saved
+
+
+def _track(cfg: CurateConfig, manifest: dict, processed: int, elapsed: float) -> str | None:
+    out = Path(cfg.output.path).resolve()
+    with start_run(cfg.tracking, run_name=f"curate-{out.name}") as tracker:
+        tracker.log_params(to_dict(cfg))
+        metrics = {f"curate/count_{status}": n for status, n in manifest["status_counts"].items()}
+        metrics |= {
+            "curate/n_input": manifest["n_input"],
+            "curate/n_samples": manifest["n_samples"],
+            "curate/n_shards": len(manifest["shards"]),
+            "curate/elapsed_s": elapsed,
+            "curate/samples_per_s": processed / elapsed if elapsed else 0.0,
+        }
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(out / MANIFEST)
+        tracker.log_dataset(str(out), name=out.name, digest=manifest["digest"], context="curated")
+        return tracker.run_id
+
+
+def _summary(manifest: dict, processed: int, elapsed: float, run_id: str | None) -> dict[str, Any]:
+    return {
+        "n_input": manifest["n_input"],
+        "n_samples": manifest["n_samples"],
+        "n_shards": len(manifest["shards"]),
+        "status_counts": manifest["status_counts"],
+        "processed": processed,
+        "elapsed_s": round(elapsed, 3),
+        "samples_per_s": round(processed / elapsed, 2) if elapsed else None,
+        "digest": manifest["digest"],
+        "run_id": run_id,
+    }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The final summary table: counts by status, then throughput."""
+    n = summary["n_input"] or 1
+    lines = [f"{'status':<22}{'rows':>10}{'share':>9}", "-" * 41]
+    for status, count in sorted(summary["status_counts"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"{status:<22}{count:>10}{count / n:>9.1%}")
+    lines += ["-" * 41, f"{'input rows':<22}{summary['n_input']:>10}"]
+    lines.append(f"{'samples in tars':<22}{summary['n_samples']:>10}")
+    if summary["samples_per_s"]:
+        lines.append(f"{'samples/s':<22}{summary['samples_per_s']:>10.1f}")
+    return "\n".join(lines)
+
+
+# --- command line -------------------------------------------------------------------------
+
+# img2dataset's flag names → dotted config keys.
+FLAGS = {
+    "--input": ("input.path", str),
+    "--output": ("output.path", str),
+    "--input-format": ("input.format", str),
+    "--url-col": ("input.url_col", str),
+    "--caption-col": ("input.caption_col", str),
+    "--image-size": ("image.image_size", int),
+    "--resize-mode": ("image.resize_mode", str),
+    "--encode-format": ("image.encode_format", str),
+    "--encode-quality": ("image.encode_quality", int),
+    "--samples-per-shard": ("output.samples_per_shard", int),
+    "--timeout": ("fetch.timeout_s", float),
+    "--retries": ("fetch.retries", int),
+    "--threads": ("fetch.threads", int),
+}
+
+
+def parse_args(argv: list[str]) -> CurateConfig:
+    p = argparse.ArgumentParser(prog="mmray curate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML config; flags and key=value overrides win over it")
+    for flag, (key, tp) in FLAGS.items():
+        p.add_argument(flag, type=tp, help=f"sets {key}")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    args = p.parse_args(argv)
+    values = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _) in FLAGS.items()}
+    # JSON is YAML: a quoted value keeps its type (a path named "123" stays a string).
+    flags = [f"{key}={json.dumps(v)}" for key, v in values.items() if v is not None]
+    return load_config(CurateConfig, args.config, flags + args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        check_input(cfg.input)  # fail on a bad input before starting Ray
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(log_to_driver=True)
+        summary = run(cfg)
+    except (ConfigError, InputError) as e:
+        print(f"mmray curate: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(summary), file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

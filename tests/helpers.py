@@ -1,0 +1,148 @@
+"""Real servers on 127.0.0.1 for tests and benchmarks: an HTTP image host, an MLflow server."""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ImageServer:
+    """Serves ``root`` over HTTP on 127.0.0.1, with misbehaving endpoints:
+
+    /images/NAME        the file (404 when missing); ``delay_s`` before each answer
+    /status/CODE        an empty answer with that HTTP status
+    /slow/SECONDS       waits, then answers 200 with a few bytes
+    /drip               sends one byte every 0.2 s for up to 30 s (never a full body)
+    /flaky/NAME         503 on the first request for NAME, then the file
+    """
+
+    def __init__(self, root: Path, delay_s: float = 0.0) -> None:
+        self.root, self.delay_s = Path(root), delay_s
+        self.hits: collections.Counter[str] = collections.Counter()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_port}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> ImageServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:  # keep test output quiet
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                server.hits[self.path] += 1
+                kind, _, arg = self.path.lstrip("/").partition("/")
+                try:
+                    self._route(kind, arg)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeouts are the point of some routes)
+
+            def _route(self, kind: str, arg: str) -> None:
+                if kind == "images":
+                    time.sleep(server.delay_s)
+                    self._file(server.root / arg)
+                elif kind == "status":
+                    self._send(int(arg), b"")
+                elif kind == "slow":
+                    time.sleep(float(arg))
+                    self._send(200, b"late")
+                elif kind == "drip":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    for _ in range(150):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                elif kind == "flaky":
+                    if server.hits[self.path] == 1:
+                        self._send(503, b"try again")
+                    else:
+                        self._file(server.root / arg)
+                else:
+                    self._send(404, b"no such route")
+
+            def _file(self, path: Path) -> None:
+                if path.is_file():
+                    self._send(200, path.read_bytes())
+                else:
+                    self._send(404, b"not found")
+
+            def _send(self, code: int, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler
+
+
+class MlflowServer:
+    """A real ``mlflow server`` (SQLite + local artifacts) on 127.0.0.1, lean settings."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir, self.port = Path(workdir), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> MlflowServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = os.environ | {
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
+        cmd = [
+            str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+            "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
+            "--artifacts-destination", str(self.workdir / "artifacts"),
+        ]  # fmt: skip
+        log = open(self.workdir / "server.log", "wb")  # noqa: SIM115 - lives with the process
+        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited: {(self.workdir / 'server.log').read_text()}"
+                )
+            try:
+                if requests.get(f"{self.url}/health", timeout=1).ok:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError("mlflow server did not start in 90 s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()

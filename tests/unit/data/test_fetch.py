@@ -1,0 +1,77 @@
+"""Fetching over real HTTP on 127.0.0.1, and from files."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from mmcore.data.fetch import FetchConfig, fetch, fetch_many
+from mmcore.data.images import Rejected
+from tests.helpers import ImageServer
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("www")
+    (root / "a.jpg").write_bytes(b"A" * 1000)
+    (root / "big.jpg").write_bytes(b"B" * 5000)
+    with ImageServer(root) as s:
+        yield s
+
+
+def reason(url: str, cfg: FetchConfig) -> tuple[str, str]:
+    with pytest.raises(Rejected) as e:
+        fetch(url, cfg)
+    return e.value.status, e.value.message
+
+
+def test_http_ok_and_errors(server: ImageServer) -> None:
+    cfg = FetchConfig(timeout_s=2, retries=2, backoff_s=0.01)
+    assert fetch(f"{server.url}/images/a.jpg", cfg) == b"A" * 1000
+    assert reason(f"{server.url}/images/none.jpg", cfg) == ("failed_to_download", "HTTP 404")
+    assert server.hits["/images/none.jpg"] == 1  # a 404 is not retried
+    status, message = reason(f"{server.url}/status/500", cfg)
+    assert (status, message) == ("failed_to_download", "HTTP 500 after 3 attempts")
+    assert server.hits["/status/500"] == 3
+
+
+def test_retry_recovers_from_a_transient_error(server: ImageServer) -> None:
+    cfg = FetchConfig(retries=1, backoff_s=0.01)
+    assert fetch(f"{server.url}/flaky/a.jpg", cfg) == b"A" * 1000
+    assert server.hits["/flaky/a.jpg"] == 2
+
+
+def test_size_limit(server: ImageServer, tmp_path: Path) -> None:
+    cfg = FetchConfig(max_bytes=2000)
+    assert reason(f"{server.url}/images/big.jpg", cfg)[0] == "file_too_large"
+    (tmp_path / "big").write_bytes(b"x" * 3000)
+    assert reason(str(tmp_path / "big"), cfg)[0] == "file_too_large"
+
+
+@pytest.mark.parametrize("route", ["/slow/30", "/drip"])
+def test_a_hanging_server_cannot_hang_the_fetch(server: ImageServer, route: str) -> None:
+    t0 = time.monotonic()
+    status, message = reason(f"{server.url}{route}", FetchConfig(timeout_s=0.5))
+    assert status == "failed_to_download" and (
+        "timeout" in message.lower() or "timed out" in message
+    )
+    assert time.monotonic() - t0 < 5  # bounded by the deadline, not by the server
+
+
+def test_files_and_bad_urls(tmp_path: Path) -> None:
+    (tmp_path / "x y.jpg").write_bytes(b"data")
+    cfg = FetchConfig()
+    assert fetch(str(tmp_path / "x y.jpg"), cfg) == b"data"
+    assert fetch((tmp_path / "x y.jpg").as_uri(), cfg) == b"data"
+    assert reason(str(tmp_path / "missing.jpg"), cfg)[0] == "failed_to_download"
+    assert reason("", cfg) == ("failed_to_download", "empty url")
+    assert reason("ftp://host/x.jpg", cfg)[0] == "failed_to_download"
+
+
+def test_fetch_many_keeps_order_and_reasons(server: ImageServer) -> None:
+    urls = [f"{server.url}/images/a.jpg", f"{server.url}/status/404", f"{server.url}/images/a.jpg"]
+    out = fetch_many(urls, FetchConfig(threads=3))
+    assert out[0] == out[2] == b"A" * 1000
+    assert isinstance(out[1], Rejected) and out[1].message == "HTTP 404"

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from mmcore.data.sample import COLOURS, JUNK, SHAPES, heldout, make_sample_data
+
+
+def test_reproducible_with_known_junk_counts(tmp_path: Path) -> None:
+    a = make_sample_data(tmp_path / "a", n=300, seed=3)
+    b = make_sample_data(tmp_path / "b", n=300, seed=3)
+    assert a == b
+    ta, tb = (pq.read_table(tmp_path / d / "metadata.parquet") for d in "ab")
+    assert ta.column("caption").equals(tb.column("caption"))
+    for name in ta.column("file").to_pylist()[:50]:
+        pa_, pb = tmp_path / "a" / "images" / name, tmp_path / "b" / "images" / name
+        assert pa_.exists() == pb.exists() and (
+            not pa_.exists() or pa_.read_bytes() == pb.read_bytes()
+        )
+    kinds = ta.column("kind").to_pylist()
+    assert len(kinds) == 300 and a["counts"] == {k: kinds.count(k) for k in a["counts"]}
+    assert set(JUNK) < set(kinds) and all(a["counts"][k] == 6 for k in JUNK)
+    assert json.loads((tmp_path / "a" / "sample_info.json").read_text()) == a
+
+
+def test_heldout_compositions_never_appear_in_the_crawl(tmp_path: Path) -> None:
+    info = make_sample_data(tmp_path, n=300, seed=0)
+    assert all(any(heldout(c, s) for s in SHAPES) for c in COLOURS)
+    assert all(any(heldout(c, s) for c in COLOURS) for s in SHAPES)
+    captions = pq.read_table(tmp_path / "metadata.parquet").column("caption").to_pylist()
+    for combo in info["heldout"]:
+        assert not any(combo in c for c in captions), combo
+    for task in ("colour", "shape"):
+        classes = sorted(p.name for p in (tmp_path / "zeroshot" / task).iterdir())
+        assert classes == sorted(COLOURS if task == "colour" else SHAPES)
+        assert all(
+            len(list((tmp_path / "zeroshot" / task / c).glob("*.png"))) == 10 for c in classes
+        )

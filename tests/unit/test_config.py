@@ -1,0 +1,79 @@
+"""Config system: YAML + dotted overrides, strict keys and types, every shipped YAML loads."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from mmcore.config import ConfigError, flatten, load_config, to_dict
+from pipelines.curate import CurateConfig
+
+
+@dataclasses.dataclass(kw_only=True)
+class Inner:
+    lr: float = 1e-3
+    mode: Literal["a", "b"] = "a"
+    tags: list[str] = dataclasses.field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Outer:
+    name: str = "x"
+    steps: int = 10
+    seed: int | None = None
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: exp\ninner:\n  lr: 0.1\n  mode: b\n")
+    cfg = load_config(Outer, path, ["inner.lr=1e-4", "steps=5", "inner.tags=[p, q]", "seed=3"])
+    assert cfg == Outer(
+        name="exp", steps=5, seed=3, inner=Inner(lr=1e-4, mode="b", tags=["p", "q"])
+    )
+    assert flatten(to_dict(cfg))["inner.lr"] == 1e-4
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("inner.lrr=0.1", "unknown key(s) in inner: inner.lrr"),
+        ("stepz=1", "unknown key(s): stepz"),
+        ("steps=ten", "steps: expected an integer"),
+        ("steps=true", "steps: expected an integer"),
+        ("inner.mode=c", "inner.mode: 'c' is not one of"),
+        ("inner.lr=-1", "inner: lr must be positive"),
+        ("inner=3", "expected a mapping"),
+        ("novalue", "not of the form"),
+    ],
+)
+def test_bad_overrides_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(Outer, None, [override])
+
+
+def test_unreadable_yaml(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(Outer, tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(Outer, tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(Path("pipelines/configs").rglob("*.yaml")), ids=str)
+def test_every_shipped_config_loads(path: Path) -> None:
+    jobs = {"curate": CurateConfig}
+    cls = jobs[path.stem.split("_")[0]]
+    cfg = load_config(cls, path, ["input.path=x", "output.path=y"])
+    assert isinstance(cfg, cls)
+
+
+def test_shipped_configs_exist() -> None:
+    assert list(Path("pipelines/configs").rglob("*.yaml")), "no YAML configs shipped"
