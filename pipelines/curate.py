@@ -32,7 +32,7 @@ from mmcore.data.curate import clean_captions, fetch_images, process_images
 from mmcore.data.dedup import DedupConfig, find_duplicates
 from mmcore.data.fetch import FetchConfig
 from mmcore.data.images import ImageConfig
-from mmcore.data.metadata import InputConfig, InputError, check_input, plan_shards
+from mmcore.data.metadata import InputConfig, InputError, check_input, plan_shards, read_parts
 from mmcore.data.shards import (
     MANIFEST,
     build_manifest,
@@ -60,8 +60,7 @@ class OutputConfig:
 class ComputeConfig:
     """How the work is spread over Ray; changes speed, never the result."""
 
-    rows_per_task: int = 256  # input rows per Ray Data block (one task each)
-    batch_size: int = 64  # rows per map_batches call; fetch.threads download within it
+    rows_per_task: int = 256  # input rows per task; fetch.threads download within it
     num_cpus: float = 1.0  # CPUs reserved per processing task
     concurrency: int | None = None  # max processing tasks at once (None: as CPUs allow)
 
@@ -90,6 +89,7 @@ class CurateConfig:
         d = to_dict(self)
         for section in ("compute", "tracking"):
             d.pop(section)
+        d["fetch"].pop("threads")  # speed only
         return d
 
 
@@ -100,20 +100,21 @@ def _stage(cfg: CurateConfig, parts: list[str], pieces: Path) -> collections.Cou
     """Run stage 2 over the given input parts; returns rows staged per shard."""
     import ray.data
 
-    remote = {"num_cpus": cfg.compute.num_cpus, "concurrency": cfg.compute.concurrency}
-    batch = {"batch_size": cfg.compute.batch_size, "batch_format": "numpy"}
+    # One task per planned part: every stage takes the whole part as its batch. Two traps
+    # in Ray 2.60 that this avoids: read_parquet coalesces small files into one block, and
+    # fused map_batches bundle max(batch_size) input blocks into each task.
+    args = {
+        "batch_size": None,
+        "num_cpus": cfg.compute.num_cpus,
+        "concurrency": cfg.compute.concurrency,
+    }
     ds = (
-        ray.data.read_parquet(parts, override_num_blocks=len(parts))
-        .map_batches(clean_captions, fn_kwargs={"cfg": cfg.captions}, **batch, **remote)
-        .map_batches(fetch_images, fn_kwargs={"cfg": cfg.fetch}, **batch, **remote)
-        .map_batches(process_images, fn_kwargs={"cfg": cfg.image}, **batch, **remote)
-        .map_batches(
-            write_pieces,
-            fn_kwargs={"pieces_dir": pieces},
-            batch_size=None,
-            batch_format="pyarrow",
-            **remote,
-        )
+        ray.data.from_items([{"part": p} for p in parts], override_num_blocks=len(parts))
+        .map_batches(read_parts, batch_format="numpy", **args)
+        .map_batches(clean_captions, fn_kwargs={"cfg": cfg.captions}, batch_format="numpy", **args)
+        .map_batches(fetch_images, fn_kwargs={"cfg": cfg.fetch}, batch_format="numpy", **args)
+        .map_batches(process_images, fn_kwargs={"cfg": cfg.image}, batch_format="numpy", **args)
+        .map_batches(write_pieces, fn_kwargs={"pieces_dir": pieces}, batch_format="pyarrow", **args)
     )
     staged: collections.Counter = collections.Counter()
     for out in ds.iter_batches(batch_size=None, batch_format="numpy"):

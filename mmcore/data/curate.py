@@ -11,6 +11,8 @@ The Ray job (``pipelines/curate.py``) maps these over a Ray Dataset; tests call 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from mmcore.data.captions import CaptionConfig, caption_status, clean_caption
@@ -19,6 +21,7 @@ from mmcore.data.images import ImageConfig, Rejected, process_image, sha256
 from mmcore.data.shards import SUCCESS
 
 Batch = dict[str, np.ndarray]
+log = logging.getLogger(__name__)
 
 
 def _objects(values: list) -> np.ndarray:
@@ -72,6 +75,10 @@ def process_images(batch: Batch, cfg: ImageConfig) -> Batch:
             out = process_image(raw, cfg)
         except Rejected as e:
             batch["status"][i], batch["error_message"][i] = e.status, e.message
+            continue
+        except Exception as e:  # noqa: BLE001 - one odd image must not stop the job
+            log.warning("unexpected error on %s", batch["key"][i], exc_info=True)
+            batch["status"][i], batch["error_message"][i] = "failed_to_process", repr(e)
             continue
         images[i], hashes[i], thumbs[i] = out.data, out.phash, out.thumb
         for col in ints:

@@ -142,8 +142,8 @@ def resize(img: Image.Image, cfg: ImageConfig, original_size: tuple[int, int]) -
     kx, ky = img.width / ow, img.height / oh  # draft factor, 1.0 without draft
     size = cfg.image_size
     if cfg.resize_mode == "center_crop" and (w > size or h > size):
-        # Crop in source coordinates and resize once (Pillow's box argument).
-        cw, ch = min(w, size) / scale, min(h, size) / scale
+        # Crop the centre in source coordinates and resize once (Pillow's box argument).
+        cw, ch = min(ow, size / scale), min(oh, size / scale)
         left, top = (ow - cw) / 2, (oh - ch) / 2
         box = (left * kx, top * ky, (left + cw) * kx, (top + ch) * ky)
         return img.resize((min(w, size), min(h, size)), _FILTER, box=box, reducing_gap=3.0)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.json as pjson
@@ -206,3 +207,8 @@ def plan_shards(
     if pending_rows:
         flush()
     return plan
+
+
+def read_parts(batch: dict[str, np.ndarray]) -> pa.Table:
+    """``{"part": [path, ...]}`` → the rows of those planned parts."""
+    return pa.concat_tables(pq.read_table(str(p)) for p in batch["part"])

@@ -107,3 +107,16 @@ def test_phash_is_robust_to_rescale_and_reencode_but_not_to_content() -> None:
     assert hamming(phash(a), phash(b)) <= 4
     assert colour_distance(thumbnail(a), thumbnail(b)) <= 12
     assert hamming(phash(a), phash(other)) > 10
+
+
+@pytest.mark.parametrize("mode", ["center_crop", "keep_ratio", "border"])
+def test_geometry_holds_for_many_sizes(mode: str) -> None:
+    """Rounding must never push a crop box outside the image (odd sizes, any draft scale)."""
+    cfg = ImageConfig(image_size=64, resize_mode=mode, min_side=1)
+    for w, h in [(97, 131), (131, 97), (255, 129), (129, 255), (301, 199), (1001, 667), (67, 65)]:
+        out = process_image(photo(w, h), cfg)
+        short, long_ = sorted((out.width, out.height))
+        if mode == "keep_ratio":
+            assert short == 64 and abs(long_ - 64 * max(w, h) / min(w, h)) <= 1
+        else:
+            assert (out.width, out.height) == (64, 64)
