@@ -6,7 +6,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: venv test lint unit integration demo bench-curate clean
+.PHONY: venv test lint unit integration demo bench-venv bench-curate clean
 
 $(BIN)/mmray: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -36,7 +36,14 @@ demo: venv
 	$(BIN)/mmray curate --input .demo/raw/metadata.parquet --output .demo/shards \
 		--image-size 64 --samples-per-shard 200
 
-bench-curate: venv
+# img2dataset in its own virtualenv: its pins (webdataset<0.3, pandas<3) clash with ours.
+.venv-img2dataset/bin/img2dataset:
+	$(PY) -m venv .venv-img2dataset
+	.venv-img2dataset/bin/pip install -q img2dataset==1.47.0
+
+bench-venv: .venv-img2dataset/bin/img2dataset
+
+bench-curate: venv bench-venv
 	$(BIN)/python bench/curate.py
 
 clean:

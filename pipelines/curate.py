@@ -28,7 +28,7 @@ from typing import Any
 
 from mmcore.config import ConfigError, load_config, to_dict
 from mmcore.data.captions import CaptionConfig
-from mmcore.data.curate import clean_captions, fetch_images, process_images
+from mmcore.data.curate import clean_captions, fetch_and_process
 from mmcore.data.dedup import DedupConfig, find_duplicates
 from mmcore.data.fetch import FetchConfig
 from mmcore.data.images import ImageConfig
@@ -62,6 +62,7 @@ class ComputeConfig:
 
     rows_per_task: int = 256  # input rows per task; fetch.threads download within it
     num_cpus: float = 1.0  # CPUs reserved per processing task
+    process_threads: int = 1  # image-processing threads per task (~1 core each)
     concurrency: int | None = None  # max processing tasks at once (None: as CPUs allow)
 
 
@@ -100,6 +101,9 @@ def _stage(cfg: CurateConfig, parts: list[str], pieces: Path) -> collections.Cou
     """Run stage 2 over the given input parts; returns rows staged per shard."""
     import ray.data
 
+    # A single-operator pipeline: per-operator reservation only holds CPUs back from it
+    # (with 2 CPUs it ran one task at a time); let the operator use every CPU it can.
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     # One task per planned part: every stage takes the whole part as its batch. Two traps
     # in Ray 2.60 that this avoids: read_parquet coalesces small files into one block, and
     # fused map_batches bundle max(batch_size) input blocks into each task.
@@ -112,8 +116,16 @@ def _stage(cfg: CurateConfig, parts: list[str], pieces: Path) -> collections.Cou
         ray.data.from_items([{"part": p} for p in parts], override_num_blocks=len(parts))
         .map_batches(read_parts, batch_format="numpy", **args)
         .map_batches(clean_captions, fn_kwargs={"cfg": cfg.captions}, batch_format="numpy", **args)
-        .map_batches(fetch_images, fn_kwargs={"cfg": cfg.fetch}, batch_format="numpy", **args)
-        .map_batches(process_images, fn_kwargs={"cfg": cfg.image}, batch_format="numpy", **args)
+        .map_batches(
+            fetch_and_process,
+            fn_kwargs={
+                "fetch_cfg": cfg.fetch,
+                "image_cfg": cfg.image,
+                "process_threads": cfg.compute.process_threads,
+            },
+            batch_format="numpy",
+            **args,
+        )
         .map_batches(write_pieces, fn_kwargs={"pieces_dir": pieces}, batch_format="pyarrow", **args)
     )
     staged: collections.Counter = collections.Counter()
@@ -178,18 +190,29 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
         processed,
     )
     if parts:
+        t1 = time.perf_counter()
         _stage(cfg, parts, pieces)
+        log.info("staged %d rows in %.1fs", processed, time.perf_counter() - t1)
     staged = staged_rows(pieces)
     missing = {s: n for s, n in enumerate(plan["shard_rows"]) if staged.get(s) != n}
     if missing:
         raise RuntimeError(f"staging lost rows for shards {sorted(missing)}")
 
+    t1 = time.perf_counter()
     index = hash_index(pieces)
     dropped = find_duplicates(
         index["key"], index["sha256"], index["phash"], index["thumb"], cfg.dedup
     )
+    log.info(
+        "dedup: %d of %d dropped in %.1fs",
+        len(dropped),
+        len(index["key"]),
+        time.perf_counter() - t1,
+    )
+    t1 = time.perf_counter()
     done = finished_shards(out)
     _finalize(cfg, [s for s in range(len(plan["shard_rows"])) if s not in done], dropped, pieces)
+    log.info("finalized shards in %.1fs", time.perf_counter() - t1)
 
     shards = finished_shards(out)
     manifest = build_manifest(identity, [shards[s] for s in sorted(shards)])

@@ -29,12 +29,14 @@ class ImageServer:
     /slow/SECONDS       waits, then answers 200 with a few bytes
     /drip               sends one byte every 0.2 s for up to 30 s (never a full body)
     /flaky/NAME         503 on the first request for NAME, then the file
+    /redirect/NAME      302 to /images/NAME; /loop redirects to itself
     """
 
-    def __init__(self, root: Path, delay_s: float = 0.0) -> None:
+    def __init__(self, root: Path, delay_s: float = 0.0, port: int = 0) -> None:
         self.root, self.delay_s = Path(root), delay_s
         self.hits: collections.Counter[str] = collections.Counter()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.user_agents: set[str] = set()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_port}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -47,6 +49,9 @@ class ImageServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
+    def serve_forever(self) -> None:
+        self._httpd.serve_forever()
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
@@ -56,6 +61,7 @@ class ImageServer:
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 server.hits[self.path] += 1
+                server.user_agents.add(self.headers.get("User-Agent", ""))
                 kind, _, arg = self.path.lstrip("/").partition("/")
                 try:
                     self._route(kind, arg)
@@ -79,6 +85,13 @@ class ImageServer:
                         self.wfile.write(b"x")
                         self.wfile.flush()
                         time.sleep(0.2)
+                elif kind in ("redirect", "loop"):
+                    self.send_response(302)
+                    self.send_header(
+                        "Location", f"/images/{arg}" if kind == "redirect" else "/loop"
+                    )
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                 elif kind == "flaky":
                     if server.hits[self.path] == 1:
                         self._send(503, b"try again")
@@ -146,3 +159,7 @@ class MlflowServer:
                 self._proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
+
+
+if __name__ == "__main__":  # python -m tests.helpers ROOT PORT: a standalone image host
+    ImageServer(Path(sys.argv[1]), port=int(sys.argv[2])).serve_forever()

@@ -4,9 +4,9 @@ Every row keeps flowing through every step: a rejected row keeps its ``status`` 
 ``error_message`` and is skipped by later steps, so the output accounts for every input row.
 The Ray job (``pipelines/curate.py``) maps these over a Ray Dataset; tests call them directly.
 
-    batch = clean_captions(batch, CaptionConfig())      # + caption, status, error_message
-    batch = fetch_images(batch, FetchConfig())          # + image (downloaded bytes)
-    batch = process_images(batch, ImageConfig())        # image → resized, encoded; + hashes
+    batch = clean_captions(batch, CaptionConfig())       # + caption, status, error_message
+    batch = fetch_and_process(batch, FetchConfig(), ImageConfig())
+    # + image (resized, encoded), sha256, phash, thumb, width, height, original_*
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import numpy as np
 
 from mmcore.data.captions import CaptionConfig, caption_status, clean_caption
 from mmcore.data.fetch import FetchConfig, fetch_many
-from mmcore.data.images import ImageConfig, Rejected, process_image, sha256
+from mmcore.data.images import ImageConfig, ProcessedImage, Rejected, process_image, sha256
 from mmcore.data.shards import SUCCESS
 
 Batch = dict[str, np.ndarray]
+SIZES = ("width", "height", "original_width", "original_height")
 log = logging.getLogger(__name__)
 
 
@@ -48,41 +49,39 @@ def clean_captions(batch: Batch, cfg: CaptionConfig) -> Batch:
     return batch
 
 
-def fetch_images(batch: Batch, cfg: FetchConfig) -> Batch:
-    """Download the image of every row still in ``success``; failures get their reason."""
+def fetch_and_process(
+    batch: Batch, fetch_cfg: FetchConfig, image_cfg: ImageConfig, process_threads: int = 1
+) -> Batch:
+    """Download, then decode, check, hash, resize and encode every row still in ``success``.
+
+    Images are processed on ``process_threads`` threads as soon as they arrive, so CPU work
+    overlaps the downloads; 1 thread uses about one core.
+    """
     rows = _ok(batch)
-    images: list[bytes | None] = [None] * len(batch["status"])
-    for i, result in zip(rows, fetch_many([str(batch["url"][i]) for i in rows], cfg), strict=True):
+    n = len(batch["status"])
+    ints = {c: np.zeros(n, np.int32) for c in SIZES}
+    images: list[bytes | None] = [None] * n
+    digests, hashes, thumbs = [""] * n, np.zeros(n, np.uint64), [b""] * n
+    urls = [str(batch["url"][i]) for i in rows]
+    results = fetch_many(urls, fetch_cfg, lambda data: _process(data, image_cfg), process_threads)
+    for i, result in zip(rows, results, strict=True):
         if isinstance(result, Rejected):
             batch["status"][i], batch["error_message"][i] = result.status, result.message
-        else:
-            images[i] = result
-    batch["image"] = _objects(images)
-    return batch
-
-
-def process_images(batch: Batch, cfg: ImageConfig) -> Batch:
-    """Decode, check, hash, resize and encode; ``image`` becomes the output bytes."""
-    n = len(batch["status"])
-    sizes = ("width", "height", "original_width", "original_height")
-    ints = {c: np.zeros(n, np.int32) for c in sizes}
-    digests, hashes, thumbs = [""] * n, np.zeros(n, np.uint64), [b""] * n
-    images = list(batch["image"])
-    for i in _ok(batch):
-        raw, images[i] = images[i], None
-        digests[i] = sha256(raw)
-        try:
-            out = process_image(raw, cfg)
-        except Rejected as e:
-            batch["status"][i], batch["error_message"][i] = e.status, e.message
             continue
-        except Exception as e:  # noqa: BLE001 - one odd image must not stop the job
-            log.warning("unexpected error on %s", batch["key"][i], exc_info=True)
-            batch["status"][i], batch["error_message"][i] = "failed_to_process", repr(e)
-            continue
+        digests[i], out = result
         images[i], hashes[i], thumbs[i] = out.data, out.phash, out.thumb
-        for col in ints:
+        for col in SIZES:
             ints[col][i] = getattr(out, col)
-    batch.update(ints, image=_objects(images), sha256=_objects(digests), phash=hashes)
-    batch["thumb"] = _objects(thumbs)
+    batch.update(ints, phash=hashes)
+    batch.update(image=_objects(images), sha256=_objects(digests), thumb=_objects(thumbs))
     return batch
+
+
+def _process(data: bytes, cfg: ImageConfig) -> tuple[str, ProcessedImage]:
+    try:
+        return sha256(data), process_image(data, cfg)
+    except Rejected:
+        raise
+    except Exception as e:  # noqa: BLE001 - one odd image must not stop the job
+        log.warning("unexpected error processing an image", exc_info=True)
+        raise Rejected("failed_to_process", repr(e)) from e

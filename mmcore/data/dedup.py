@@ -24,7 +24,9 @@ from mmcore.data.images import colour_distance, hamming
 class DedupConfig:
     exact: bool = True  # same sha256 of the downloaded bytes: duplicate
     near: bool = True  # similar phash and colours: near_duplicate
-    phash_threshold: int = 4  # max Hamming distance of 64-bit phashes
+    # Max Hamming distance of 64-bit phashes. Rescaled, re-encoded copies of the sample
+    # crawl came within 4; distinct images within 8 all had other colours (colour guard).
+    phash_threshold: int = 6
     colour_tolerance: int = 12  # max per-channel difference of 4×4 thumbnails (0-255)
 
     def validate(self) -> None:

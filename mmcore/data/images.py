@@ -23,6 +23,14 @@ from PIL import Image
 
 ResizeMode = Literal["center_crop", "keep_ratio", "border", "no"]
 HASH_SIDE = 128  # smallest short side a JPEG is draft-decoded to
+# Downscaling filters; "area" (box) averages pixels like OpenCV's INTER_AREA, which
+# img2dataset uses. Upscaling is always bicubic.
+FILTERS = {
+    "area": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 class Rejected(Exception):
@@ -48,6 +56,7 @@ class ImageConfig:
     max_aspect_ratio: float = 3.0  # long/short above this: bad_aspect_ratio
     max_pixels: int = 50_000_000  # decompression-bomb guard, checked from the header
     draft: bool = True  # JPEG draft-mode decoding
+    downscale_filter: Literal["area", "bilinear", "bicubic", "lanczos"] = "area"
 
     def validate(self) -> None:
         if self.image_size < 1 or not 1 <= self.encode_quality <= 100:
@@ -85,14 +94,17 @@ def process_image(data: bytes, cfg: ImageConfig) -> ProcessedImage:
     except (OSError, ValueError, SyntaxError) as e:
         raise Rejected("failed_to_decode", str(e)) from e
     out = resize(img, cfg, original_size=(ow, oh))
+    # Both hashes come from one 32×32 area reduction of the whole decoded picture, so crops
+    # and borders of the resize mode do not change them.
+    small = img.resize((32, 32), Image.Resampling.BOX)
     return ProcessedImage(
         data=encode(out, cfg.encode_format, cfg.encode_quality),
         width=out.width,
         height=out.height,
         original_width=ow,
         original_height=oh,
-        phash=phash(img),
-        thumb=thumbnail(img),
+        phash=phash(small),
+        thumb=thumbnail(small),
     )
 
 
@@ -141,21 +153,19 @@ def resize(img: Image.Image, cfg: ImageConfig, original_size: tuple[int, int]) -
     w, h = max(1, round(ow * scale)), max(1, round(oh * scale))
     kx, ky = img.width / ow, img.height / oh  # draft factor, 1.0 without draft
     size = cfg.image_size
+    resample = FILTERS[cfg.downscale_filter] if scale < 1 else Image.Resampling.BICUBIC
     if cfg.resize_mode == "center_crop" and (w > size or h > size):
         # Crop the centre in source coordinates and resize once (Pillow's box argument).
         cw, ch = min(ow, size / scale), min(oh, size / scale)
         left, top = (ow - cw) / 2, (oh - ch) / 2
         box = (left * kx, top * ky, (left + cw) * kx, (top + ch) * ky)
-        return img.resize((min(w, size), min(h, size)), _FILTER, box=box, reducing_gap=3.0)
-    out = img if (w, h) == img.size else img.resize((w, h), _FILTER, reducing_gap=3.0)
+        return img.resize((min(w, size), min(h, size)), resample, box=box, reducing_gap=3.0)
+    out = img if (w, h) == img.size else img.resize((w, h), resample, reducing_gap=3.0)
     if cfg.resize_mode == "border" and (w, h) != (size, size):
         canvas = Image.new("RGB", (max(w, size), max(h, size)))
         canvas.paste(out, ((canvas.width - w) // 2, (canvas.height - h) // 2))
         return canvas
     return out
-
-
-_FILTER = Image.Resampling.BICUBIC
 
 
 def encode(img: Image.Image, fmt: str, quality: int) -> bytes:
@@ -173,7 +183,9 @@ _DCT = np.cos(np.pi * np.outer(np.arange(32), 2 * np.arange(32) + 1) / 64)  # (3
 
 def phash(img: Image.Image) -> int:
     """64-bit perceptual hash: low-frequency 8×8 DCT of a 32×32 grey image vs its median."""
-    grey = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), np.float64)
+    if img.size != (32, 32):
+        img = img.resize((32, 32), Image.Resampling.BOX)
+    grey = np.asarray(img.convert("L"), np.float64)  # (32, 32)
     low = (_DCT @ grey @ _DCT.T)[:8, :8]  # (8, 8)
     bits = (low > np.median(low)).ravel()
     return int.from_bytes(np.packbits(bits).tobytes(), "big")

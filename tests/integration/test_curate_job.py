@@ -81,7 +81,7 @@ def read_all_parquet(out: Path) -> list[dict]:
     return pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("*.parquet"))).to_pylist()
 
 
-def test_every_input_row_is_accounted_for(first_run, metadata, sample_dir) -> None:
+def test_every_input_row_is_accounted_for(first_run, metadata, sample_dir, image_server) -> None:
     out, summary, elapsed = first_run
     inputs = pq.read_table(metadata).to_pylist()
     rows = read_all_parquet(out)
@@ -94,12 +94,15 @@ def test_every_input_row_is_accounted_for(first_run, metadata, sample_dir) -> No
         expected[f"broken{route}"] = "failed_to_download"
     wrong = [(r["kind"], r["status"]) for r in rows if r["status"] != expected[r["kind"]]]
     assert not wrong
+    assert image_server.user_agents == {CurateConfig().fetch.user_agent}
     for r in rows:
         assert (r["status"] == "success") == (r["error_message"] == ""), r
         if r["kind"].startswith("broken"):
             assert BROKEN[r["kind"][6:]] in r["error_message"]
         if r["status"] in ("duplicate", "near_duplicate"):
             assert r["duplicate_of"] < r["key"]  # the smallest key was kept
+    dups = [r for r in rows if r["duplicate_of"]]
+    assert any(r["duplicate_of"][:5] != r["key"][:5] for r in dups)  # found across shards
     assert elapsed < 240  # the slow and dripping endpoints did not hang the job
 
 

@@ -37,6 +37,20 @@ def test_http_ok_and_errors(server: ImageServer) -> None:
     assert server.hits["/status/500"] == 3
 
 
+def test_redirects_are_followed_up_to_a_limit(server: ImageServer) -> None:
+    assert fetch(f"{server.url}/redirect/a.jpg", FetchConfig()) == b"A" * 1000
+    assert reason(f"{server.url}/loop", FetchConfig())[1].startswith("too many redirects")
+
+
+def test_connection_refused_is_retried_then_reported() -> None:
+    from tests.helpers import free_port
+
+    status, message = reason(
+        f"http://127.0.0.1:{free_port()}/x.jpg", FetchConfig(retries=1, backoff_s=0.01)
+    )
+    assert status == "failed_to_download" and message.endswith("after 2 attempts")
+
+
 def test_retry_recovers_from_a_transient_error(server: ImageServer) -> None:
     cfg = FetchConfig(retries=1, backoff_s=0.01)
     assert fetch(f"{server.url}/flaky/a.jpg", cfg) == b"A" * 1000
