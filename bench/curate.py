@@ -4,7 +4,8 @@
 
 Builds (once, cached in bench/out/) a corpus of photo-like images, 200-1200 px a side, mostly
 JPEG, serves it over HTTP on 127.0.0.1 from a separate process, then runs each tool on it
-as a fresh command with the same image size, resize mode, encode quality, shard size and
+as a fresh command (with --warm-ray, mmray joins a Ray cluster started beforehand, as under
+`ray job submit`) with the same image size, resize mode, encode quality, shard size and
 cores, and prints input rows/s for each (wall time of the whole command, start-up included)
 and their ratio. img2dataset runs from its own virtualenv (.venv-img2dataset; `make
 bench-venv`), since its pins (webdataset<0.3, pandas<3) clash with ours. A benchmark prints
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
+CORES = os.cpu_count() or 1  # every tool gets all of them
 OUT = ROOT / "bench" / "out"
 I2D = ROOT / ".venv-img2dataset" / "bin" / "img2dataset"
 sys.path.insert(0, str(ROOT))
@@ -91,8 +93,17 @@ def run_mmray(meta: Path, out: Path, args: argparse.Namespace) -> dict:
         "tracking.enabled=false", f"compute.rows_per_task={args.rows_per_task}",
         "image.min_side=0", "image.max_aspect_ratio=100",  # img2dataset's filters: none
     ]  # fmt: skip
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_num_cpus": str(args.cores)}
-    wall, stdout = timed(cmd, OUT / "mmray.log", env)
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    if args.warm_ray:  # a running cluster, as under `ray job submit`: no start-up per job
+        ray = str(Path(sys.executable).with_name("ray"))
+        head = [ray, "start", "--head", f"--num-cpus={CORES}", "--disable-usage-stats"]
+        subprocess.run(head, check=True, capture_output=True, env=env)
+        env["RAY_ADDRESS"] = "auto"
+    try:
+        wall, stdout = timed(cmd, OUT / "mmray.log", env)
+    finally:
+        if args.warm_ray:
+            subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)
     summary = json.loads(stdout.strip().splitlines()[-1])
     return {"wall_s": wall, "kept": summary["n_samples"], "in_job_s": summary["elapsed_s"]}
 
@@ -103,7 +114,7 @@ def run_img2dataset(meta: Path, out: Path, args: argparse.Namespace) -> dict:
         "--caption_col", "caption", "--output_folder", str(out), "--output_format",
         "webdataset", "--image_size", str(args.image_size), "--resize_mode", args.resize_mode,
         "--encode_quality", "95", "--number_sample_per_shard", "1000", "--thread_count", "16",
-        "--processes_count", str(args.cores), "--distributor", "multiprocessing",
+        "--processes_count", str(CORES), "--distributor", "multiprocessing",
         "--timeout", "10", "--retries", "0", "--enable_wandb", "False",
     ]  # fmt: skip
     wall, _ = timed(cmd, OUT / "img2dataset.log")
@@ -116,9 +127,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=3000)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--resize-mode", default="center_crop")
-    p.add_argument("--cores", type=int, default=os.cpu_count())
     p.add_argument("--rows-per-task", type=int, default=250)
     p.add_argument("--skip-img2dataset", action="store_true")
+    p.add_argument("--warm-ray", action="store_true", help="run mmray on a started Ray cluster")
     args = p.parse_args()
     corpus = build_corpus(args.n)
     port = free_port()
@@ -140,11 +151,12 @@ def main() -> None:
             results[name] = fn(meta, out, args)
     finally:
         server.terminate()
-    print(f"\n{args.n} images, {args.image_size}px {args.resize_mode}, {args.cores} cores")
+    ray_mode = "warm Ray cluster" if args.warm_ray else "Ray started by the job"
+    print(f"\n{args.n} images, {args.image_size}px {args.resize_mode}, {CORES} cores, {ray_mode}")
     print(f"{'tool':<13}{'wall s':>9}{'rows/s':>9}{'per core':>10}{'kept':>7}")
     for name, r in results.items():
         rate = args.n / r["wall_s"]
-        print(f"{name:<13}{r['wall_s']:>9.1f}{rate:>9.1f}{rate / args.cores:>10.1f}{r['kept']:>7}")
+        print(f"{name:<13}{r['wall_s']:>9.1f}{rate:>9.1f}{rate / CORES:>10.1f}{r['kept']:>7}")
     if "in_job_s" in results.get("mmray", {}):
         print(f"mmray in-job time (after Ray start-up): {results['mmray']['in_job_s']:.1f}s")
     if len(results) == 2:
