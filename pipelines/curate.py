@@ -97,8 +97,8 @@ class CurateConfig:
 # --- Ray wrappers: thin, each maps an mmcore function over the dataset ---------------------
 
 
-def _stage(cfg: CurateConfig, parts: list[str], pieces: Path) -> collections.Counter:
-    """Run stage 2 over the given input parts; returns rows staged per shard."""
+def _stage(cfg: CurateConfig, parts: list[str], pieces: Path) -> None:
+    """Stage 2 over the given input parts: every row ends in a parquet piece."""
     import ray.data
 
     # A single-operator pipeline: per-operator reservation only holds CPUs back from it
@@ -128,16 +128,14 @@ def _stage(cfg: CurateConfig, parts: list[str], pieces: Path) -> collections.Cou
         )
         .map_batches(write_pieces, fn_kwargs={"pieces_dir": pieces}, batch_format="pyarrow", **args)
     )
-    staged: collections.Counter = collections.Counter()
-    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        staged.update(dict(zip(out["shard"].tolist(), out["rows"].tolist(), strict=True)))
-    return staged
+    for _ in ds.iter_batches(batch_size=None):  # streams; results are the pieces on disk
+        pass
 
 
 def _finalize_row(row: dict[str, Any], pieces: Path, out: Path, image_ext: str) -> dict:
     dropped = {k: tuple(v) for k, v in json.loads(row["dropped"]).items()}
-    stats = finalize_shard(int(row["shard"]), pieces, out, dropped, image_ext)
-    return {"shard": row["shard"], "stats": json.dumps(stats)}
+    finalize_shard(int(row["shard"]), pieces, out, dropped, image_ext)
+    return {"shard": row["shard"]}
 
 
 def _finalize(cfg: CurateConfig, shards: list[int], dropped: dict, pieces: Path) -> None:
@@ -174,29 +172,7 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
         log.info("removed %d partial files of an interrupted run", n)
     plan = _load_or_plan(cfg, work, identity)
     pieces = work / "pieces"
-    pieces.mkdir(parents=True, exist_ok=True)
-    remove_partial_files(pieces)
-    staged = staged_rows(pieces)
-    todo_shards = {s for s, n in enumerate(plan["shard_rows"]) if staged.get(s) != n}
-    for shard in todo_shards:  # partly staged: redo the whole shard
-        for path in piece_paths(pieces, shard):
-            path.unlink()
-    parts = [p for p in plan["parts"] if int(Path(p).name[:5]) in todo_shards]
-    processed = sum(plan["shard_rows"][s] for s in todo_shards)
-    log.info(
-        "curate: %d input rows, %d shards, %d to process",
-        plan["n_rows"],
-        len(plan["shard_rows"]),
-        processed,
-    )
-    if parts:
-        t1 = time.perf_counter()
-        _stage(cfg, parts, pieces)
-        log.info("staged %d rows in %.1fs", processed, time.perf_counter() - t1)
-    staged = staged_rows(pieces)
-    missing = {s: n for s, n in enumerate(plan["shard_rows"]) if staged.get(s) != n}
-    if missing:
-        raise RuntimeError(f"staging lost rows for shards {sorted(missing)}")
+    processed = _stage_missing(cfg, plan, pieces)
 
     t1 = time.perf_counter()
     index = hash_index(pieces)
@@ -223,6 +199,33 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     run_id = _track(cfg, manifest, processed, elapsed)
     return _summary(manifest, processed, elapsed, run_id)
+
+
+def _stage_missing(cfg: CurateConfig, plan: dict[str, Any], pieces: Path) -> int:
+    """Stage every shard not fully staged yet (a partly staged one is redone whole)."""
+    pieces.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(pieces)
+    staged = staged_rows(pieces)
+    todo = {s for s, n in enumerate(plan["shard_rows"]) if staged.get(s) != n}
+    for shard in todo:
+        for path in piece_paths(pieces, shard):
+            path.unlink()
+    processed = sum(plan["shard_rows"][s] for s in todo)
+    log.info(
+        "curate: %d input rows, %d shards, %d rows to process",
+        plan["n_rows"],
+        len(plan["shard_rows"]),
+        processed,
+    )
+    if todo:
+        t0 = time.perf_counter()
+        _stage(cfg, [p for p in plan["parts"] if int(Path(p).name[:5]) in todo], pieces)
+        log.info("staged %d rows in %.1fs", processed, time.perf_counter() - t0)
+    staged = staged_rows(pieces)
+    missing = sorted(s for s, n in enumerate(plan["shard_rows"]) if staged.get(s) != n)
+    if missing:
+        raise RuntimeError(f"staging lost rows of shards {missing}")
+    return processed
 
 
 def _check_same(previous: dict, identity: dict, where: Path) -> None:

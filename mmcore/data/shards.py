@@ -52,17 +52,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_pieces(batch: pa.Table, pieces_dir: Path) -> dict[str, np.ndarray]:
-    """Stage processed rows, one parquet piece per shard in the batch; returns counts."""
-    out: dict[str, list] = {"shard": [], "rows": [], "successes": []}
-    for shard in sorted(set(batch.column("shard").to_pylist())):
+    """Stage processed rows, one parquet piece per shard in the batch; returns rows per shard."""
+    shards = sorted(set(batch.column("shard").to_pylist()))
+    counts = []
+    for shard in shards:
         rows = batch.filter(pc.equal(batch.column("shard"), shard))
-        first = rows.column("key")[0].as_py()
-        path = pieces_dir / f"{shard:05d}_{first}.parquet"
+        path = pieces_dir / f"{shard:05d}_{rows.column('key')[0].as_py()}.parquet"
         atomic_write(path, lambda tmp, rows=rows: pq.write_table(rows, tmp))
-        out["shard"].append(shard)
-        out["rows"].append(len(rows))
-        out["successes"].append(pc.sum(pc.equal(rows.column("status"), SUCCESS)).as_py() or 0)
-    return {k: np.asarray(v, dtype=np.int64) for k, v in out.items()}
+        counts.append(len(rows))
+    return {"shard": np.asarray(shards, np.int64), "rows": np.asarray(counts, np.int64)}
 
 
 def piece_paths(pieces_dir: Path, shard: int | None = None) -> list[Path]:

@@ -48,7 +48,7 @@ def test_pieces_to_shard(tmp_path: Path) -> None:
     summary = write_pieces(
         staged(["00000000", "00000001"], ["success", "failed_to_download"]), pieces
     )
-    assert summary["rows"].tolist() == [2] and summary["successes"].tolist() == [1]
+    assert summary["shard"].tolist() == [0] and summary["rows"].tolist() == [2]
     assert staged_rows(pieces) == {0: 4}
     assert hash_index(pieces)["key"] == ["00000000", "00000002", "00000003"]
 
