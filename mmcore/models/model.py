@@ -1,12 +1,19 @@
 """The image-text model: towers, projections, a temperature, and a fusion variant.
 
     model = build_model(ModelConfig(fusion="late"))
-    out = model(pixels, input_ids, attention_mask)     # ModelOutput: embeddings + scales
+    out = model(pixels, input_ids, attention_mask)     # ModelOutput: embeddings, tokens, scales
     img = model.encode_image(pixels)                    # (B, E), unit norm
     txt = model.encode_text(input_ids, attention_mask)  # (B, E), unit norm
 
-``late`` is the dual encoder (CLIP): the towers never see each other, a pair's score is the
-cosine similarity of its embeddings, and retrieval is one matrix product.
+Every variant has the two towers and their contrastive (ITC) projections. ``late`` is the
+dual encoder (CLIP): a pair's score is the cosine similarity and retrieval is one matrix
+product. The other variants add a fusion module (``fusion.py``) with an image-text-matching
+head, and, where the module keeps text tokens, a language-model head for MLM and captioning.
+``OBJECTIVES`` lists the loss terms each variant trains.
+
+Scoring cost: ``late`` ranks N images against M texts with one (N, M) matrix product. A pure
+fusion variant needs a fusion pass per pair, N·M passes; ``hybrid`` re-ranks only the ITC
+top-k of each image, N·k passes (``pair_scores(..., shortlist=k)``).
 """
 
 from __future__ import annotations
@@ -19,17 +26,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcore.models.towers import TextConfig, TextTower, VisionConfig, VisionTower
+from mmcore.models.fusion import FUSIONS, TOKEN_OBJECTIVES, Fused, FusionConfig
+from mmcore.models.towers import TextConfig, TextTower, VisionConfig, VisionTower, tokenizer
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps the learnt temperature at 1/100
+Fusion = Literal["late", "early", "cross_attention", "gated", "film", "hybrid"]
+ITC = {"clip", "siglip"}  # contrastive terms, on the tower embeddings
+# The loss terms each variant trains. The pure fusion variants learn to match pairs inside
+# the fusion module only; hybrid (ALBEF) contrasts first, then matches, so it needs an ITC
+# term, mines ITM hard negatives from it, and ranks by an ITC shortlist at inference.
+OBJECTIVES: dict[str, set[str]] = {
+    "late": ITC,
+    "early": {"itm", "mlm", "caption"},
+    "cross_attention": {"itm", "mlm", "caption"},
+    "gated": {"itm"},
+    "film": {"itm"},
+    "hybrid": ITC | {"itm", "mlm", "caption"},
+}
 
 
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
-    fusion: Literal["late"] = "late"  # the variant; more come with their modules
+    fusion: Fusion = "late"
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
-    embed_dim: int = 128  # shared embedding size
+    fusion_module: FusionConfig = dataclasses.field(default_factory=FusionConfig)
+    embed_dim: int = 128  # shared contrastive embedding size
     init_temperature: float = 0.07  # CLIP's; logit scale starts at 1/0.07
     init_bias: float = -10.0  # SigLIP's logit bias at start
 
@@ -42,13 +64,15 @@ class ModelConfig:
 class ModelOutput:
     image_embeds: torch.Tensor  # (B, E), unit norm
     text_embeds: torch.Tensor  # (B, E), unit norm
+    image_tokens: torch.Tensor  # (B, N, Dv) vision tower output
+    text_tokens: torch.Tensor  # (B, T, Dt) text tower output
     logit_scale: torch.Tensor  # (), exp of the learnt log scale, at most 100
     logit_bias: torch.Tensor  # (), SigLIP's learnt bias
 
 
 class ImageTextModel(nn.Module):
-    """Dual encoder. Scalars are shape-(1,) parameters: DeepSpeed's initial broadcast fails on
-    0-dim ones (see STACK.md); ``logit_scale``/``logit_bias`` in the output are 0-dim."""
+    """Scalars are shape-(1,) parameters: DeepSpeed's initial broadcast fails on 0-dim ones
+    (see STACK.md); ``logit_scale``/``logit_bias`` in the output are 0-dim."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -59,16 +83,27 @@ class ImageTextModel(nn.Module):
         self.text_projection = nn.Linear(self.text.width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.init_temperature)))
         self.logit_bias = nn.Parameter(torch.full((1,), cfg.init_bias))
+        if cfg.fusion != "late":
+            width = cfg.fusion_module.width
+            self.image_to_fusion = nn.Linear(self.vision.width, width)
+            self.text_to_fusion = nn.Linear(self.text.width, width)
+            self.fusion = FUSIONS[cfg.fusion](cfg.fusion_module)
+            self.itm_head = nn.Linear(width, 2)
+        if cfg.fusion in TOKEN_OBJECTIVES:
+            self.lm_head = nn.Linear(cfg.fusion_module.width, tokenizer().vocab_size)
+            self.positions = nn.Parameter(
+                torch.zeros(cfg.text.context_length, cfg.fusion_module.width)
+            )
+
+    # --- contrastive (every variant) ------------------------------------------------------
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, H, W) → (B, E), unit norm."""
-        _, pooled = self.vision(pixels)
-        return F.normalize(self.visual_projection(pooled), dim=-1)
+        return F.normalize(self.visual_projection(self.vision(pixels)[1]), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """ids, mask (B, T) → (B, E), unit norm."""
-        _, pooled = self.text(input_ids, attention_mask)
-        return F.normalize(self.text_projection(pooled), dim=-1)
+        return F.normalize(self.text_projection(self.text(input_ids, attention_mask)[1]), dim=-1)
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)[0], self.logit_bias[0]
@@ -76,21 +111,68 @@ class ImageTextModel(nn.Module):
     def forward(
         self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> ModelOutput:
+        image_tokens, image_pooled = self.vision(pixels)
+        text_tokens, text_pooled = self.text(input_ids, attention_mask)
         scale, bias = self.scales()
         return ModelOutput(
-            image_embeds=self.encode_image(pixels),
-            text_embeds=self.encode_text(input_ids, attention_mask),
+            image_embeds=F.normalize(self.visual_projection(image_pooled), dim=-1),
+            text_embeds=F.normalize(self.text_projection(text_pooled), dim=-1),
+            image_tokens=image_tokens,
+            text_tokens=text_tokens,
             logit_scale=scale,
             logit_bias=bias,
         )
 
+    # --- fusion (every variant but late) --------------------------------------------------
+
+    def fuse(
+        self, image_tokens: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor,
+        causal: bool = False,
+    ) -> Fused:  # fmt: skip
+        """Image tower tokens (B, N, Dv) and text (B, T, Dt) → fused text tokens and pair vector
+        (width W). ``causal``: ``text`` is context-free embeddings, positions are added here."""
+        text = self.text_to_fusion(text)
+        if causal:
+            text = text + self.positions[: text.shape[1]]
+        return self.fusion(self.image_to_fusion(image_tokens), text, attention_mask == 0, causal)
+
+    def itm_logits(self, image_tokens, text_tokens, attention_mask) -> torch.Tensor:
+        """(B, 2): no-match / match logits for each (image, text) pair."""
+        return self.itm_head(self.fuse(image_tokens, text_tokens, attention_mask).pair)
+
+    def mlm_logits(self, image_tokens, text_tokens, attention_mask) -> torch.Tensor:
+        """(B, T, V) token logits at every fused text position."""
+        return self.lm_head(self.fuse(image_tokens, text_tokens, attention_mask).tokens)
+
+    def caption_logits(self, image_tokens, input_ids, attention_mask) -> torch.Tensor:
+        """(B, T, V) next-token logits of an image-grounded causal decoder. Its input is the
+        context-free token embeddings, so no position sees a later token."""
+        embeds = self.text.embed(input_ids)
+        return self.lm_head(self.fuse(image_tokens, embeds, attention_mask, causal=True).tokens)
+
     @torch.no_grad()
-    def similarity(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """Pair scores (N_images, N_texts): cosine similarity times the logit scale."""
-        return self.scales()[0] * image_embeds @ text_embeds.T
+    def pair_scores(
+        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        shortlist: int | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """(N_images, N_texts) scores. late: scaled cosine. Fusion variants: the ITM match
+        log-probability of every pair, or (hybrid, ``shortlist=k``) of the k best texts per
+        image by ITC, -inf elsewhere: N·k fusion passes instead of N·M."""
+        out = self(pixels, input_ids, attention_mask)
+        itc = out.logit_scale * out.image_embeds @ out.text_embeds.T
+        if self.cfg.fusion == "late":
+            return itc
+        if shortlist is not None and not OBJECTIVES[self.cfg.fusion] & ITC:
+            raise ValueError(f"{self.cfg.fusion!r} has no trained ITC embeddings to shortlist by")
+        k = itc.shape[1] if shortlist is None else min(shortlist, itc.shape[1])
+        candidates = itc.topk(k, dim=1).indices  # (N, k)
+        scores = torch.full_like(itc, float("-inf"))
+        for i, cols in enumerate(candidates):
+            image = out.image_tokens[i : i + 1].expand(len(cols), -1, -1)
+            logits = self.itm_logits(image, out.text_tokens[cols], attention_mask[cols])
+            scores[i, cols] = logits.log_softmax(-1)[:, 1]
+        return scores
 
 
 def build_model(cfg: ModelConfig) -> ImageTextModel:
-    match cfg.fusion:
-        case "late":
-            return ImageTextModel(cfg)
+    return ImageTextModel(cfg)

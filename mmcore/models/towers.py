@@ -116,6 +116,11 @@ class TextTower(nn.Module):
         if cfg.frozen:
             self.model.requires_grad_(False)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Context-free token embeddings (B, T, D): a causal decoder's input, which must not
+        see the bidirectional tower's view of later tokens."""
+        return self.model.get_input_embeddings()(input_ids)
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

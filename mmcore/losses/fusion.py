@@ -1,0 +1,114 @@
+"""Losses on the fusion module: image-text matching, masked LM, captioning.
+
+Each returns a dict with one named term; ``compute_losses`` runs the model once and adds the
+requested terms (``{"clip": 1.0, "itm": 1.0}``), checking that the variant supports them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmcore.losses.contrastive import clip_loss, combine, siglip_loss
+from mmcore.models.model import ITC, OBJECTIVES, ImageTextModel, ModelOutput
+from mmcore.models.towers import tokenizer
+
+
+def check_objectives(fusion: str, terms: dict[str, float]) -> None:
+    """Raise ValueError when ``fusion`` cannot train one of ``terms``."""
+    unsupported = sorted(set(terms) - OBJECTIVES[fusion])
+    if unsupported:
+        raise ValueError(
+            f"fusion {fusion!r} does not support loss term(s) {unsupported}; "
+            f"it supports {sorted(OBJECTIVES[fusion])}"
+        )
+    if fusion == "hybrid" and not ITC & set(terms):
+        raise ValueError("fusion 'hybrid' contrasts first: include a clip or siglip term")
+
+
+def itm_loss(
+    model: ImageTextModel, out: ModelOutput, attention_mask: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """ALBEF's ITM: each positive pair plus one negative text per image and one negative
+    image per text (B >= 2). Variants trained with ITC draw hard negatives, with probability
+    softmax(ITC similarity); the others draw uniformly (their projections are untrained)."""
+    b = len(out.image_embeds)
+    if b < 2:
+        raise ValueError("itm needs a batch of at least 2 pairs to draw negatives")
+    with torch.no_grad():
+        sim = out.image_embeds @ out.text_embeds.T * out.logit_scale  # (B, B)
+        if not OBJECTIVES[model.cfg.fusion] & ITC:
+            sim = torch.zeros_like(sim)  # uniform
+        no_self = torch.eye(b, dtype=torch.bool, device=sim.device)
+        weights = sim.float().softmax(1).masked_fill(no_self, 0) + 1e-9 * ~no_self
+        neg_text = torch.multinomial(weights, 1, generator=generator).squeeze(1)  # (B,)
+        weights = sim.T.float().softmax(1).masked_fill(no_self, 0) + 1e-9 * ~no_self
+        neg_image = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    images = torch.cat([out.image_tokens, out.image_tokens, out.image_tokens[neg_image]])
+    texts = torch.cat([out.text_tokens, out.text_tokens[neg_text], out.text_tokens])
+    masks = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
+    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(images.device)
+    return {"itm": F.cross_entropy(model.itm_logits(images, texts, masks), labels)}
+
+
+def mask_tokens(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, prob: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """BERT masking: ``prob`` of the real, non-special tokens become targets (at least one
+    per row); of those 80 % → [MASK], 10 % → a random token, 10 % unchanged.
+    Returns (masked ids, labels with -100 where there is no target)."""
+    tok = tokenizer()
+    special = torch.isin(input_ids, torch.tensor(tok.all_special_ids)) | (attention_mask == 0)
+    noise = torch.rand(input_ids.shape, generator=generator).masked_fill(special, 2.0)
+    target = noise < prob
+    target[torch.arange(len(noise)), noise.argmin(1)] |= ~special.all(1)  # one per row
+    labels = input_ids.masked_fill(~target, -100)
+    roll = torch.rand(input_ids.shape, generator=generator)
+    random_ids = torch.randint(len(tok), input_ids.shape, generator=generator)
+    masked = torch.where(target & (roll < 0.8), tok.mask_token_id, input_ids)
+    masked = torch.where(target & (roll >= 0.8) & (roll < 0.9), random_ids, masked)
+    return masked, labels
+
+
+def mlm_loss(
+    model: ImageTextModel, out: ModelOutput, input_ids: torch.Tensor,
+    attention_mask: torch.Tensor, generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Masked language modelling through the fusion module (the text tower sees the masks)."""
+    masked, labels = mask_tokens(input_ids, attention_mask, generator=generator)
+    text_tokens, _ = model.text(masked, attention_mask)
+    logits = model.mlm_logits(out.image_tokens, text_tokens, attention_mask)  # (B, T, V)
+    return {"mlm": F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)}
+
+
+def caption_loss(
+    model: ImageTextModel, out: ModelOutput, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Next-token prediction of the caption given the image (teacher forcing)."""
+    logits = model.caption_logits(out.image_tokens, input_ids, attention_mask)[:, :-1]
+    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    return {"caption": F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)}
+
+
+def compute_losses(
+    model: ImageTextModel, pixels: torch.Tensor, input_ids: torch.Tensor,
+    attention_mask: torch.Tensor, weights: dict[str, float],
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """One forward pass, the requested terms, and their weighted sum: (total, terms)."""
+    check_objectives(model.cfg.fusion, weights)
+    out = model(pixels, input_ids, attention_mask)
+    terms: dict[str, torch.Tensor] = {}
+    if "clip" in weights:
+        terms |= clip_loss(out.image_embeds, out.text_embeds, out.logit_scale)
+    if "siglip" in weights:
+        terms |= siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
+    if "itm" in weights:
+        terms |= itm_loss(model, out, attention_mask, generator)
+    if "mlm" in weights:
+        terms |= mlm_loss(model, out, input_ids, attention_mask, generator)
+    if "caption" in weights:
+        terms |= caption_loss(model, out, input_ids, attention_mask)
+    return combine(terms, weights), terms

@@ -1,0 +1,100 @@
+"""Every fusion variant × every objective it supports, on the tiny size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmcore.losses.fusion import check_objectives, compute_losses, mask_tokens
+from mmcore.models.model import OBJECTIVES, ModelConfig, build_model
+from mmcore.models.towers import TextConfig, tokenize, tokenizer
+
+CAPTIONS = ["a red circle", "a small blue square above a green cross", "a purple diamond",
+            "a large yellow triangle to the left of a red square"]  # fmt: skip
+VARIANTS = sorted(OBJECTIVES)
+TRAINED = {  # the parts each term must reach, besides both towers
+    "clip": ["visual_projection"], "siglip": ["logit_bias"], "itm": ["itm_head", "fusion"],
+    "mlm": ["lm_head", "fusion"], "caption": ["lm_head", "positions"],
+}  # fmt: skip
+
+
+def tiny(fusion: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(fusion=fusion, text=TextConfig(kind="transformer")))
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tokens = tokenize(CAPTIONS, 16)
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return pixels, tokens["input_ids"], tokens["attention_mask"]
+
+
+@pytest.mark.parametrize(
+    ("fusion", "term"), [(f, t) for f in VARIANTS for t in sorted(OBJECTIVES[f])]
+)
+def test_forward_backward(fusion: str, term: str) -> None:
+    model = tiny(fusion)
+    weights = {term: 1.0} | (
+        {"clip": 0.5} if fusion == "hybrid" and term not in ("clip", "siglip") else {}
+    )
+    total, terms = compute_losses(model, *inputs(), weights, torch.Generator().manual_seed(0))
+    assert set(terms) == set(weights) and torch.isfinite(total)
+    total.backward()
+    trained = TRAINED[term]
+    for name in trained + ["vision", "text"]:
+        part = getattr(model, name)
+        params = [part] if isinstance(part, torch.nn.Parameter) else list(part.parameters())
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), (
+            fusion,
+            term,
+            name,
+        )
+
+
+def test_unsupported_objectives_are_refused_with_the_alternatives() -> None:
+    with pytest.raises(ValueError, match=r"'late' does not support loss term\(s\) \['itm'\]"):
+        check_objectives("late", {"clip": 1.0, "itm": 1.0})
+    with pytest.raises(ValueError, match=r"'film'.*\['mlm'\]; it supports \['itm'\]"):
+        check_objectives("film", {"mlm": 1.0})
+    with pytest.raises(ValueError, match="hybrid' contrasts first"):
+        check_objectives("hybrid", {"itm": 1.0})
+
+
+def test_mask_tokens_targets_only_real_words() -> None:
+    _, ids, mask = inputs()
+    masked, labels = mask_tokens(ids, mask, prob=0.5, generator=torch.Generator().manual_seed(0))
+    special = torch.isin(ids, torch.tensor(tokenizer().all_special_ids)) | (mask == 0)
+    targets = labels != -100
+    assert not (targets & special).any() and targets.any(1).all()
+    assert torch.equal(labels[targets], ids[targets])
+    assert torch.equal(masked[~targets], ids[~targets])  # only targets may change
+    assert (masked[targets] == tokenizer().mask_token_id).any()
+
+
+@pytest.mark.parametrize("fusion", ["early", "cross_attention", "hybrid"])
+def test_captioning_never_sees_later_tokens(fusion: str) -> None:
+    model = tiny(fusion).eval()
+    pixels, ids, mask = inputs()
+    out = model(pixels, ids, mask)
+    changed = ids.clone()
+    changed[:, 4:] = tokenizer().convert_tokens_to_ids("dog")
+    a = model.caption_logits(out.image_tokens, ids, mask)
+    b = model.caption_logits(out.image_tokens, changed, mask)
+    torch.testing.assert_close(a[:, :4], b[:, :4])  # positions 0-3 predict from 0-3 only
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_pair_scores_full_and_shortlisted() -> None:
+    pixels, ids, mask = inputs()
+    late = tiny("late").eval()
+    assert late.pair_scores(pixels, ids, mask).shape == (4, 4)
+    hybrid = tiny("hybrid").eval()
+    full = hybrid.pair_scores(pixels, ids, mask)
+    assert torch.isfinite(full).all() and (full <= 0).all()  # match log-probabilities
+    assert torch.equal(hybrid.pair_scores(pixels, ids, mask, shortlist=4), full)
+    short = hybrid.pair_scores(pixels, ids, mask, shortlist=2)
+    assert (torch.isfinite(short).sum(1) == 2).all()
+    kept = torch.isfinite(short)
+    torch.testing.assert_close(short[kept], full[kept])  # re-ranking scores are the same
+    with pytest.raises(ValueError, match="no trained ITC"):
+        tiny("film").eval().pair_scores(pixels, ids, mask, shortlist=2)
