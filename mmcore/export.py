@@ -29,12 +29,74 @@ def save_model(model: ImageTextModel, folder: str | Path) -> Path:
     return folder
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ImageTextModel:
+def resolve(uri: str | Path) -> Path:
+    """A model URI → the local export folder: a folder itself, or ``runs:/ID/model`` and
+    ``models:/NAME@ALIAS`` (downloaded from MLflow)."""
+    text = str(uri)
+    if text.startswith(("runs:/", "models:/")):
+        from mmcore.tracking import download_artifacts
+
+        root = download_artifacts(text)
+        found = [p.parent for p in sorted(root.rglob(CONFIG)) if (p.parent / WEIGHTS).exists()]
+        if not found:
+            raise ValueError(f"{text} holds no mmray model export")
+        return found[0]
+    folder = Path(text)
+    if not (folder / CONFIG).exists():
+        raise ValueError(f"{text}: not a model folder, runs:/ID/model or models:/NAME@ALIAS URI")
+    return folder
+
+
+def load_model(uri: str | Path, device: str | torch.device = "cpu") -> ImageTextModel:
     """Build the model from ``config.json`` and load its safetensors weights (strict)."""
-    folder = Path(folder)
+    folder = resolve(uri)
     meta = json.loads((folder / CONFIG).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{folder} is not an mmray model export (format {meta.get('format')!r})")
     model = build_model(from_dict(ModelConfig, meta["model"]))
     model.load_state_dict(load_file(folder / WEIGHTS, device=str(device)), strict=True)
     return model.eval()
+
+
+def export_hf(model: ImageTextModel, folder: str | Path) -> Path:
+    """Write a folder that ``transformers.CLIPModel``/``CLIPProcessor.from_pretrained`` load:
+    same embeddings as ``model`` for late-fusion models with CLIP-style towers."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from mmcore.data.transforms import MEAN, STD
+    from mmcore.models.towers import tokenizer
+
+    cfg = model.cfg
+    if cfg.fusion != "late" or cfg.text.kind != "transformer":
+        raise ValueError("Hugging Face CLIP export needs fusion=late and text.kind=transformer")
+    config = CLIPConfig(
+        text_config=model.text.model.config.to_dict(),
+        vision_config=model.vision.model.config.to_dict(),
+        projection_dim=cfg.embed_dim,
+        logit_scale_init_value=float(model.logit_scale.detach()[0]),
+    )
+    hf = CLIPModel(config)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("vision.model."):  # transformers 5: no vision_model. inside
+            state["vision_model." + key.removeprefix("vision.model.")] = value
+        elif key.startswith("text.model."):
+            state["text_model." + key.removeprefix("text.model.")] = value
+        elif key == "logit_scale":
+            state[key] = value.reshape(())  # a shape-(1,) parameter here, 0-dim in CLIPModel
+        elif key != "logit_bias":
+            state[key] = value
+    hf.load_state_dict(state, strict=True)
+    folder = Path(folder)
+    hf.save_pretrained(folder)
+    size = cfg.vision.image_size
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+            image_mean=MEAN.tolist(), image_std=STD.tolist(),
+        ),
+        tokenizer=tokenizer(),
+    )  # fmt: skip
+    processor.tokenizer.model_max_length = cfg.text.context_length
+    processor.save_pretrained(folder)
+    return folder

@@ -106,3 +106,30 @@ def start_run(cfg: TrackingConfig, run_name: str | None = None) -> Iterator[Null
     with mlflow.start_run(run_name=run_name) as run:
         log.info("MLflow run %s in %s (%s)", run.info.run_id, cfg.experiment, tracking_uri())
         yield Tracker(run.info.run_id)
+
+
+def download_artifacts(uri: str) -> Path:
+    """A ``runs:/…`` or ``models:/NAME@ALIAS`` URI → a local folder with its files."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+
+
+def log_model(
+    export_dir: str | Path, name: str = "model", registered_name: str | None = None
+) -> str:
+    """Log an export folder as a pyfunc model of the active run; returns its model URI."""
+    import mlflow
+
+    from mmcore.pyfunc import SIGNATURE, ImageTextPyfunc
+
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=ImageTextPyfunc(),
+        artifacts={"model": str(export_dir)},
+        signature=SIGNATURE,
+        registered_model_name=registered_name,
+        pip_requirements=["mmray"],
+    )
+    return info.model_uri

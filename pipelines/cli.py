@@ -2,6 +2,8 @@
 
     mmray sample-data OUT [--n N] [--seed S]
     mmray curate --input META --output DIR [flags] [key.sub=value ...]
+    mmray eval {zeroshot,retrieval} --model URI ...
+    mmray export --model URI --format {hf,safetensors} --output DIR
 Each job is also ``python -m pipelines.<job>`` (for ``ray job submit``).
 """
 
@@ -31,13 +33,23 @@ def sample_data(argv: list[str]) -> int:
     return 0
 
 
-def curate(argv: list[str]) -> int:
-    from pipelines.curate import main as curate_main
+def _job(module: str):
+    """A subcommand that runs ``pipelines.<module>.main`` (imported only when used)."""
 
-    return curate_main(argv)
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return importlib.import_module(f"pipelines.{module}").main(argv)
+
+    return run
 
 
-COMMANDS = {"sample-data": sample_data, "curate": curate}
+COMMANDS = {
+    "sample-data": sample_data,
+    "curate": _job("curate"),
+    "eval": _job("evaluate"),
+    "export": _job("export"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,11 +54,16 @@ def random_resized_crop(
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` (bicubic), then crop the centre square."""
+    """Resize the shorter side to ``size`` (bicubic), then crop the centre square, with the
+    same rounding as transformers' CLIPImageProcessor, so exported models see equal pixels."""
     w, h = img.size
-    side = min(w, h)
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    if w <= h:
+        w, h = size, int(size * h / w)
+    else:
+        w, h = int(size * w / h), size
+    img = img.resize((w, h), Image.Resampling.BICUBIC)
+    left, top = int((w - size) / 2), int((h - size) / 2)
+    return img.crop((left, top, left + size, top + size))
 
 
 def train_transform(img: Image.Image, cfg: TransformConfig, rng: np.random.Generator) -> np.ndarray:

@@ -16,7 +16,7 @@ def test_recall_at_k_counts_ranks_both_ways() -> None:
     image = torch.tensor(
         [[0.447, 0.894, 0, 0], [0, 0.8, 0.6, 0], [0, 0, 0.8, 0.6], [0, 0, 0.894, 0.447]]
     )
-    r = recall_at_k(image, torch.eye(4), ks=(1, 2, 10))
+    r = recall_at_k(image @ torch.eye(4).T, ks=(1, 2, 10))
     assert r["i2t_r@1"] == 0.5  # images 0 and 3 score another text above their own
     assert r["i2t_r@2"] == 1.0 and r["i2t_r@10"] == 1.0
     assert r["t2i_r@1"] == 0.25  # only text 0 has its own image on top

@@ -104,5 +104,5 @@ def test_tiny_model_overfits_64_pairs(sample_dir: Path) -> None:
         opt.step()
     model.eval()
     with torch.no_grad():
-        r = recall_at_k(model.encode_image(pixels), model.encode_text(**tokens), ks=(1,))
+        r = recall_at_k(model.encode_image(pixels) @ model.encode_text(**tokens).T, ks=(1,))
     assert r["i2t_r@1"] >= 0.95 and r["t2i_r@1"] >= 0.95, (r, loss.item())

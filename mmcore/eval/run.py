@@ -1,0 +1,109 @@
+"""Evaluation of any model variant: zero-shot classification and retrieval.
+
+Late-fusion models compare embeddings; fusion models score every (image, prompt) pair with
+their ITM head (``hybrid`` re-ranks an ITC shortlist), which costs a fusion pass per pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmcore.data.transforms import eval_transform
+from mmcore.eval.retrieval import recall_at_k
+from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder, zeroshot_classifier
+from mmcore.models.model import ImageTextModel
+from mmcore.models.towers import tokenize
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def pixels_of(images: Sequence[Image.Image], image_size: int) -> torch.Tensor:
+    """PIL images → (B, 3, S, S), the eval transform."""
+    return torch.from_numpy(np.stack([eval_transform(img, image_size) for img in images]))
+
+
+@torch.no_grad()
+def class_scores(
+    model: ImageTextModel, images: Sequence[Image.Image], classnames: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 64,
+) -> torch.Tensor:  # fmt: skip
+    """(N, C) class scores for each image (higher is more likely)."""
+    cfg = model.cfg
+    prompts = [t.format(c) for c in classnames for t in templates]  # class-major
+    tokens = tokenize(prompts, cfg.text.context_length)
+    rows = []
+    if cfg.fusion == "late":
+        clf = zeroshot_classifier(
+            lambda texts: model.encode_text(**tokenize(texts, cfg.text.context_length)),
+            classnames, templates,
+        )  # fmt: skip
+        for chunk in _batches(images, batch_size):
+            rows.append(model.encode_image(pixels_of(chunk, cfg.vision.image_size)) @ clf.T)
+        return torch.cat(rows)
+    for chunk in _batches(images, batch_size):  # fusion: score every (image, prompt) pair
+        pixels = pixels_of(chunk, cfg.vision.image_size)
+        scores = _pairwise(model, pixels, tokens)  # (B, C·T)
+        rows.append(scores.view(len(chunk), len(classnames), len(templates)).mean(-1))
+    return torch.cat(rows)
+
+
+def _pairwise(model: ImageTextModel, pixels: torch.Tensor, tokens: dict) -> torch.Tensor:
+    out_images = model.vision(pixels)[0]
+    text_tokens, _ = model.text(tokens["input_ids"], tokens["attention_mask"])
+    scores = torch.empty(len(pixels), len(text_tokens))
+    for i in range(len(pixels)):
+        image = out_images[i : i + 1].expand(len(text_tokens), -1, -1)
+        logits = model.itm_logits(image, text_tokens, tokens["attention_mask"])
+        scores[i] = logits.log_softmax(-1)[:, 1]
+    return scores
+
+
+def zeroshot_eval(
+    model: ImageTextModel, folder: str | Path, templates: Sequence[str] = DEFAULT_TEMPLATES
+) -> dict[str, float]:
+    """``folder/<class name>/<images>`` → top1, top5 (and the counts)."""
+    paths, labels, classes = image_folder(folder)
+    images = [Image.open(p).convert("RGB") for p in paths]
+    scores = class_scores(model, images, classes, templates)
+    metrics = accuracy(scores, torch.tensor(labels))
+    return metrics | {"n_images": len(paths), "n_classes": len(classes)}
+
+
+@torch.no_grad()
+def retrieval_eval(
+    model: ImageTextModel, images: Sequence[Image.Image], captions: Sequence[str],
+    shortlist: int | None = 16,
+) -> dict[str, float]:  # fmt: skip
+    """Recall@1/5/10 both ways over (image i, caption i) pairs."""
+    cfg = model.cfg
+    pixels = pixels_of(images, cfg.vision.image_size)
+    tokens = tokenize(list(captions), cfg.text.context_length)
+    use_shortlist = shortlist if cfg.fusion == "hybrid" else None
+    scores = model.pair_scores(pixels, tokens["input_ids"], tokens["attention_mask"], use_shortlist)
+    return recall_at_k(scores) | {"n_pairs": len(images)}
+
+
+def read_shards(path: str | Path, limit: int | None = None) -> tuple[list[Image.Image], list[str]]:
+    """Images and captions from curated WebDataset shards (a folder of .tar or one .tar)."""
+    import webdataset as wds
+
+    path = Path(path)
+    tars = sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else [str(path)]
+    if not tars:
+        raise ValueError(f"no .tar shards in {path}")
+    images, captions = [], []
+    for sample in wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode("pil"):
+        image = sample.get("jpg", sample.get("webp"))
+        images.append(image.convert("RGB"))
+        captions.append(sample["txt"])
+        if limit and len(images) >= limit:
+            break
+    return images, captions

@@ -1,0 +1,64 @@
+"""The MLflow pyfunc flavour of an mmray model (imported only through ``mmcore.tracking``).
+
+Input: a DataFrame with a ``text`` column and/or an ``image`` column (base64-encoded image
+bytes); empty cells are skipped. Output: ``text_embedding`` / ``image_embedding`` columns
+(unit-norm lists). With ``params={"labels": [...]}``, zero-shot probabilities over the labels
+for each image instead (``probs``, in label order). The weights stay a safetensors export in
+the model's artifacts; only this small wrapper class goes through MLflow's pickling.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import mlflow.pyfunc
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from PIL import Image
+
+SIGNATURE = ModelSignature(
+    inputs=Schema(
+        [ColSpec("string", "text", required=False), ColSpec("string", "image", required=False)]
+    ),
+    outputs=Schema([ColSpec("string", "text_embedding", required=False)]),
+    params=ParamSchema([ParamSpec("labels", "string", default=[], shape=(-1,))]),
+)
+
+
+class ImageTextPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from mmcore.export import load_model
+
+        self.model = load_model(context.artifacts["model"])
+
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        from mmcore.eval.run import class_scores, pixels_of
+        from mmcore.models.towers import tokenize
+
+        cfg, out = self.model.cfg, pd.DataFrame(index=model_input.index)
+        images = _images(model_input)
+        labels = (params or {}).get("labels")
+        with torch.no_grad():
+            if labels is not None and len(labels):
+                probs = class_scores(self.model, list(images.values), list(labels)).softmax(-1)
+                out.loc[images.index, "probs"] = pd.Series(probs.tolist(), index=images.index)
+                return out
+            if len(images):
+                emb = self.model.encode_image(pixels_of(list(images.values), cfg.vision.image_size))
+                out["image_embedding"] = pd.Series(emb.tolist(), index=images.index)
+            texts = model_input.get("text", pd.Series(dtype=object)).dropna()
+            if len(texts):
+                tokens = tokenize(list(texts.values), cfg.text.context_length)
+                emb = self.model.encode_text(**tokens)
+                out["text_embedding"] = pd.Series(emb.tolist(), index=texts.index)
+        return out
+
+
+def _images(frame: pd.DataFrame) -> pd.Series:
+    column = frame.get("image", pd.Series(dtype=object)).dropna()
+    return column.map(lambda b64: Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))

@@ -1,0 +1,50 @@
+"""Evaluation commands; each prints one JSON line.
+
+    mmray eval zeroshot --model URI --image-folder DIR [--template "a photo of a {}." ...]
+    mmray eval retrieval --model URI --data SHARDS [--limit N] [--shortlist K]
+URI: a model folder, runs:/ID/model, or models:/NAME@ALIAS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mmcore.eval.run import read_shards, retrieval_eval, zeroshot_eval
+from mmcore.eval.zeroshot import DEFAULT_TEMPLATES
+from mmcore.export import load_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mmray eval", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="task", required=True)
+    zs = sub.add_parser("zeroshot", help="top-1/top-5 over DIR/<class name>/<images>")
+    zs.add_argument("--model", required=True)
+    zs.add_argument("--image-folder", required=True)
+    zs.add_argument("--template", action="append", help="repeatable; default: an ensemble")
+    rt = sub.add_parser("retrieval", help="image<->text recall@1/5/10 over curated shards")
+    rt.add_argument("--model", required=True)
+    rt.add_argument("--data", required=True, help="a folder of .tar shards, or one .tar")
+    rt.add_argument("--limit", type=int, default=None, help="use the first N pairs")
+    rt.add_argument("--shortlist", type=int, default=16, help="hybrid: re-rank ITC top-k")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        model = load_model(args.model)
+        if args.task == "zeroshot":
+            templates = args.template or list(DEFAULT_TEMPLATES)
+            if any("{}" not in t for t in templates):
+                raise ValueError("every --template needs a {} for the class name")
+            metrics = zeroshot_eval(model, args.image_folder, templates)
+        else:
+            images, captions = read_shards(args.data, args.limit)
+            metrics = retrieval_eval(model, images, captions, args.shortlist)
+    except (ValueError, OSError) as e:
+        print(f"mmray eval: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"task": args.task, "model": str(args.model)} | metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

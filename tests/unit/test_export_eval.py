@@ -1,0 +1,96 @@
+"""Export to Hugging Face CLIP (parity), and the eval commands on real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+from transformers import CLIPModel, CLIPProcessor
+
+from mmcore.eval.run import zeroshot_eval
+from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder
+from mmcore.export import export_hf, save_model
+from mmcore.models.model import ModelConfig, build_model
+from mmcore.models.towers import TextConfig
+from pipelines import evaluate, export
+
+LATE = ModelConfig(text=TextConfig(kind="transformer"))
+
+
+def features(out) -> torch.Tensor:
+    return F.normalize(getattr(out, "pooler_output", out), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_model(build_model(LATE), tmp_path_factory.mktemp("m") / "model")
+
+
+def test_hf_export_gives_the_same_embeddings_and_zeroshot_accuracy(
+    model_dir, sample_dir, tmp_path
+) -> None:
+    assert (
+        export.main(["--model", str(model_dir), "--format", "hf", "--output", str(tmp_path / "hf")])
+        == 0
+    )
+    hf = CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    processor = CLIPProcessor.from_pretrained(tmp_path / "hf")
+    folder = sample_dir / "zeroshot" / "colour"
+    paths, labels, classes = image_folder(folder)
+    images = [Image.open(p).convert("RGB") for p in paths]
+    prompts = [t.format(c) for c in classes for t in DEFAULT_TEMPLATES]
+    with torch.no_grad():
+        img = features(hf.get_image_features(**processor(images=images, return_tensors="pt")))
+        tok = processor(
+            text=prompts, return_tensors="pt", padding="max_length", max_length=32, truncation=True
+        )
+        txt = features(
+            hf.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+        )
+    clf = F.normalize(txt.view(len(classes), len(DEFAULT_TEMPLATES), -1).mean(1), dim=-1)
+    theirs = accuracy(img @ clf.T, torch.tensor(labels))
+    from mmcore.export import load_model
+
+    ours = zeroshot_eval(load_model(model_dir), folder)
+    assert ours["top1"] == theirs["top1"] and ours["top5"] == theirs["top5"]
+
+
+def test_hf_export_refuses_non_clip_towers(tmp_path) -> None:
+    with pytest.raises(ValueError, match="text.kind=transformer"):
+        export_hf(build_model(ModelConfig()), tmp_path)  # MiniLM text tower
+
+
+def test_eval_commands_print_one_json_line(model_dir, sample_dir, tmp_path, capsys) -> None:
+    args = [
+        "zeroshot",
+        "--model",
+        str(model_dir),
+        "--image-folder",
+        str(sample_dir / "zeroshot" / "shape"),
+    ]
+    assert evaluate.main([*args, "--template", "a {} shape"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_classes"] == 5 and 0 <= out["top1"] <= out["top5"] <= 1
+
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as sink:  # a small shard set
+        for i, colour in enumerate(["red", "green", "blue", "yellow", "purple", "orange"]):
+            pixels = np.full((64, 64, 3), 40 * i, np.uint8)
+            sink.write(
+                {"__key__": f"{i:09d}", "jpg": Image.fromarray(pixels), "txt": f"a {colour} square"}
+            )
+    assert evaluate.main(["retrieval", "--model", str(model_dir), "--data", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_pairs"] == 6 and out["i2t_r@10"] == 1.0 and 0 <= out["i2t_r@1"] <= 1
+
+    assert (
+        evaluate.main(["zeroshot", "--model", str(tmp_path / "nope"), "--image-folder", "x"]) == 2
+    )
+    assert "not a model folder" in capsys.readouterr().err
+    assert evaluate.main([*args, "--template", "no placeholder"]) == 2
