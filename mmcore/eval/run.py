@@ -50,20 +50,9 @@ def class_scores(
         return torch.cat(rows)
     for chunk in _batches(images, batch_size):  # fusion: score every (image, prompt) pair
         pixels = pixels_of(chunk, cfg.vision.image_size)
-        scores = _pairwise(model, pixels, tokens)  # (B, C·T)
+        scores = model.pair_scores(pixels, tokens["input_ids"], tokens["attention_mask"])
         rows.append(scores.view(len(chunk), len(classnames), len(templates)).mean(-1))
     return torch.cat(rows)
-
-
-def _pairwise(model: ImageTextModel, pixels: torch.Tensor, tokens: dict) -> torch.Tensor:
-    out_images = model.vision(pixels)[0]
-    text_tokens, _ = model.text(tokens["input_ids"], tokens["attention_mask"])
-    scores = torch.empty(len(pixels), len(text_tokens))
-    for i in range(len(pixels)):
-        image = out_images[i : i + 1].expand(len(text_tokens), -1, -1)
-        logits = model.itm_logits(image, text_tokens, tokens["attention_mask"])
-        scores[i] = logits.log_softmax(-1)[:, 1]
-    return scores
 
 
 def zeroshot_eval(

@@ -6,12 +6,34 @@ requested terms (``{"clip": 1.0, "itm": 1.0}``), checking that the variant suppo
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from mmcore.losses.contrastive import clip_loss, combine, siglip_loss
 from mmcore.models.model import ITC, OBJECTIVES, ImageTextModel, ModelOutput
 from mmcore.models.towers import tokenizer
+
+TERMS = ("clip", "siglip", "itm", "mlm", "caption")
+
+
+@dataclasses.dataclass(kw_only=True)
+class LossConfig:
+    """``loss.terms``: the weighted sum of named terms that training minimises."""
+
+    terms: dict[str, float] = dataclasses.field(default_factory=lambda: {"clip": 1.0})
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.terms) - set(TERMS))
+        if unknown or not self.terms:
+            raise ValueError(f"terms must be a non-empty subset of {list(TERMS)}; got {unknown}")
+        if any(w < 0 for w in self.terms.values()):
+            raise ValueError("loss weights must be >= 0")
+
+    def check(self, fusion: str) -> None:
+        """Refuse terms the model variant cannot train (before any work starts)."""
+        check_objectives(fusion, self.terms)
 
 
 def check_objectives(fusion: str, terms: dict[str, float]) -> None:

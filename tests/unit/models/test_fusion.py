@@ -98,3 +98,29 @@ def test_pair_scores_full_and_shortlisted() -> None:
     torch.testing.assert_close(short[kept], full[kept])  # re-ranking scores are the same
     with pytest.raises(ValueError, match="no trained ITC"):
         tiny("film").eval().pair_scores(pixels, ids, mask, shortlist=2)
+
+
+def test_loss_config_from_yaml_style_overrides() -> None:
+    from mmcore.config import ConfigError, load_config
+    from mmcore.losses.fusion import LossConfig
+
+    cfg = load_config(LossConfig, None, ["terms={clip: 1.0, itm: 0.5}"])
+    assert cfg.terms == {"clip": 1.0, "itm": 0.5}
+    cfg.check("hybrid")
+    with pytest.raises(ValueError, match="'late' does not support"):
+        cfg.check("late")
+    with pytest.raises(ConfigError, match="non-empty subset"):
+        load_config(LossConfig, None, ["terms={contrastive: 1.0}"])
+    with pytest.raises(ConfigError, match=">= 0"):
+        load_config(LossConfig, None, ["terms={clip: -1}"])
+
+
+@pytest.mark.parametrize("fusion", ["film", "hybrid"])
+def test_zeroshot_class_scores_for_fusion_models(fusion: str) -> None:
+    from PIL import Image
+
+    from mmcore.eval.run import class_scores
+
+    images = [Image.new("RGB", (70, 50), c) for c in ("red", "blue", "green")]
+    scores = class_scores(tiny(fusion).eval(), images, ["red", "blue"], ["a {} thing", "{}"])
+    assert scores.shape == (3, 2) and torch.isfinite(scores).all()
