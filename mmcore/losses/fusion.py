@@ -1,7 +1,8 @@
-"""Losses on the fusion module: image-text matching, masked LM, captioning.
-
-Each returns a dict with one named term; ``compute_losses`` runs the model once and adds the
-requested terms (``{"clip": 1.0, "itm": 1.0}``), checking that the variant supports them.
+"""Losses on the fusion module (image-text matching, masked LM, captioning) and the loss
+registry: every term is a function plus a thin module with one call signature,
+``module(model, out, input_ids, attention_mask, generator) -> {name: loss}``.
+``compute_losses`` runs the model once and adds the requested terms
+(``loss.terms: {clip: 1.0, itm: 1.0}``), checking that the variant supports them.
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mmcore.losses.contrastive import clip_loss, combine, siglip_loss
 from mmcore.models.model import ITC, OBJECTIVES, ImageTextModel, ModelOutput
 from mmcore.models.towers import tokenizer
-
-TERMS = ("clip", "siglip", "itm", "mlm", "caption")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -25,9 +25,9 @@ class LossConfig:
     terms: dict[str, float] = dataclasses.field(default_factory=lambda: {"clip": 1.0})
 
     def validate(self) -> None:
-        unknown = sorted(set(self.terms) - set(TERMS))
+        unknown = sorted(set(self.terms) - set(LOSSES))
         if unknown or not self.terms:
-            raise ValueError(f"terms must be a non-empty subset of {list(TERMS)}; got {unknown}")
+            raise ValueError(f"terms must be a non-empty subset of {list(LOSSES)}; got {unknown}")
         if any(w < 0 for w in self.terms.values()):
             raise ValueError("loss weights must be >= 0")
 
@@ -123,14 +123,41 @@ def compute_losses(
     check_objectives(model.cfg.fusion, weights)
     out = model(pixels, input_ids, attention_mask)
     terms: dict[str, torch.Tensor] = {}
-    if "clip" in weights:
-        terms |= clip_loss(out.image_embeds, out.text_embeds, out.logit_scale)
-    if "siglip" in weights:
-        terms |= siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
-    if "itm" in weights:
-        terms |= itm_loss(model, out, attention_mask, generator)
-    if "mlm" in weights:
-        terms |= mlm_loss(model, out, input_ids, attention_mask, generator)
-    if "caption" in weights:
-        terms |= caption_loss(model, out, input_ids, attention_mask)
+    for name in weights:
+        terms |= LOSSES[name](model, out, input_ids, attention_mask, generator)
     return combine(terms, weights), terms
+
+
+class ClipLoss(nn.Module):
+    def forward(self, model, out: ModelOutput, input_ids, attention_mask, generator=None) -> dict:
+        return clip_loss(out.image_embeds, out.text_embeds, out.logit_scale)
+
+
+class SigLipLoss(nn.Module):
+    def forward(self, model, out: ModelOutput, input_ids, attention_mask, generator=None) -> dict:
+        return siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
+
+
+class ItmLoss(nn.Module):
+    def forward(self, model, out: ModelOutput, input_ids, attention_mask, generator=None) -> dict:
+        return itm_loss(model, out, attention_mask, generator)
+
+
+class MlmLoss(nn.Module):
+    def forward(self, model, out: ModelOutput, input_ids, attention_mask, generator=None) -> dict:
+        return mlm_loss(model, out, input_ids, attention_mask, generator)
+
+
+class CaptionLoss(nn.Module):
+    def forward(self, model, out: ModelOutput, input_ids, attention_mask, generator=None) -> dict:
+        return caption_loss(model, out, input_ids, attention_mask)
+
+
+# One line per term.
+LOSSES: dict[str, nn.Module] = {
+    "clip": ClipLoss(),
+    "siglip": SigLipLoss(),
+    "itm": ItmLoss(),
+    "mlm": MlmLoss(),
+    "caption": CaptionLoss(),
+}
