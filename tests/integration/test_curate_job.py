@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 import webdataset as wds
 
 from mmcore.config import ConfigError, load_config
@@ -237,3 +238,20 @@ def test_bad_input_fails_before_any_work(tmp_path: Path, capsys) -> None:
     assert "unknown key(s) in image: image.size" in capsys.readouterr().err
     assert main(["--input", str(meta), "--output", str(out), "--resize-mode", "stretch"]) == 2
     assert "image.resize_mode: 'stretch' is not one of" in capsys.readouterr().err
+
+
+def test_shards_feed_the_training_input_pipeline(first_run) -> None:
+    """Curated shards → Ray Data read_webdataset → preprocess (map_batches) → torch batches."""
+    from mmcore.data.transforms import TransformConfig
+    from mmcore.training import preprocess
+
+    out, summary, _ = first_run
+    ds = ray.data.read_webdataset(sorted(str(p) for p in out.glob("*.tar")), decoder=None)
+    kwargs = {"image_size": 32, "context_length": 16, "augment": TransformConfig(image_size=32)}
+    ds = ds.map_batches(preprocess, fn_kwargs=kwargs, batch_size=32, batch_format="numpy")
+    seen = 0
+    for batch in ds.iter_torch_batches(batch_size=64):
+        assert batch["pixels"].shape[1:] == (3, 32, 32) and batch["pixels"].dtype == torch.float32
+        assert batch["input_ids"].shape[1] == 16 and batch["attention_mask"].dtype == torch.int64
+        seen += len(batch["pixels"])
+    assert seen == summary["n_samples"]

@@ -1,0 +1,134 @@
+"""Training building blocks, plain PyTorch (the Ray Train job composes them).
+
+    ds_cfg = deepspeed_config(DeepSpeedConfig(stage=2), OptimConfig(), global_batch=64, world=2)
+    groups = param_groups(model, weight_decay=0.1)        # no decay on gains, biases, scalars
+    factor = cosine_lr(step, max_steps=1000, warmup=50)   # LambdaLR factor
+    batch = preprocess(shard_batch, image_size=64, context_length=32, augment=cfg, seed=step)
+
+``preprocess`` is the CPU step that Ray Data maps over WebDataset shards read with
+``ray.data.read_webdataset(..., decoder=None)``: encoded image bytes and caption bytes in,
+``pixels`` (B, 3, S, S) float32 and ``input_ids``/``attention_mask`` (B, T) int64 out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmcore.data.transforms import TransformConfig, eval_transform, train_transform
+from mmcore.models.towers import tokenize
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.1  # on weight matrices only (see param_groups)
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])  # CLIP's
+    eps: float = 1e-6
+    warmup_steps: int = 50  # linear warm-up, then cosine decay to 0
+    grad_clip: float = 1.0  # max global gradient norm (0: off)
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("need lr > 0, weight_decay >= 0, warmup_steps >= 0, grad_clip >= 0")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DeepSpeedConfig:
+    stage: int = 2  # ZeRO stage 0 (plain data parallel), 1, 2 or 3
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state on the CPU
+    offload_params: bool = False  # stage 3 only: parameters on the CPU
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 need GPUs
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+    def validate(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError("stage must be 0, 1, 2 or 3")
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage 3")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3")
+        if self.grad_accum < 1:
+            raise ValueError("grad_accum must be >= 1")
+
+
+def deepspeed_config(
+    ds: DeepSpeedConfig, optim: OptimConfig, global_batch: int, world: int
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config for ``global_batch`` samples per optimizer step."""
+    per_step = world * ds.grad_accum
+    if global_batch % per_step:
+        raise ValueError(
+            f"global batch {global_batch} is not divisible by workers × grad_accum = {per_step}"
+        )
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": global_batch // per_step,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,  # our client optimizer is torch's AdamW
+        "steps_per_print": 10**9,  # we log ourselves
+    }
+
+
+def cosine_lr(step: int, max_steps: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0 at ``max_steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """open_clip's rule: decay weight matrices; not biases, norms, embeddings' gains, scalars."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or "norm" in name or "bias" in name or "logit_" in name
+        (no_decay if exempt else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def preprocess(
+    batch: dict[str, np.ndarray], image_size: int, context_length: int,
+    augment: TransformConfig | None = None, seed: int = 0,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Shard rows (encoded ``jpg``/``webp`` bytes, ``txt`` bytes) → model inputs.
+
+    ``augment`` set: training transforms, seeded by ``seed`` and each row's key so that a
+    rerun sees the same crops; None: the eval transform.
+    """
+    image_col = "jpg" if "jpg" in batch else "webp"
+    pixels = []
+    for key, data in zip(batch["__key__"], batch[image_col], strict=True):
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        if augment is None:
+            pixels.append(eval_transform(img, image_size))
+        else:
+            rng = np.random.default_rng([seed, int(str(key)[-12:] or 0)])
+            pixels.append(train_transform(img, augment, rng))
+    captions = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch["txt"]]
+    tokens = tokenize(captions, context_length)
+    return {
+        "pixels": np.stack(pixels),
+        "input_ids": tokens["input_ids"].numpy(),
+        "attention_mask": tokens["attention_mask"].numpy(),
+    }

@@ -1,0 +1,89 @@
+"""Training building blocks: DeepSpeed config, schedule, weight-decay groups, preprocessing."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmcore.config import ConfigError, load_config
+from mmcore.data.transforms import TransformConfig
+from mmcore.models.model import ModelConfig, build_model
+from mmcore.models.towers import TextConfig
+from mmcore.training import (
+    DeepSpeedConfig,
+    OptimConfig,
+    cosine_lr,
+    deepspeed_config,
+    param_groups,
+    preprocess,
+)
+
+
+def test_deepspeed_config_from_mmray_config() -> None:
+    ds = DeepSpeedConfig(stage=3, offload_optimizer=True, offload_params=True, grad_accum=2)
+    cfg = deepspeed_config(ds, OptimConfig(grad_clip=0.5), global_batch=64, world=2)
+    assert cfg["train_batch_size"] == 64 and cfg["train_micro_batch_size_per_gpu"] == 16
+    assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 0.5
+    assert cfg["zero_optimization"] == {
+        "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"},
+    }  # fmt: skip
+    assert not cfg["bf16"]["enabled"] and cfg["zero_allow_untested_optimizer"]
+    with pytest.raises(ValueError, match="not divisible by workers × grad_accum = 4"):
+        deepspeed_config(ds, OptimConfig(), global_batch=30, world=2)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("stage=4", "stage must be"), ("offload_params=true", "needs stage 3"),
+     ("offload_optimizer=true", "needs ZeRO stage 1, 2 or 3")],
+)  # fmt: skip
+def test_bad_deepspeed_settings_fail_early(override: str, message: str) -> None:
+    base = [] if "offload_optimizer" not in override else ["stage=0"]
+    with pytest.raises(ConfigError, match=message):
+        load_config(DeepSpeedConfig, None, [*base, override])
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero() -> None:
+    factors = [cosine_lr(s, max_steps=100, warmup=10) for s in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[55] == pytest.approx(0.5)
+    assert factors[100] == pytest.approx(0.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))  # never rises after warm-up
+
+
+def test_param_groups_exempt_gains_biases_and_scalars() -> None:
+    model = build_model(ModelConfig(text=TextConfig(kind="transformer")))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert {"logit_scale", "logit_bias"} <= exempt
+    assert any("layer_norm" in n for n in exempt) and any(n.endswith("bias") for n in exempt)
+    total = len(decay["params"]) + len(no_decay["params"])
+    assert total == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_preprocess_decodes_transforms_and_tokenizes() -> None:
+    def jpeg(colour: str, size: tuple[int, int]) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", size, colour).save(buf, "JPEG")
+        return buf.getvalue()
+
+    batch = {
+        "__key__": np.array(["000000000", "000000001"]),
+        "jpg": np.array([jpeg("red", (90, 60)), jpeg("blue", (64, 64))], dtype=object),
+        "txt": np.array([b"a red square", "a blue square"], dtype=object),  # bytes or str
+    }
+    out = preprocess(batch, image_size=32, context_length=16)
+    assert out["pixels"].shape == (2, 3, 32, 32) and out["pixels"].dtype == np.float32
+    assert out["input_ids"].shape == out["attention_mask"].shape == (2, 16)
+    assert out["pixels"][0, 0].mean() > out["pixels"][1, 0].mean()  # red channel
+    aug = TransformConfig(image_size=32)
+    a = preprocess(batch, 32, 16, augment=aug, seed=3)["pixels"]
+    assert np.array_equal(a, preprocess(batch, 32, 16, augment=aug, seed=3)["pixels"])
+    assert torch.is_tensor(torch.from_numpy(a))
