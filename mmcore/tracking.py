@@ -133,3 +133,15 @@ def log_model(
         pip_requirements=["mmray"],
     )
     return info.model_uri
+
+
+def log_metrics_to(run_id: str, metrics: Mapping[str, float], step: int, uri: str) -> None:
+    """Log metrics to an existing run from another process (rank 0 of a training job)."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    mlflow.MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=batch)

@@ -2,6 +2,7 @@
 
     mmray sample-data OUT [--n N] [--seed S]
     mmray curate --input META --output DIR [flags] [key.sub=value ...]
+    mmray train --config FILE --data SHARDS [key.sub=value ...]
     mmray eval {zeroshot,retrieval} --model URI ...
     mmray export --model URI --format {hf,safetensors} --output DIR
 Each job is also ``python -m pipelines.<job>`` (for ``ray job submit``).
@@ -47,6 +48,7 @@ def _job(module: str):
 COMMANDS = {
     "sample-data": sample_data,
     "curate": _job("curate"),
+    "train": _job("train"),
     "eval": _job("evaluate"),
     "export": _job("export"),
 }

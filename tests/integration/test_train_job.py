@@ -1,0 +1,76 @@
+"""The training job: Ray Train + DeepSpeed ZeRO on 2 workers over curated shards.
+
+One local Ray cluster for the module (4 logical CPUs: 2 training workers + Ray Data tasks),
+shards curated from the sample crawl, and a real MLflow server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import ray
+
+from mmcore.config import load_config
+from mmcore.export import load_model
+from pipelines import evaluate
+from pipelines.curate import CurateConfig
+from pipelines.curate import run as curate
+from pipelines.train import TrainConfig, run
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def shards(sample_dir, tmp_path_factory):
+    ray.init(
+        num_cpus=4, object_store_memory=300 << 20, include_dashboard=False, log_to_driver=False
+    )
+    out = tmp_path_factory.mktemp("shards")
+    overrides = [f"input.path={sample_dir / 'metadata.parquet'}", f"output.path={out}"]
+    cfg = load_config(
+        CurateConfig, "pipelines/configs/curate_tiny.yaml", [*overrides, "tracking.enabled=false"]
+    )
+    curate(cfg)
+    yield out
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_run_finishes_logs_and_exports(
+    stage, shards, sample_dir, mlflow_server, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    cfg = load_config(TrainConfig, "pipelines/configs/train/tiny.yaml", [
+        f"data.path={shards}", f"deepspeed.stage={stage}", "schedule.max_steps=4",
+        "schedule.checkpoint_every=2", "schedule.log_every=1", "schedule.global_batch=16",
+        f"output={tmp_path}", "tracking.experiment=test-train",
+    ])  # fmt: skip
+    result = run(cfg)
+
+    client = mlflow.MlflowClient(mlflow_server.url)
+    history = client.get_metric_history(result["run_id"], "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # rank 0 only: one value per step
+    for name in ("train/lr", "train/logit_scale", "train/grad_norm", "train/data_wait_s"):
+        assert client.get_metric_history(result["run_id"], name), name
+    params = client.get_run(result["run_id"]).data.params
+    assert params["deepspeed.stage"] == str(stage)
+    path = mlflow.artifacts.download_artifacts(
+        run_id=result["run_id"],
+        artifact_path="deepspeed_config.json",
+        tracking_uri=mlflow_server.url,
+    )
+    ds_cfg = json.loads(open(path).read())
+    assert ds_cfg["zero_optimization"]["stage"] == stage and ds_cfg["train_batch_size"] == 16
+    assert result["metrics"]["step"] == 4
+
+    model = load_model(result["model_uri"])  # runs:/ID/model, consolidated fp32 weights
+    assert model.cfg.text.frozen
+    folder = sample_dir / "zeroshot" / "colour"
+    assert (
+        evaluate.main(["zeroshot", "--model", result["model_uri"], "--image-folder", str(folder)])
+        == 0
+    )
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["n_classes"] == 6 and 0 <= metrics["top1"] <= metrics["top5"] <= 1
