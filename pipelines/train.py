@@ -196,6 +196,17 @@ def consolidate(checkpoint_dir: Path, cfg: TrainConfig) -> torch.nn.Module:
     return model.eval()
 
 
+def _lineage() -> dict[str, str]:
+    """Package versions and the git commit, as run tags."""
+    import subprocess
+    from importlib.metadata import version
+
+    tags = {f"version.{p}": version(p) for p in ("torch", "ray", "deepspeed", "transformers")}
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    tags["git_sha"] = sha.stdout.strip() if sha.returncode == 0 else "unknown"
+    return tags
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
@@ -204,6 +215,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     storage = Path(cfg.output).resolve()
     with start_run(cfg.tracking, run_name="train") as tracker:
         tracker.log_params(to_dict(cfg))
+        tracker.set_tags(_lineage())
+        manifest = Path(cfg.data.path) / "manifest.json"
+        if manifest.exists():  # the curated dataset this run trains on
+            digest = json.loads(manifest.read_text())["digest"]
+            tracker.log_dataset(str(Path(cfg.data.path).resolve()), "train", digest, "training")
         ds_cfg = deepspeed_config(
             cfg.deepspeed, cfg.optim, cfg.schedule.global_batch, cfg.scaling.num_workers
         )

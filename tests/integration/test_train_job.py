@@ -7,8 +7,13 @@ shards curated from the sample crawl, and a real MLflow server on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 
 import mlflow
+import psutil
 import pytest
 import ray
 
@@ -54,8 +59,11 @@ def test_zero_run_finishes_logs_and_exports(
     assert sorted(m.step for m in history) == [1, 2, 3, 4]  # rank 0 only: one value per step
     for name in ("train/lr", "train/logit_scale", "train/grad_norm", "train/data_wait_s"):
         assert client.get_metric_history(result["run_id"], name), name
-    params = client.get_run(result["run_id"]).data.params
-    assert params["deepspeed.stage"] == str(stage)
+    run_ = client.get_run(result["run_id"])
+    assert run_.data.params["deepspeed.stage"] == str(stage)
+    assert run_.data.tags["version.deepspeed"] and len(run_.data.tags["git_sha"]) == 40
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["digest"].startswith(run_.inputs.dataset_inputs[0].dataset.digest)
     path = mlflow.artifacts.download_artifacts(
         run_id=result["run_id"],
         artifact_path="deepspeed_config.json",
@@ -74,3 +82,40 @@ def test_zero_run_finishes_logs_and_exports(
     )
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["n_classes"] == 6 and 0 <= metrics["top1"] <= metrics["top5"] <= 1
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(
+    shards, mlflow_server, tmp_path, monkeypatch
+):
+    """SIGKILL a real training worker after the first checkpoint: the run must finish, having
+    resumed from a checkpoint rather than from step 0."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    cfg = load_config(TrainConfig, "pipelines/configs/train/tiny.yaml", [
+        f"data.path={shards}", "schedule.max_steps=80", "schedule.checkpoint_every=5",
+        "schedule.log_every=1", "schedule.global_batch=16", "schedule.max_failures=1",
+        f"output={tmp_path}", "tracking.experiment=test-train-failure",
+    ])  # fmt: skip
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=run(cfg)), daemon=True)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        # A second checkpoint folder means every rank got past the first report, so the
+        # first checkpoint is whole and registered.
+        if len(list(tmp_path.glob("train-*/checkpoint_*"))) >= 2:
+            workers = [p for p in psutil.process_iter(["cmdline"])
+                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+            if workers:
+                killed = workers[-1].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(timeout=600)
+    assert killed is not None, "no checkpoint and worker to kill before the run ended"
+    result = box["result"]
+    assert result["metrics"]["step"] == 80
+    client = mlflow.MlflowClient(mlflow_server.url)
+    history = client.get_metric_history(result["run_id"], "train/loss")
+    steps = [m.step for m in history]
+    assert max(steps) == 80 and steps.count(1) == 1  # resumed from a checkpoint, not step 0
+    assert not psutil.pid_exists(killed)
