@@ -356,4 +356,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module, not __main__: Ray pickles __main__'s classes by value, and
+    # their string annotations would not resolve on the workers.
+    from pipelines.curate import main as module_main
+
+    sys.exit(module_main())

@@ -165,12 +165,19 @@ def _checkpoint(engine: Any, metrics: dict[str, float]) -> None:
 # --- driver --------------------------------------------------------------------------------
 
 
+def shard_paths(path: str) -> list[str]:
+    """The curated shards to train on; a clear error when there are none."""
+    tars = sorted(str(p) for p in Path(path).glob("*.tar"))
+    if not tars:
+        where = Path(path).resolve()
+        raise ConfigError(f"no .tar shards in {where} (on a cluster: a path every node can read)")
+    return tars
+
+
 def _dataset(cfg: TrainConfig) -> Any:
     import ray.data
 
-    tars = sorted(str(p) for p in Path(cfg.data.path).glob("*.tar"))
-    if not tars:
-        raise ConfigError(f"no .tar shards in {cfg.data.path}")
+    tars = shard_paths(cfg.data.path)
     kwargs = {
         "image_size": cfg.model.vision.image_size,
         "context_length": cfg.model.text.context_length,
@@ -275,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        shard_paths(cfg.data.path)  # before Ray and MLflow start
     except (ConfigError, ValueError) as e:
         print(f"mmray train: error: {e}", file=sys.stderr)
         return 2
@@ -287,4 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module, not __main__: Ray pickles __main__'s classes by value, and
+    # their string annotations would not resolve on the workers.
+    from pipelines.train import main as module_main
+
+    sys.exit(module_main())

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import mlflow
 import psutil
@@ -129,3 +132,19 @@ def _registered_checkpoints(storage) -> int:
         except (json.JSONDecodeError, KeyError, OSError):  # being written
             return 0
     return 0
+
+
+def test_python_dash_m_driver_joins_the_cluster(shards, tmp_path) -> None:
+    """The user's path (`python -m pipelines.train`, as under `ray job submit`): a separate
+    driver process on the running cluster. Its config classes live in __main__ there, which
+    once broke the workers' unpickling."""
+    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+                        "PYTHONPATH": str(Path.cwd())}  # fmt: skip
+    cmd = [sys.executable, "-m", "pipelines.train", "--config", "pipelines/configs/train/tiny.yaml",
+           "--data", str(shards), "schedule.max_steps=2", "schedule.checkpoint_every=2",
+           "schedule.global_batch=16", f"output={tmp_path}", "tracking.enabled=false"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["metrics"]["step"] == 2
+    assert (Path(result["export"]) / "model.safetensors").exists()

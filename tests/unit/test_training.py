@@ -87,3 +87,14 @@ def test_preprocess_decodes_transforms_and_tokenizes() -> None:
     a = preprocess(batch, 32, 16, augment=aug, seed=3)["pixels"]
     assert np.array_equal(a, preprocess(batch, 32, 16, augment=aug, seed=3)["pixels"])
     assert torch.is_tensor(torch.from_numpy(a))
+
+
+def test_train_command_refuses_bad_input_before_any_work(tmp_path, capsys) -> None:
+    from pipelines.train import main
+
+    assert main(["--data", str(tmp_path)]) == 2  # a folder without shards
+    assert "no .tar shards" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path), "loss.terms={itm: 1.0}"]) == 2  # late cannot do itm
+    assert "does not support loss term(s) ['itm']" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path), "schedule.global_batch=15"]) == 2
+    assert "not divisible" in capsys.readouterr().err
