@@ -4,6 +4,8 @@
     groups = param_groups(model, weight_decay=0.1)        # no decay on gains, biases, scalars
     factor = cosine_lr(step, max_steps=1000, warmup=50)   # LambdaLR factor
     batch = preprocess(shard_batch, image_size=64, context_length=32, augment=cfg, seed=step)
+    ids, mask = trim_padding(batch_ids, batch_mask)       # drop columns that are all padding
+    is_val = held_out(row["__key__"], fraction=0.02)      # a stable validation split by key
 
 ``preprocess`` is the CPU step that Ray Data maps over WebDataset shards read with
 ``ray.data.read_webdataset(..., decoder=None)``: encoded image bytes and caption bytes in,
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import zlib
 from typing import Any, Literal
 
 import numpy as np
@@ -132,3 +135,16 @@ def preprocess(
         "input_ids": tokens["input_ids"].numpy(),
         "attention_mask": tokens["attention_mask"].numpy(),
     }
+
+
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the trailing columns that are padding in every row: the text tower then runs on
+    the batch's longest caption, not the full context length."""
+    length = max(1, int(attention_mask.sum(1).max()))
+    return input_ids[:, :length], attention_mask[:, :length]
+
+
+def held_out(key: str, fraction: float) -> bool:
+    """Whether the sample with this key is in the validation split: a stable hash of the key,
+    so the split is the same on every run, resume and machine."""
+    return zlib.crc32(str(key).encode()) % 10_000 < fraction * 10_000

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -27,6 +28,7 @@ import torch
 
 from mmcore.config import ConfigError, from_dict, load_config, to_dict
 from mmcore.data.transforms import TransformConfig
+from mmcore.eval.run import eval_metrics
 from mmcore.export import save_model
 from mmcore.losses.fusion import LossConfig, compute_losses
 from mmcore.models.model import ModelConfig, build_model
@@ -36,8 +38,10 @@ from mmcore.training import (
     OptimConfig,
     cosine_lr,
     deepspeed_config,
+    held_out,
     param_groups,
     preprocess,
+    trim_padding,
 )
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,27 @@ TAG = "ckpt"  # DeepSpeed checkpoint tag (not "latest": DeepSpeed writes a file 
 @dataclasses.dataclass(kw_only=True)
 class DataConfig:
     path: str = ""  # folder of curated NNNNN.tar shards
+    val_path: str = ""  # curated shards for validation; empty: hold out val_fraction of path
+    val_fraction: float = 0.02  # held out by a stable hash of each sample's key (0: none)
     augment: TransformConfig = dataclasses.field(default_factory=TransformConfig)
+
+    def validate(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError("data.val_fraction must be in [0, 1)")
+
+
+@dataclasses.dataclass(kw_only=True)
+class EvalConfig:
+    every: int = 100  # steps between evaluations; the last step always evaluates
+    zeroshot: list[str] = dataclasses.field(default_factory=list)  # DIR/<class name>/<images>
+    max_pairs: int = 256  # validation pairs for retrieval (fusion variants score N² pairs)
+
+    def validate(self) -> None:
+        if self.every < 0 or self.max_pairs < 2:
+            raise ValueError("need eval.every >= 0 and eval.max_pairs >= 2")
+        for folder in self.zeroshot:
+            if not Path(folder).is_dir():
+                raise ValueError(f"eval.zeroshot: {folder} is not a folder")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -72,6 +96,7 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
@@ -94,41 +119,39 @@ class TrainConfig:
 
 
 def train_func(config: dict[str, Any]) -> None:
-    """One Ray Train worker: DeepSpeed engine, the training loop, checkpoints, rank-0 metrics."""
-    import deepspeed
+    """One Ray Train worker: DeepSpeed engine, the training loop, evaluation, checkpoints."""
     import ray.train
 
     cfg = from_dict(TrainConfig, config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.schedule.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model)
-    opt = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-    )  # fmt: skip
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_lr(s, cfg.schedule.max_steps, cfg.optim.warmup_steps)
-    )
-    ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.schedule.global_batch, world)
-    engine, _, _, sched = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
-    )
+    engine, sched = _engine(cfg, world)
+    epoch, skip = 0, 0  # the data position: epoch, and micro-batches of it already consumed
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as folder:
-            engine.load_checkpoint(folder, tag=TAG)
-        log.info("rank %d resumed at step %d", rank, engine.global_steps)
+            _, position = engine.load_checkpoint(folder, tag=TAG)
+        epoch, skip = position["epoch"], position["batches"]
+        log.info("rank %d resumed at step %d (epoch %d, batch %d)",
+                 rank, engine.global_steps, epoch, skip)  # fmt: skip
+    evaluator = Evaluator(cfg, rank, has_val=config["has_val"])
     generator = torch.Generator().manual_seed(cfg.schedule.seed * 1000 + rank)
     shard = ray.train.get_dataset_shard("train")
-    micro = ds_config["train_micro_batch_size_per_gpu"]
+    micro = engine.train_micro_batch_size_per_gpu()
+    sch, last = cfg.schedule, cfg.schedule.max_steps
     mark = time.perf_counter()
-    while engine.global_steps < cfg.schedule.max_steps:
-        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True):
+    while engine.global_steps < last:
+        consumed = 0
+        for consumed, batch in enumerate(
+            shard.iter_torch_batches(batch_size=micro, drop_last=True), start=1
+        ):
+            if consumed <= skip:  # seen before the restart
+                mark = time.perf_counter()
+                continue
             waited = time.perf_counter() - mark
+            ids, mask = trim_padding(batch["input_ids"], batch["attention_mask"])
             total, terms = compute_losses(
-                engine.module, batch["pixels"], batch["input_ids"], batch["attention_mask"],
-                cfg.loss.terms, generator,
-            )  # fmt: skip
+                engine.module, batch["pixels"], ids, mask, cfg.loss.terms, generator
+            )
             engine.backward(total)
             engine.step()
             if not engine.is_gradient_accumulation_boundary():
@@ -143,22 +166,80 @@ def train_func(config: dict[str, Any]) -> None:
                 "train/samples_per_s": micro * world / elapsed,
                 "train/step_time_s": elapsed,
                 "train/data_wait_s": waited,
+                "train/samples_seen": step * sch.global_batch,
+                "train/epoch": epoch,
             }
-            if rank == 0 and config["run_id"] and step % cfg.schedule.log_every == 0:
+            evaluate = step >= last or (cfg.eval.every and step % cfg.eval.every == 0)
+            if evaluate:
+                metrics |= evaluator(engine)  # every rank takes part (ZeRO-3 gathers weights)
+            if rank == 0 and config["run_id"] and (step % sch.log_every == 0 or evaluate):
                 log_metrics_to(config["run_id"], metrics, step, config["tracking_uri"])
-            if step % cfg.schedule.checkpoint_every == 0 or step >= cfg.schedule.max_steps:
-                _checkpoint(engine, metrics | {"step": step})
+            if step % sch.checkpoint_every == 0 or step >= last:
+                _report(engine, metrics | {"step": step}, {"epoch": epoch, "batches": consumed})
+            elif evaluate:  # eval metrics reach Ray (and Tune) at every evaluation
+                ray.train.report(metrics | {"step": step})
             mark = time.perf_counter()
-            if step >= cfg.schedule.max_steps:
+            if step >= last:
                 break
+        if consumed <= skip and engine.global_steps < last:
+            raise RuntimeError(f"an epoch gave worker {rank} no full batch of {micro} samples")
+        epoch, skip = epoch + 1, 0
 
 
-def _checkpoint(engine: Any, metrics: dict[str, float]) -> None:
-    """Every rank saves its DeepSpeed files and reports them: Ray keeps all ranks' files."""
+def _engine(cfg: TrainConfig, world: int) -> tuple[Any, Any]:
+    """The DeepSpeed engine (identical initial weights on every rank) and its LR schedule."""
+    import deepspeed
+
+    torch.manual_seed(cfg.schedule.seed)
+    model = build_model(cfg.model)
+    opt = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+    )  # fmt: skip
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_lr(s, cfg.schedule.max_steps, cfg.optim.warmup_steps)
+    )
+    ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.schedule.global_batch, world)
+    engine, _, _, sched = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
+    )
+    return engine, sched
+
+
+class Evaluator:
+    """Evaluation during training: rank 0 scores a plain copy of the current weights
+    (zero-shot folders, retrieval over validation pairs). Every rank must call it: under
+    ZeRO-3 the partitioned weights are gathered collectively first."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, has_val: bool) -> None:
+        self.cfg, self.rank, self.has_val = cfg, rank, has_val
+        self.model = build_model(cfg.model).eval() if rank == 0 else None
+        self.val: tuple[torch.Tensor, ...] | None = None
+
+    def __call__(self, engine: Any) -> dict[str, float]:
+        import deepspeed
+        import ray.train
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            if self.model is not None:
+                self.model.load_state_dict(engine.module.state_dict())
+        if self.model is None:
+            return {}
+        if self.val is None and self.has_val:  # the first max_pairs validation pairs, kept
+            val = ray.train.get_dataset_shard("val")
+            batch = next(iter(val.iter_torch_batches(batch_size=self.cfg.eval.max_pairs)))
+            self.val = (batch["pixels"], *trim_padding(batch["input_ids"], batch["attention_mask"]))
+        metrics = eval_metrics(self.model, self.cfg.eval.zeroshot, self.val)
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def _report(engine: Any, metrics: dict[str, float], position: dict[str, int]) -> None:
+    """Every rank saves its DeepSpeed files (with the data position) and reports them: Ray
+    keeps all ranks' files."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
-        engine.save_checkpoint(folder, tag=TAG)
+        engine.save_checkpoint(folder, tag=TAG, client_state=position)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -174,19 +255,37 @@ def shard_paths(path: str) -> list[str]:
     return tars
 
 
-def _dataset(cfg: TrainConfig) -> Any:
+def _datasets(cfg: TrainConfig) -> dict[str, Any]:
+    """Ray Data pipelines: shards → (filter to the split) → preprocess on CPU tasks."""
     import ray.data
 
-    tars = shard_paths(cfg.data.path)
-    kwargs = {
-        "image_size": cfg.model.vision.image_size,
-        "context_length": cfg.model.text.context_length,
-        "augment": dataclasses.replace(cfg.data.augment, image_size=cfg.model.vision.image_size),
-        "seed": cfg.schedule.seed,
+    def prepared(path: str, augment: TransformConfig | None, keep=None) -> ray.data.Dataset:
+        ds = ray.data.read_webdataset(shard_paths(path), decoder=None)
+        if keep is not None:
+            ds = ds.filter(keep)
+        kwargs = {
+            "image_size": cfg.model.vision.image_size,
+            "context_length": cfg.model.text.context_length,
+            "augment": augment,
+            "seed": cfg.schedule.seed,
+        }
+        return ds.map_batches(preprocess, fn_kwargs=kwargs, batch_size=64, batch_format="numpy")
+
+    augment = dataclasses.replace(cfg.data.augment, image_size=cfg.model.vision.image_size)
+    fraction = 0.0 if cfg.data.val_path else cfg.data.val_fraction
+    if not fraction:
+        datasets = {"train": prepared(cfg.data.path, augment)}
+        if cfg.data.val_path:
+            datasets["val"] = prepared(cfg.data.val_path, None)
+        return datasets
+    return {
+        "train": prepared(cfg.data.path, augment, functools.partial(_in_split, fraction, False)),
+        "val": prepared(cfg.data.path, None, functools.partial(_in_split, fraction, True)),
     }
-    return ray.data.read_webdataset(tars, decoder=None).map_batches(
-        preprocess, fn_kwargs=kwargs, batch_size=64, batch_format="numpy"
-    )
+
+
+def _in_split(fraction: float, val: bool, row: dict[str, Any]) -> bool:
+    return held_out(row["__key__"], fraction) == val
 
 
 def consolidate(checkpoint_dir: Path, cfg: TrainConfig) -> torch.nn.Module:
@@ -216,6 +315,7 @@ def _lineage() -> dict[str, str]:
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import DataConfig as RayDataConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -232,8 +332,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         )
         tracker.log_dict(ds_cfg, "deepspeed_config.json")
         name = f"train-{tracker.run_id or int(time.time())}"
+        datasets = _datasets(cfg)
         loop_config = {
             "cfg": to_dict(cfg),
+            "has_val": "val" in datasets,
             "run_id": tracker.run_id,
             "tracking_uri": tracking_uri(),
         }
@@ -250,7 +352,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 failure_config=FailureConfig(max_failures=cfg.schedule.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
-            datasets={"train": _dataset(cfg)},
+            datasets=datasets,
+            dataset_config=RayDataConfig(datasets_to_split=["train"]),  # each worker: all of val
         )  # fmt: skip
         result = trainer.fit()
         with result.checkpoint.as_directory() as folder:
@@ -270,9 +373,16 @@ def parse_args(argv: list[str]) -> TrainConfig:
     p = argparse.ArgumentParser(prog="mmray train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config (pipelines/configs/train/*.yaml)")
     p.add_argument("--data", help="folder of curated shards (sets data.path)")
+    p.add_argument("--val-data", help="curated shards for validation (sets data.val_path)")
+    p.add_argument("--zeroshot", action="append", default=[], metavar="DIR",
+                   help="zero-shot eval folder DIR/<class name>/<images>; repeatable")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_args(argv)
     flags = [f"data.path={json.dumps(args.data)}"] if args.data else []
+    if args.val_data:
+        flags.append(f"data.val_path={json.dumps(args.val_data)}")
+    if args.zeroshot:
+        flags.append(f"eval.zeroshot={json.dumps(args.zeroshot)}")
     return load_config(TrainConfig, args.config, flags + args.overrides)
 
 
@@ -282,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        shard_paths(cfg.data.path)  # before Ray and MLflow start
+        for path in filter(None, (cfg.data.path, cfg.data.val_path)):
+            shard_paths(path)  # before Ray and MLflow start
     except (ConfigError, ValueError) as e:
         print(f"mmray train: error: {e}", file=sys.stderr)
         return 2

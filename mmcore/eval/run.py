@@ -72,12 +72,38 @@ def retrieval_eval(
     shortlist: int | None = 16,
 ) -> dict[str, float]:  # fmt: skip
     """Recall@1/5/10 both ways over (image i, caption i) pairs."""
-    cfg = model.cfg
-    pixels = pixels_of(images, cfg.vision.image_size)
-    tokens = tokenize(list(captions), cfg.text.context_length)
-    use_shortlist = shortlist if cfg.fusion == "hybrid" else None
-    scores = model.pair_scores(pixels, tokens["input_ids"], tokens["attention_mask"], use_shortlist)
-    return recall_at_k(scores) | {"n_pairs": len(images)}
+    pixels = pixels_of(images, model.cfg.vision.image_size)
+    tokens = tokenize(list(captions), model.cfg.text.context_length)
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    return retrieval_metrics(model, pixels, ids, mask, shortlist)
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    model: ImageTextModel, pixels: torch.Tensor, input_ids: torch.Tensor,
+    attention_mask: torch.Tensor, shortlist: int | None = 16,
+) -> dict[str, float]:  # fmt: skip
+    """Recall@1/5/10 both ways over model inputs, pair i = (pixels[i], input_ids[i])."""
+    use_shortlist = shortlist if model.cfg.fusion == "hybrid" else None
+    scores = model.pair_scores(pixels, input_ids, attention_mask, use_shortlist)
+    return recall_at_k(scores) | {"n_pairs": len(pixels)}
+
+
+def eval_metrics(
+    model: ImageTextModel, zeroshot_folders: Sequence[str | Path],
+    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """The training job's evaluation: ``zeroshot/<folder name>/top1|top5`` per folder and, given
+    validation pairs (pixels, input_ids, attention_mask), ``retrieval/i2t_rK|t2i_rK`` (MLflow
+    metric names allow no "@")."""
+    metrics = {}
+    for folder in zeroshot_folders:
+        zs = zeroshot_eval(model, folder)
+        metrics |= {f"zeroshot/{Path(folder).name}/{k}": zs[k] for k in ("top1", "top5")}
+    if val is not None:
+        recalls = retrieval_metrics(model, *val)
+        metrics |= {f"retrieval/{k.replace('@', '')}": v for k, v in recalls.items() if "@" in k}
+    return metrics
 
 
 def read_shards(path: str | Path, limit: int | None = None) -> tuple[list[Image.Image], list[str]]:

@@ -50,10 +50,12 @@ def test_zero_run_finishes_logs_and_exports(
     stage, shards, sample_dir, mlflow_server, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    colour = sample_dir / "zeroshot" / "colour"
     cfg = load_config(TrainConfig, "pipelines/configs/train/tiny.yaml", [
         f"data.path={shards}", f"deepspeed.stage={stage}", "schedule.max_steps=4",
         "schedule.checkpoint_every=2", "schedule.log_every=1", "schedule.global_batch=16",
-        f"output={tmp_path}", "tracking.experiment=test-train",
+        f"data.val_path={shards}", "eval.every=2", f"eval.zeroshot=[{colour}]",
+        "eval.max_pairs=1000", f"output={tmp_path}", "tracking.experiment=test-train",
     ])  # fmt: skip
     result = run(cfg)
 
@@ -62,6 +64,13 @@ def test_zero_run_finishes_logs_and_exports(
     assert sorted(m.step for m in history) == [1, 2, 3, 4]  # rank 0 only: one value per step
     for name in ("train/lr", "train/logit_scale", "train/grad_norm", "train/data_wait_s"):
         assert client.get_metric_history(result["run_id"], name), name
+    seen = client.get_metric_history(result["run_id"], "train/samples_seen")
+    assert sorted(m.value for m in seen) == [16, 32, 48, 64]
+    logged = {}  # the last evaluation's metrics, as MLflow has them
+    for name in ("eval/zeroshot/colour/top1", "eval/retrieval/i2t_r5", "eval/retrieval/t2i_r1"):
+        history = client.get_metric_history(result["run_id"], name)
+        assert sorted(m.step for m in history) == [2, 4], name  # every 2 steps, rank 0 only
+        logged[name] = max(history, key=lambda m: m.step).value
     run_ = client.get_run(result["run_id"])
     assert run_.data.params["deepspeed.stage"] == str(stage)
     assert run_.data.tags["version.deepspeed"] and len(run_.data.tags["git_sha"]) == 40
@@ -76,15 +85,17 @@ def test_zero_run_finishes_logs_and_exports(
     assert ds_cfg["zero_optimization"]["stage"] == stage and ds_cfg["train_batch_size"] == 16
     assert result["metrics"]["step"] == 4
 
-    model = load_model(result["model_uri"])  # runs:/ID/model, consolidated fp32 weights
-    assert model.cfg.text.frozen
-    folder = sample_dir / "zeroshot" / "colour"
-    assert (
-        evaluate.main(["zeroshot", "--model", result["model_uri"], "--image-folder", str(folder)])
-        == 0
-    )
-    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert metrics["n_classes"] == 6 and 0 <= metrics["top1"] <= metrics["top5"] <= 1
+    # checkpoint → consolidated export → `mmray eval` gives the metrics the run logged
+    assert load_model(result["model_uri"]).cfg.text.frozen  # runs:/ID/model
+    uri = result["model_uri"]
+    assert evaluate.main(["zeroshot", "--model", uri, "--image-folder", str(colour)]) == 0
+    zeroshot = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert zeroshot["n_classes"] == 6
+    assert zeroshot["top1"] == pytest.approx(logged["eval/zeroshot/colour/top1"], abs=1e-6)
+    assert evaluate.main(["retrieval", "--model", uri, "--data", str(shards)]) == 0
+    retrieval = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert retrieval["i2t_r@5"] == pytest.approx(logged["eval/retrieval/i2t_r5"], abs=1e-6)
+    assert retrieval["t2i_r@1"] == pytest.approx(logged["eval/retrieval/t2i_r1"], abs=1e-6)
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(
@@ -120,6 +131,12 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
     steps = [m.step for m in history]
     assert max(steps) == 80 and steps.count(1) == 1  # resumed from a checkpoint, not step 0
     assert not psutil.pid_exists(killed)
+    # The resumed run continued the epoch where the checkpoint left it: the epoch of every
+    # logged step, before and after the restart, is that of one uninterrupted pass.
+    epochs = {(m.step, m.value) for m in client.get_metric_history(result["run_id"], "train/epoch")}
+    per_epoch = min(step for step, epoch in epochs if epoch == 1) - 1  # optimizer steps
+    assert per_epoch > 5 and max(epoch for _, epoch in epochs) >= 2
+    assert all(epoch == (step - 1) // per_epoch for step, epoch in epochs)
 
 
 def _registered_checkpoints(storage) -> int:
