@@ -112,21 +112,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def preprocess(
     batch: dict[str, np.ndarray], image_size: int, context_length: int,
-    augment: TransformConfig | None = None, seed: int = 0,
+    augment: TransformConfig | None = None, seed: int | None = None,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Shard rows (encoded ``jpg``/``webp`` bytes, ``txt`` bytes) → model inputs.
 
-    ``augment`` set: training transforms, seeded by ``seed`` and each row's key so that a
-    rerun sees the same crops; None: the eval transform.
+    ``augment`` set: training transforms. With ``seed``, each row's crop is a function of
+    (seed, key), the same on every call; without it, fresh crops on every call, which is
+    what the training job wants: Ray Data re-runs this step each epoch, and a seeded crop
+    would repeat the same view of every image every epoch. None: the eval transform.
     """
     image_col = "jpg" if "jpg" in batch else "webp"
     pixels = []
+    fresh = np.random.default_rng() if seed is None else None
     for key, data in zip(batch["__key__"], batch[image_col], strict=True):
         img = Image.open(io.BytesIO(data)).convert("RGB")
         if augment is None:
             pixels.append(eval_transform(img, image_size))
         else:
-            rng = np.random.default_rng([seed, int(str(key)[-12:] or 0)])
+            rng = fresh or np.random.default_rng([seed, int(str(key)[-12:] or 0)])
             pixels.append(train_transform(img, augment, rng))
     captions = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch["txt"]]
     tokens = tokenize(captions, context_length)

@@ -266,8 +266,7 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
         kwargs = {
             "image_size": cfg.model.vision.image_size,
             "context_length": cfg.model.text.context_length,
-            "augment": augment,
-            "seed": cfg.schedule.seed,
+            "augment": augment,  # crops drawn afresh each epoch (see preprocess)
         }
         return ds.map_batches(preprocess, fn_kwargs=kwargs, batch_size=64, batch_format="numpy")
 

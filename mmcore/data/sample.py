@@ -164,7 +164,10 @@ def _scene(rng: np.random.Generator) -> tuple[list, str, str]:
     if rng.random() < 0.5:
         x, y = rng.uniform(0.3, 0.7, size=2)
         text = f"a {size} {colour} {shape}"
-        templates = (text, f"a photo of {text}", f"{text} on a {background} background")
+        # Alt text is often partial: some captions name only the shape or only the colour.
+        templates = (text, f"a photo of {text}", f"{text} on a {background} background",
+                     f"a {colour} {shape}", f"a {shape}", f"a {size} {shape}",
+                     f"something {colour}")  # fmt: skip
         return [(size, colour, shape, x, y)], _pick(rng, templates), background
     size2, (colour2, shape2) = _pick(rng, ("small", "large")), _composition(rng)
     relation = _pick(rng, RELATIONS)

@@ -94,15 +94,15 @@ def eval_metrics(
     val: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """The training job's evaluation: ``zeroshot/<folder name>/top1|top5`` per folder and, given
-    validation pairs (pixels, input_ids, attention_mask), ``retrieval/i2t_rK|t2i_rK`` (MLflow
-    metric names allow no "@")."""
+    validation pairs (pixels, input_ids, attention_mask), ``retrieval/i2t_rK|t2i_rK|n_pairs``
+    (MLflow metric names allow no "@")."""
     metrics = {}
     for folder in zeroshot_folders:
         zs = zeroshot_eval(model, folder)
         metrics |= {f"zeroshot/{Path(folder).name}/{k}": zs[k] for k in ("top1", "top5")}
     if val is not None:
         recalls = retrieval_metrics(model, *val)
-        metrics |= {f"retrieval/{k.replace('@', '')}": v for k, v in recalls.items() if "@" in k}
+        metrics |= {f"retrieval/{k.replace('@', '')}": v for k, v in recalls.items()}
     return metrics
 
 

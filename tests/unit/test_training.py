@@ -19,8 +19,10 @@ from mmcore.training import (
     OptimConfig,
     cosine_lr,
     deepspeed_config,
+    held_out,
     param_groups,
     preprocess,
+    trim_padding,
 )
 
 
@@ -87,6 +89,13 @@ def test_preprocess_decodes_transforms_and_tokenizes() -> None:
     a = preprocess(batch, 32, 16, augment=aug, seed=3)["pixels"]
     assert np.array_equal(a, preprocess(batch, 32, 16, augment=aug, seed=3)["pixels"])
     assert torch.is_tensor(torch.from_numpy(a))
+    ramp = np.tile(np.arange(0, 256, 2, dtype=np.uint8), (128, 1))  # a crop shows where it is
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([ramp] * 3, -1)).save(buf, "PNG")
+    one = {"__key__": np.array(["000000002"]), "jpg": np.array([buf.getvalue()], dtype=object),
+           "txt": np.array([b"a ramp"], dtype=object)}  # fmt: skip
+    crops = [preprocess(one, 32, 16, augment=aug)["pixels"] for _ in range(4)]
+    assert not all(np.array_equal(crops[0], c) for c in crops[1:])  # fresh crops unseeded
 
 
 def test_train_command_refuses_bad_input_before_any_work(tmp_path, capsys) -> None:
@@ -98,3 +107,22 @@ def test_train_command_refuses_bad_input_before_any_work(tmp_path, capsys) -> No
     assert "does not support loss term(s) ['itm']" in capsys.readouterr().err
     assert main(["--data", str(tmp_path), "schedule.global_batch=15"]) == 2
     assert "not divisible" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path), "--zeroshot", str(tmp_path / "nope")]) == 2
+    assert "nope is not a folder" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path), "data.val_fraction=1.5"]) == 2
+    assert "val_fraction must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_validation_split_is_stable_and_near_the_fraction() -> None:
+    keys = [f"{i:09d}" for i in range(20_000)]
+    held = [k for k in keys if held_out(k, 0.05)]
+    assert 0.045 < len(held) / len(keys) < 0.055
+    assert held == [k for k in keys if held_out(k, 0.05)]  # a pure function of the key
+    assert not any(held_out(k, 0.0) for k in keys)
+
+
+def test_trim_padding_keeps_the_longest_caption() -> None:
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    ids = torch.arange(12).view(2, 6) * mask
+    short_ids, short_mask = trim_padding(ids, mask)
+    assert short_ids.tolist() == [[0, 1, 2], [6, 7, 0]] and short_mask.shape == (2, 3)

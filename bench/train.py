@@ -1,0 +1,230 @@
+"""Training overhead and memory: Ray Train + DeepSpeed vs a bare PyTorch loop; ZeRO stages.
+
+    python bench/train.py [--steps 60] [--memory-model small]
+    python bench/train.py --quality [--n 2000]     # the tiny config's quality bar
+
+1. Throughput: the training job (`pipelines.train.run`, 2 workers, ZeRO-2, Ray Data
+   decoding and augmenting the curated shards) against a bare single-process PyTorch loop
+   (all cores, the same model, global batch, optimizer and preprocessing, from the same
+   shard bytes held in memory). Samples/s from the median step time after a warm-up; the
+   job's data-wait fraction is the share of step time spent waiting for the next batch.
+2. Memory: per-worker model-state bytes (parameters, gradients, optimizer state) for ZeRO
+   stages 0-3 on 2 workers: the live tensors of a worker after two optimizer steps,
+   counted once per storage.
+
+3. --quality: the `tiny` config as shipped, on the sample crawl: wall time of the whole job
+   and its final zero-shot (held-out colour × shape compositions) and retrieval metrics.
+
+Builds its data once (sample crawl → curated shards, cached in bench/out/). Prints figures;
+record them in docs/BENCHMARKS.md with the command and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+sys.path.insert(0, str(ROOT))
+from mmcore.config import load_config  # noqa: E402
+from mmcore.losses.fusion import compute_losses  # noqa: E402
+from mmcore.models.model import build_model  # noqa: E402
+from mmcore.training import cosine_lr, param_groups, preprocess, trim_padding  # noqa: E402
+from pipelines.train import TrainConfig, run  # noqa: E402
+
+WARMUP = 10  # steps left out of the medians
+
+
+def shards(n: int) -> Path:
+    """Curated shards of a sample crawl of n rows (built once)."""
+    from mmcore.data.sample import make_sample_data
+    from pipelines.curate import CurateConfig
+    from pipelines.curate import run as curate
+
+    out = OUT / f"train-shards-{n}"
+    if (out / "manifest.json").exists():
+        return out
+    make_sample_data(OUT / f"train-sample-{n}", n=n, seed=0)
+    cfg = load_config(CurateConfig, ROOT / "pipelines/configs/curate_tiny.yaml", [
+        f"input.path={OUT / f'train-sample-{n}' / 'metadata.parquet'}", f"output.path={out}",
+        "tracking.enabled=false",
+    ])  # fmt: skip
+    curate(cfg)
+    return out
+
+
+def job_throughput(cfg: TrainConfig) -> dict:
+    """The training job as users run it; step times from its MLflow metrics."""
+    import mlflow
+
+    uri = f"sqlite:///{OUT / 'bench-train-mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    result = run(cfg)
+    client = mlflow.MlflowClient(uri)
+
+    def values(name: str) -> list[float]:
+        history = client.get_metric_history(result["run_id"], name)
+        return [m.value for m in sorted(history, key=lambda m: m.step) if m.step > WARMUP]
+
+    step, wait = values("train/step_time_s"), values("train/data_wait_s")
+    return {
+        "samples_per_s": cfg.schedule.global_batch / statistics.median(step),
+        "data_wait_fraction": sum(wait) / sum(step),
+        "steps_measured": len(step),
+    }
+
+
+def bare_throughput(cfg: TrainConfig, data: Path, steps: int) -> dict:
+    """One process, all cores: read shard bytes → preprocess → forward/backward → AdamW."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows: dict[str, dict] = {}
+    for tar in sorted(data.glob("*.tar")):
+        with tarfile.open(tar) as f:
+            for member in f.getmembers():
+                key, ext = member.name.rsplit(".", 1)
+                rows.setdefault(key, {"__key__": key})[ext] = f.extractfile(member).read()
+    samples = [r for r in rows.values() if "jpg" in r and "txt" in r]
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, 5))
+    batch_size, times = cfg.schedule.global_batch, []
+    for step in range(steps):
+        start = time.perf_counter()
+        chunk = [samples[(step * batch_size + i) % len(samples)] for i in range(batch_size)]
+        batch = preprocess(
+            {k: [r[k] for r in chunk] for k in ("__key__", "jpg", "txt")},
+            cfg.model.vision.image_size, cfg.model.text.context_length,
+            cfg.data.augment, seed=step,
+        )  # fmt: skip
+        ids, mask = trim_padding(
+            torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])
+        )
+        total, _ = compute_losses(model, torch.from_numpy(batch["pixels"]), ids, mask,
+                                  cfg.loss.terms)  # fmt: skip
+        opt.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        times.append(time.perf_counter() - start)
+    return {"samples_per_s": batch_size / statistics.median(times[WARMUP:])}
+
+
+def memory_func(config: dict) -> None:
+    """A Ray Train worker: two ZeRO steps on random inputs, then its live tensor bytes."""
+    import ray.train
+
+    from mmcore.config import from_dict
+    from pipelines.train import _engine
+
+    cfg = from_dict(TrainConfig, config["cfg"])
+    world = ray.train.get_context().get_world_size()
+    engine, _ = _engine(cfg, world)
+    micro = engine.train_micro_batch_size_per_gpu()
+    size, length = cfg.model.vision.image_size, cfg.model.text.context_length
+    for _ in range(2):
+        pixels = torch.randn(micro, 3, size, size)
+        ids = torch.randint(1000, 2000, (micro, length))
+        total, _ = compute_losses(engine.module, pixels, ids, torch.ones_like(ids),
+                                  cfg.loss.terms)  # fmt: skip
+        engine.backward(total)
+        engine.step()
+    del pixels, ids, total
+    gc.collect()
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]  # C++-held
+    seen, nbytes = set(), 0
+    for obj in [*gc.get_objects(), *grads]:
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            if storage.data_ptr() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                nbytes += storage.nbytes()
+    ray.train.report({"model_state_bytes": nbytes})
+
+
+def memory_by_stage(overrides: list[str], storage: Path) -> dict[int, float]:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mmcore.config import to_dict
+
+    out = {}
+    for stage in (0, 1, 2, 3):
+        cfg = load_config(TrainConfig, None, [*overrides, f"deepspeed.stage={stage}"])
+        trainer = TorchTrainer(
+            memory_func, train_loop_config={"cfg": to_dict(cfg)},
+            torch_config=TorchConfig(backend="gloo"),
+            scaling_config=ScalingConfig(num_workers=2),
+            run_config=RunConfig(name=f"zero-memory-{stage}-{int(time.time())}",
+                                 storage_path=str(storage)),
+        )  # fmt: skip
+        out[stage] = trainer.fit().metrics["model_state_bytes"] / 2**20  # rank 0, MiB
+        print(f"ZeRO-{stage}: {out[stage]:.1f} MiB per worker", flush=True)
+    return out
+
+
+def quality(config: str, data: Path, sample: Path) -> dict:
+    """The shipped config, evaluated on the held-out compositions: wall time and metrics."""
+    folders = [str(sample / "zeroshot" / task) for task in ("colour", "shape")]
+    cfg = load_config(TrainConfig, ROOT / config, [
+        f"data.path={data}", f"eval.zeroshot={json.dumps(folders)}",
+        f"output={OUT / 'train-runs'}", "tracking.experiment=bench-train-quality",
+    ])  # fmt: skip
+    start = time.perf_counter()
+    result = run(cfg)
+    chance = {f"chance/{Path(f).name}/top1": 1 / len(list(Path(f).iterdir())) for f in folders}
+    evals = {k: v for k, v in result["metrics"].items() if k.startswith("eval/")}
+    chance["chance/retrieval_r5"] = 5 / evals["eval/retrieval/n_pairs"]
+    return {"wall_s": time.perf_counter() - start, **evals, **chance}
+
+
+def main() -> None:
+    import ray
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--n", type=int, default=1200, help="sample crawl rows")
+    p.add_argument("--config", default="pipelines/configs/train/tiny.yaml")
+    p.add_argument("--memory-model", default="small", help="vision/text size for the ZeRO part")
+    p.add_argument("--quality", action="store_true", help="only the quality-bar run")
+    args = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=4, object_store_memory=500 << 20, include_dashboard=False)
+    data = shards(args.n)
+    if args.quality:
+        print(json.dumps(quality(args.config, data, OUT / f"train-sample-{args.n}")))
+        return
+    cfg = load_config(TrainConfig, ROOT / args.config, [
+        f"data.path={data}", f"schedule.max_steps={args.steps}", "schedule.log_every=1",
+        f"schedule.checkpoint_every={args.steps}", "eval.every=0", "data.val_fraction=0",
+        f"output={OUT / 'train-runs'}", "tracking.experiment=bench-train",
+    ])  # fmt: skip
+    figures = {"job": job_throughput(cfg)}
+    print(json.dumps(figures), flush=True)
+    figures["bare"] = bare_throughput(cfg, data, args.steps)
+    figures["overhead"] = 1 - figures["job"]["samples_per_s"] / figures["bare"]["samples_per_s"]
+    print(json.dumps(figures), flush=True)
+    memory = memory_by_stage([
+        f"data.path={data}", f"model.vision.size={args.memory_model}",
+        "model.vision.image_size=64", "model.text.kind=transformer",
+        f"model.text.size={args.memory_model}", "schedule.global_batch=8",
+    ], OUT / "train-runs")  # fmt: skip
+    figures["memory_mib"] = memory
+    figures["zero3_vs_zero0"] = memory[3] / memory[0]
+    print(json.dumps(figures))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
