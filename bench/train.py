@@ -1,7 +1,6 @@
 """Training overhead and memory: Ray Train + DeepSpeed vs a bare PyTorch loop; ZeRO stages.
 
-    python bench/train.py [--steps 60] [--memory-model small]
-    python bench/train.py --quality [--n 2000]     # the tiny config's quality bar
+    python bench/train.py [--part throughput|memory|quality] [--steps 60] [--memory-model small]
 
 1. Throughput: the training job (`pipelines.train.run`, 2 workers, ZeRO-2, Ray Data
    decoding and augmenting the curated shards) against a bare single-process PyTorch loop
@@ -9,11 +8,12 @@
    shard bytes held in memory). Samples/s from the median step time after a warm-up; the
    job's data-wait fraction is the share of step time spent waiting for the next batch.
 2. Memory: per-worker model-state bytes (parameters, gradients, optimizer state) for ZeRO
-   stages 0-3 on 2 workers: the live tensors of a worker after two optimizer steps,
-   counted once per storage.
+   stages 0-3 on 2 workers: the live CPU tensors of a worker after one optimizer step and
+   a second backward pass (activations freed, gradients not yet), counted once per storage.
 
-3. --quality: the `tiny` config as shipped, on the sample crawl: wall time of the whole job
-   and its final zero-shot (held-out colour × shape compositions) and retrieval metrics.
+3. Quality (only with --part quality): the `tiny` config as shipped, on the sample crawl:
+   wall time of the whole job and its final zero-shot (held-out colour × shape
+   compositions) and retrieval metrics.
 
 Builds its data once (sample crawl → curated shards, cached in bench/out/). Prints figures;
 record them in docs/BENCHMARKS.md with the command and the machine.
@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -133,13 +134,14 @@ def memory_func(config: dict) -> None:
     engine, _ = _engine(cfg, world)
     micro = engine.train_micro_batch_size_per_gpu()
     size, length = cfg.model.vision.image_size, cfg.model.text.context_length
-    for _ in range(2):
+    for step in range(2):  # measured after the second backward: weights, grads, Adam state
         pixels = torch.randn(micro, 3, size, size)
         ids = torch.randint(1000, 2000, (micro, length))
         total, _ = compute_losses(engine.module, pixels, ids, torch.ones_like(ids),
                                   cfg.loss.terms)  # fmt: skip
         engine.backward(total)
-        engine.step()
+        if step == 0:
+            engine.step()
     del pixels, ids, total
     gc.collect()
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]  # C++-held
@@ -150,7 +152,10 @@ def memory_func(config: dict) -> None:
             if storage.data_ptr() and storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
                 nbytes += storage.nbytes()
-    ray.train.report({"model_state_bytes": nbytes})
+    rank = ray.train.get_context().get_world_rank()
+    with tempfile.TemporaryDirectory() as folder:  # Ray keeps metrics with checkpoints only
+        (Path(folder) / f"rank{rank}.json").write_text(json.dumps(nbytes))
+        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def memory_by_stage(overrides: list[str], storage: Path) -> dict[int, float]:
@@ -169,8 +174,10 @@ def memory_by_stage(overrides: list[str], storage: Path) -> dict[int, float]:
             run_config=RunConfig(name=f"zero-memory-{stage}-{int(time.time())}",
                                  storage_path=str(storage)),
         )  # fmt: skip
-        out[stage] = trainer.fit().metrics["model_state_bytes"] / 2**20  # rank 0, MiB
-        print(f"ZeRO-{stage}: {out[stage]:.1f} MiB per worker", flush=True)
+        with trainer.fit().checkpoint.as_directory() as folder:
+            ranks = [json.loads(f.read_text()) / 2**20 for f in Path(folder).glob("rank*.json")]
+        out[stage] = max(ranks)  # MiB, the larger of the two workers
+        print(f"ZeRO-{stage}: {ranks} MiB per worker", flush=True)
     return out
 
 
@@ -197,31 +204,31 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1200, help="sample crawl rows")
     p.add_argument("--config", default="pipelines/configs/train/tiny.yaml")
     p.add_argument("--memory-model", default="small", help="vision/text size for the ZeRO part")
-    p.add_argument("--quality", action="store_true", help="only the quality-bar run")
+    p.add_argument("--part", choices=["throughput", "memory", "quality"], action="append",
+                   help="repeatable; default: throughput and memory")  # fmt: skip
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=4, object_store_memory=500 << 20, include_dashboard=False)
     data = shards(args.n)
-    if args.quality:
-        print(json.dumps(quality(args.config, data, OUT / f"train-sample-{args.n}")))
-        return
-    cfg = load_config(TrainConfig, ROOT / args.config, [
-        f"data.path={data}", f"schedule.max_steps={args.steps}", "schedule.log_every=1",
-        f"schedule.checkpoint_every={args.steps}", "eval.every=0", "data.val_fraction=0",
-        f"output={OUT / 'train-runs'}", "tracking.experiment=bench-train",
-    ])  # fmt: skip
-    figures = {"job": job_throughput(cfg)}
-    print(json.dumps(figures), flush=True)
-    figures["bare"] = bare_throughput(cfg, data, args.steps)
-    figures["overhead"] = 1 - figures["job"]["samples_per_s"] / figures["bare"]["samples_per_s"]
-    print(json.dumps(figures), flush=True)
-    memory = memory_by_stage([
-        f"data.path={data}", f"model.vision.size={args.memory_model}",
-        "model.vision.image_size=64", "model.text.kind=transformer",
-        f"model.text.size={args.memory_model}", "schedule.global_batch=8",
-    ], OUT / "train-runs")  # fmt: skip
-    figures["memory_mib"] = memory
-    figures["zero3_vs_zero0"] = memory[3] / memory[0]
+    parts, figures = args.part or ["throughput", "memory"], {}
+    if "quality" in parts:
+        figures["quality"] = quality(args.config, data, OUT / f"train-sample-{args.n}")
+    if "throughput" in parts:
+        cfg = load_config(TrainConfig, ROOT / args.config, [
+            f"data.path={data}", f"schedule.max_steps={args.steps}", "schedule.log_every=1",
+            f"schedule.checkpoint_every={args.steps}", "eval.every=0", "data.val_fraction=0",
+            f"output={OUT / 'train-runs'}", "tracking.experiment=bench-train",
+        ])  # fmt: skip
+        job, bare = job_throughput(cfg), bare_throughput(cfg, data, args.steps)
+        overhead = 1 - job["samples_per_s"] / bare["samples_per_s"]
+        figures |= {"job": job, "bare": bare, "overhead": overhead}
+    if "memory" in parts:
+        memory = memory_by_stage([
+            f"data.path={data}", f"model.vision.size={args.memory_model}",
+            "model.vision.image_size=64", "model.text.kind=transformer",
+            f"model.text.size={args.memory_model}", "schedule.global_batch=8",
+        ], OUT / "train-runs")  # fmt: skip
+        figures |= {"memory_mib": memory, "zero3_vs_zero0": memory[3] / memory[0]}
     print(json.dumps(figures))
     ray.shutdown()
 

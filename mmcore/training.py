@@ -49,6 +49,9 @@ class DeepSpeedConfig:
     offload_params: bool = False  # stage 3 only: parameters on the CPU
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 need GPUs
     grad_accum: int = 1  # micro-batches per optimizer step
+    # Communication buckets, in elements. DeepSpeed's defaults (5e8) preallocate GBs, sized
+    # for billion-parameter models; HF Trainer's "auto" uses hidden², open_clip-scale is ~1e7.
+    bucket_elements: int = 5_000_000
 
     def validate(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -59,6 +62,8 @@ class DeepSpeedConfig:
             raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3")
         if self.grad_accum < 1:
             raise ValueError("grad_accum must be >= 1")
+        if self.bucket_elements < 1:
+            raise ValueError("bucket_elements must be >= 1")
 
 
 def deepspeed_config(
@@ -71,6 +76,12 @@ def deepspeed_config(
             f"global batch {global_batch} is not divisible by workers × grad_accum = {per_step}"
         )
     zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.stage in (1, 2):
+        zero |= {"reduce_bucket_size": ds.bucket_elements,
+                 "allgather_bucket_size": ds.bucket_elements}  # fmt: skip
+    if ds.stage == 3:
+        zero |= {"reduce_bucket_size": ds.bucket_elements,
+                 "stage3_prefetch_bucket_size": ds.bucket_elements}  # fmt: skip
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if ds.offload_params:

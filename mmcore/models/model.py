@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +60,7 @@ class ModelConfig:
             raise ValueError("need embed_dim >= 1 and 0 < init_temperature <= 1")
 
 
-@dataclasses.dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):  # a tuple: ZeRO-3's module hooks find the tensors in it
     image_embeds: torch.Tensor  # (B, E), unit norm
     text_embeds: torch.Tensor  # (B, E), unit norm
     image_tokens: torch.Tensor  # (B, N, Dv) vision tower output

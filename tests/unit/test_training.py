@@ -33,6 +33,7 @@ def test_deepspeed_config_from_mmray_config() -> None:
     assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 0.5
     assert cfg["zero_optimization"] == {
         "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"},
+        "reduce_bucket_size": 5_000_000, "stage3_prefetch_bucket_size": 5_000_000,
     }  # fmt: skip
     assert not cfg["bf16"]["enabled"] and cfg["zero_allow_untested_optimizer"]
     with pytest.raises(ValueError, match="not divisible by workers × grad_accum = 4"):
