@@ -19,6 +19,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
+INPUT_EXAMPLE = pd.DataFrame({"text": ["a photo of a red circle"]})  # → its embedding
 SIGNATURE = ModelSignature(
     inputs=Schema(
         [ColSpec("string", "text", required=False), ColSpec("string", "image", required=False)]

@@ -94,8 +94,12 @@ class Tracker(NullTracker):
 
 
 @contextlib.contextmanager
-def start_run(cfg: TrackingConfig, run_name: str | None = None) -> Iterator[NullTracker]:
-    """Open an MLflow run in ``cfg.experiment`` for the ``with`` block (no-op if disabled)."""
+def start_run(
+    cfg: TrackingConfig, run_name: str | None = None, parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[NullTracker]:  # fmt: skip
+    """Open an MLflow run in ``cfg.experiment`` for the ``with`` block (no-op if disabled);
+    with ``parent_run_id``, a child run nested under it (a sweep's trial)."""
     if not cfg.enabled:
         yield NullTracker()
         return
@@ -103,7 +107,9 @@ def start_run(cfg: TrackingConfig, run_name: str | None = None) -> Iterator[Null
 
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(cfg.experiment)
-    with mlflow.start_run(run_name=run_name) as run:
+    with mlflow.start_run(
+        run_name=run_name, parent_run_id=parent_run_id, tags=dict(tags or {})
+    ) as run:
         log.info("MLflow run %s in %s (%s)", run.info.run_id, cfg.experiment, tracking_uri())
         yield Tracker(run.info.run_id)
 
@@ -122,13 +128,14 @@ def log_model(
     """Log an export folder as a pyfunc model of the active run; returns its model URI."""
     import mlflow
 
-    from mmcore.pyfunc import SIGNATURE, ImageTextPyfunc
+    from mmcore.pyfunc import INPUT_EXAMPLE, SIGNATURE, ImageTextPyfunc
 
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=ImageTextPyfunc(),
         artifacts={"model": str(export_dir)},
         signature=SIGNATURE,
+        input_example=INPUT_EXAMPLE,
         registered_model_name=registered_name,
         pip_requirements=["mmray"],
     )

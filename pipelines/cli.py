@@ -3,6 +3,7 @@
     mmray sample-data OUT [--n N] [--seed S]
     mmray curate --input META --output DIR [flags] [key.sub=value ...]
     mmray train --config FILE --data SHARDS [key.sub=value ...]
+    mmray tune --config FILE --data SHARDS [key.sub=value ...] | mmray tune report SWEEP
     mmray eval {zeroshot,retrieval} --model URI ...
     mmray export --model URI --format {hf,safetensors} --output DIR
 Each job is also ``python -m pipelines.<job>`` (for ``ray job submit``).
@@ -49,6 +50,7 @@ COMMANDS = {
     "sample-data": sample_data,
     "curate": _job("curate"),
     "train": _job("train"),
+    "tune": _job("tune"),
     "eval": _job("evaluate"),
     "export": _job("export"),
 }

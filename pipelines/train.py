@@ -312,14 +312,19 @@ def _lineage() -> dict[str, str]:
     return tags
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
+def run(
+    cfg: TrainConfig, run_name: str = "train", parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None, callbacks: list | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Train, export and log. A Tune trial passes its sweep's ``parent_run_id`` and
+    ``TuneReportCallback`` in ``callbacks``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train import DataConfig as RayDataConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage = Path(cfg.output).resolve()
-    with start_run(cfg.tracking, run_name="train") as tracker:
+    with start_run(cfg.tracking, run_name, parent_run_id, tags) as tracker:
         tracker.log_params(to_dict(cfg))
         tracker.set_tags(_lineage())
         manifest = Path(cfg.data.path) / "manifest.json"
@@ -350,6 +355,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 name=name, storage_path=str(storage),
                 failure_config=FailureConfig(max_failures=cfg.schedule.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                callbacks=callbacks or [],
             ),
             datasets=datasets,
             dataset_config=RayDataConfig(datasets_to_split=["train"]),  # each worker: all of val
@@ -359,6 +365,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             model = consolidate(Path(folder), cfg)
         export = save_model(model, storage / name / "model")
         model_uri = log_model(export) if tracker.run_id else str(export)
+        tracker.set_tags({"mmray.model_uri": model_uri})  # for a sweep to register
         final = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
         return {
             "run_id": tracker.run_id,
@@ -371,18 +378,28 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 def parse_args(argv: list[str]) -> TrainConfig:
     p = argparse.ArgumentParser(prog="mmray train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config (pipelines/configs/train/*.yaml)")
+    add_data_flags(p)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = p.parse_args(argv)
+    return load_config(TrainConfig, args.config, data_overrides(args) + args.overrides)
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """--data, --val-data, --zeroshot: shorthands for training config keys."""
     p.add_argument("--data", help="folder of curated shards (sets data.path)")
     p.add_argument("--val-data", help="curated shards for validation (sets data.val_path)")
     p.add_argument("--zeroshot", action="append", default=[], metavar="DIR",
                    help="zero-shot eval folder DIR/<class name>/<images>; repeatable")  # fmt: skip
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = p.parse_args(argv)
+
+
+def data_overrides(args: argparse.Namespace) -> list[str]:
+    """The data flags as key=value overrides of the training config."""
     flags = [f"data.path={json.dumps(args.data)}"] if args.data else []
     if args.val_data:
         flags.append(f"data.val_path={json.dumps(args.val_data)}")
     if args.zeroshot:
         flags.append(f"eval.zeroshot={json.dumps(args.zeroshot)}")
-    return load_config(TrainConfig, args.config, flags + args.overrides)
+    return flags
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,20 @@ from pathlib import Path
 import requests
 
 
+def curated_shards(sample_dir: Path, out: Path) -> Path:
+    """Curate the sample crawl into 64 px shards (needs a running Ray)."""
+    from mmcore.config import load_config
+    from pipelines.curate import CurateConfig
+    from pipelines.curate import run as curate
+
+    overrides = [f"input.path={sample_dir / 'metadata.parquet'}", f"output.path={out}"]
+    cfg = load_config(
+        CurateConfig, "pipelines/configs/curate_tiny.yaml", [*overrides, "tracking.enabled=false"]
+    )
+    curate(cfg)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,9 +23,8 @@ import ray
 from mmcore.config import load_config
 from mmcore.export import load_model
 from pipelines import evaluate
-from pipelines.curate import CurateConfig
-from pipelines.curate import run as curate
 from pipelines.train import TrainConfig, run
+from tests.helpers import curated_shards
 
 pytestmark = pytest.mark.integration
 
@@ -35,13 +34,7 @@ def shards(sample_dir, tmp_path_factory):
     ray.init(
         num_cpus=4, object_store_memory=300 << 20, include_dashboard=False, log_to_driver=False
     )
-    out = tmp_path_factory.mktemp("shards")
-    overrides = [f"input.path={sample_dir / 'metadata.parquet'}", f"output.path={out}"]
-    cfg = load_config(
-        CurateConfig, "pipelines/configs/curate_tiny.yaml", [*overrides, "tracking.enabled=false"]
-    )
-    curate(cfg)
-    yield out
+    yield curated_shards(sample_dir, tmp_path_factory.mktemp("shards"))
     ray.shutdown()
 
 

@@ -11,6 +11,7 @@ import pytest
 from mmcore.config import ConfigError, flatten, load_config, to_dict
 from pipelines.curate import CurateConfig
 from pipelines.train import TrainConfig
+from pipelines.tune import SweepConfig
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -73,6 +74,10 @@ def test_every_shipped_config_loads(path: Path) -> None:
     if path.parent.name == "train":
         cfg = load_config(TrainConfig, path, ["data.path=x"])
         assert isinstance(cfg, TrainConfig)
+        return
+    if path.parent.name == "tune":
+        sweep = load_config(SweepConfig, path, ['overrides=["data.path=x"]'])
+        assert sweep.space.cells() and sweep.base().schedule.max_steps > 0
         return
     jobs = {"curate": CurateConfig}
     cls = jobs[path.stem.split("_")[0]]

@@ -1,0 +1,153 @@
+"""The sweep job: Ray Tune over fusion × loss, each trial a Ray Train run, on a real local Ray
+and a real MLflow server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+
+from mmcore.config import load_config
+from mmcore.export import load_model
+from pipelines import tune
+from pipelines.tune import SWEEP_TAG, SweepConfig
+from tests.helpers import curated_shards
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def shards(sample_dir, tmp_path_factory):
+    # The dashboard serves the State API that Ray Train's placement-group cleaner polls; without
+    # it, a finished trial's worker placement group can outlive the trial and starve the next.
+    ray.init(num_cpus=4, object_store_memory=300 << 20, include_dashboard=True, log_to_driver=False)
+    yield curated_shards(sample_dir, tmp_path_factory.mktemp("shards"))
+    ray.shutdown()
+
+
+def test_sweep_logs_ablation_crowns_champion_and_restores(
+    shards, sample_dir, mlflow_server, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    training = [
+        f"data.path={shards}", "scaling.num_workers=1", "schedule.global_batch=16",
+        "schedule.log_every=1", "eval.every=2", "eval.max_pairs=48",
+        f"eval.zeroshot=[{sample_dir / 'zeroshot' / 'colour'}]",
+    ]  # fmt: skip
+    sweep = load_config(SweepConfig, "pipelines/configs/tune/tiny.yaml", [
+        "name=test-sweep", f"output={tmp_path}", f"overrides={json.dumps(training)}",
+        "space.fusion=[late, hybrid]", "space.loss=[{clip: 1.0}, {siglip: 1.0}]",
+        "samples_per_trial=96", "max_concurrent_trials=1", "registered_model=test-tune",
+        "tracking.experiment=test-tune",
+    ])  # fmt: skip
+    result = tune.run(sweep)
+    assert result["trials"] == 4
+
+    client = mlflow.MlflowClient(mlflow_server.url)
+    parent = client.get_run(result["run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{result['run_id']}'"
+    )
+    assert len(children) == 4
+    assert all(c.data.tags["mlflow.parentRunId"] == result["run_id"] for c in children)
+    assert {c.data.params["model.fusion"] for c in children} == {"late", "hybrid"}
+    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    for child in children:  # per-trial curves: the metric at every evaluation reached
+        history = client.get_metric_history(child.info.run_id, sweep.metric)
+        assert history and {m.step for m in history} <= {2, 4, 6}
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"])}
+    assert {"ablation.md", "ablation.csv", "search_space.json", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(result["run_id"], "plots")}
+    assert plots == {"plots/metric_by_fusion_loss.png", "plots/learning_curves_top.png"}
+    stopped = len(children) - len(finished)
+    saved = parent.data.metrics["trial_steps_saved_by_early_stopping"]
+    assert (saved > 0) == (stopped > 0)
+
+    # The champion is the best trial that finished its budget, and loads by alias.
+    top = max(c.data.metrics[sweep.metric] for c in finished)
+    best = {c.info.run_id: c for c in finished if c.data.metrics[sweep.metric] == top}  # ties
+    version = client.get_model_version_by_alias("test-tune", "champion")
+    assert version.run_id in best and result["champion_moved"]
+    assert float(version.tags[f"metric:{sweep.metric}"]) == pytest.approx(top)
+    fusion = best[version.run_id].data.params["model.fusion"]
+    assert load_model("models:/test-tune@champion").cfg.fusion == fusion
+
+    # The same sweep again restores it: no trial reruns, the champion stays (not better).
+    again = tune.run(sweep)
+    assert again["run_id"] == result["run_id"] and again["trials"] == 4
+    rerun = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{result['run_id']}'"
+    )
+    assert len(rerun) == 4 and not again["champion_moved"]
+    assert client.get_model_version_by_alias("test-tune", "champion").version == version.version
+
+    capsys.readouterr()
+    assert tune.main(["report", result["run_id"]]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| trial | fusion | loss |") and table.count("\n") == 6
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
+    shards, mlflow_server, tmp_path, monkeypatch
+):
+    """SIGKILL the sweep's driver (`python -m pipelines.tune` on the running cluster) once
+    Tune has recorded its first trial as finished; the same sweep again must keep that trial."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    training = ["scaling.num_workers=1", "schedule.global_batch=16", "eval.every=2",
+                "eval.max_pairs=48"]  # fmt: skip
+    args = ["name=killed-sweep", f"output={tmp_path}", f"overrides={json.dumps(training)}",
+            "space.fusion=[late]", "space.loss=[{clip: 1.0}, {siglip: 1.0}]",
+            "samples_per_trial=64", "asha.enabled=false", "registered_model=test-killed",
+            "max_concurrent_trials=1",
+            "tracking.experiment=test-tune-killed"]  # fmt: skip
+    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+                        "PYTHONPATH": str(Path.cwd())}  # fmt: skip
+    cmd = [sys.executable, "-m", "pipelines.tune", "--config", "pipelines/configs/tune/tiny.yaml",
+           "--data", str(shards), *args]  # fmt: skip
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 400
+    while driver.poll() is None and time.monotonic() < deadline:
+        states = list((tmp_path / "killed-sweep").glob("experiment_state-*.json"))
+        if states and "TERMINATED" in states[0].read_text():
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, "the sweep ended before it could be interrupted"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+
+    sweep = load_config(SweepConfig, "pipelines/configs/tune/tiny.yaml", args)
+    sweep.overrides.append(f"data.path={json.dumps(str(shards))}")  # as the CLI sets it
+    result = tune.run(sweep)
+    assert result["trials"] == 2
+    client = mlflow.MlflowClient(mlflow_server.url)
+    children = client.search_runs(
+        [client.get_run(result["run_id"]).info.experiment_id],
+        filter_string=f"tags.`{SWEEP_TAG}` = '{result['run_id']}'",
+    )
+    per_trial = {}
+    for child in children:
+        per_trial.setdefault(child.data.tags["mmray.trial"], []).append(child)
+    assert len(per_trial) == 2
+    # One trial at a time: the first finished before the kill, and restoring did not rerun it.
+    (first,) = [runs for trial, runs in per_trial.items() if trial.endswith("_00000")]
+    assert len(first) == 1 and "mmray.model_uri" in first[0].data.tags
+
+
+def test_bad_sweep_config_fails_before_any_work(tmp_path, capsys) -> None:
+    assert tune.main(["--config", "pipelines/configs/tune/tiny.yaml", "--data", str(tmp_path)]) == 2
+    assert "no .tar shards" in capsys.readouterr().err
+    bad = ["--config", "pipelines/configs/tune/tiny.yaml", "--data", str(tmp_path),
+           "space.fusion=[late]", "space.loss=[{itm: 1.0}]"]  # fmt: skip
+    assert tune.main(bad) == 2
+    assert "no fusion × loss cell is valid" in capsys.readouterr().err
+    assert tune.main([*bad[:4], "metric=train/loss"]) == 2
+    assert "evaluation metric" in capsys.readouterr().err
