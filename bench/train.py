@@ -42,6 +42,7 @@ from mmcore.losses.fusion import compute_losses  # noqa: E402
 from mmcore.models.model import build_model  # noqa: E402
 from mmcore.training import cosine_lr, param_groups, preprocess, trim_padding  # noqa: E402
 from pipelines.train import TrainConfig, run  # noqa: E402
+from tests.helpers import curated_shards  # noqa: E402
 
 WARMUP = 10  # steps left out of the medians
 
@@ -49,18 +50,11 @@ WARMUP = 10  # steps left out of the medians
 def shards(n: int) -> Path:
     """Curated shards of a sample crawl of n rows (built once)."""
     from mmcore.data.sample import make_sample_data
-    from pipelines.curate import CurateConfig
-    from pipelines.curate import run as curate
 
     out = OUT / f"train-shards-{n}"
-    if (out / "manifest.json").exists():
-        return out
-    make_sample_data(OUT / f"train-sample-{n}", n=n, seed=0)
-    cfg = load_config(CurateConfig, ROOT / "pipelines/configs/curate_tiny.yaml", [
-        f"input.path={OUT / f'train-sample-{n}' / 'metadata.parquet'}", f"output.path={out}",
-        "tracking.enabled=false",
-    ])  # fmt: skip
-    curate(cfg)
+    if not (out / "manifest.json").exists():
+        make_sample_data(OUT / f"train-sample-{n}", n=n, seed=0)
+        curated_shards(OUT / f"train-sample-{n}", out)
     return out
 
 

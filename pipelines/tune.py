@@ -15,6 +15,7 @@ same metric. Running the same sweep (``name``) again restores it: finished trial
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import io
 import json
@@ -369,10 +370,11 @@ def run(sweep: SweepConfig) -> dict[str, Any]:
                             "sweep_wall_s": time.perf_counter() - start})  # fmt: skip
         table = markdown(rows)
         mlflow.log_text(table, "ablation.md")
-        csv = io.StringIO()
-        csv.write(",".join(rows[0]) + "\n")
-        csv.writelines(",".join(str(v) for v in r.values()) + "\n" for r in rows)
-        mlflow.log_text(csv.getvalue(), "ablation.csv")
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        mlflow.log_text(text.getvalue(), "ablation.csv")
         for png in _plots(results, rows, sweep.metric, path):
             mlflow.log_artifact(str(png), "plots")
         champion = crown(sweep, rows, parent_run_id)

@@ -22,9 +22,8 @@ def curated_shards(sample_dir: Path, out: Path) -> Path:
     from pipelines.curate import run as curate
 
     overrides = [f"input.path={sample_dir / 'metadata.parquet'}", f"output.path={out}"]
-    cfg = load_config(
-        CurateConfig, "pipelines/configs/curate_tiny.yaml", [*overrides, "tracking.enabled=false"]
-    )
+    config = Path(__file__).resolve().parents[1] / "pipelines/configs/curate_tiny.yaml"
+    cfg = load_config(CurateConfig, config, [*overrides, "tracking.enabled=false"])
     curate(cfg)
     return out
 
