@@ -6,7 +6,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: venv test lint unit integration demo bench-venv bench-curate clean
+.PHONY: venv browser test lint unit integration demo bench-venv bench-curate clean
 
 $(BIN)/mmray: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -18,6 +18,12 @@ $(BIN)/mmray: pyproject.toml
 
 venv: $(BIN)/mmray
 
+# The page test drives a real headless Chromium: Debian's package, installed when missing
+# (as root; otherwise install `chromium` yourself). Playwright uses it; it downloads none.
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q --no-install-recommends chromium; }
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -25,10 +31,10 @@ lint: venv
 unit: venv
 	$(BIN)/pytest -q tests/unit
 
-integration: venv
+integration: venv browser
 	$(BIN)/pytest -q tests/integration
 
-test: venv lint
+test: venv browser lint
 	$(BIN)/pytest -q tests
 
 demo: venv

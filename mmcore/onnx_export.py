@@ -49,9 +49,9 @@ def export_onnx(
     size, length = model.cfg.vision.image_size, model.cfg.text.context_length
     batch = torch.export.Dim("batch", min=1, max=4096)
     examples = {
-        "image_encoder": (_Image(model), (torch.zeros(2, 3, size, size),), ["pixels"],
+        "image_encoder": (_Image(model).eval(), (torch.zeros(2, 3, size, size),), ["pixels"],
                           {"pixels": {0: batch}}),
-        "text_encoder": (_Text(model), (torch.ones(2, length, dtype=torch.long),
+        "text_encoder": (_Text(model).eval(), (torch.ones(2, length, dtype=torch.long),
                                         torch.ones(2, length, dtype=torch.long)),
                          ["input_ids", "attention_mask"],
                          {"input_ids": {0: batch}, "attention_mask": {0: batch}}),

@@ -152,3 +152,36 @@ def log_metrics_to(run_id: str, metrics: Mapping[str, float], step: int, uri: st
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     mlflow.MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=batch)
+
+
+def model_info(uri: str) -> dict[str, Any]:
+    """What a model URI names now: ``resolved`` (a URI that stays fixed when an alias moves:
+    ``models:/NAME/VERSION``), name, version, alias, run_id, and the run's ``eval/*`` metrics.
+    A local folder has only its name."""
+    text = str(uri)
+    info: dict[str, Any] = {"uri": text, "resolved": text, "name": Path(text).name,
+                            "version": None, "alias": None, "run_id": None,
+                            "metrics": {}}  # fmt: skip
+    if not text.startswith(("models:/", "runs:/")):
+        return info
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    if text.startswith("runs:/"):
+        info |= {"name": text, "run_id": text.removeprefix("runs:/").split("/")[0]}
+    elif "@" in text:  # models:/NAME@ALIAS
+        name, alias = text.removeprefix("models:/").split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+        info |= {"name": name, "alias": alias, "version": version.version,
+                 "run_id": version.run_id,
+                 "resolved": f"models:/{name}/{version.version}"}  # fmt: skip
+    elif "/" in text.removeprefix("models:/"):  # models:/NAME/VERSION
+        name, number = text.removeprefix("models:/").rsplit("/", 1)
+        version = client.get_model_version(name, number)
+        info |= {"name": name, "version": version.version, "run_id": version.run_id}
+    else:  # models:/m-... (a logged model)
+        info["run_id"] = client.get_logged_model(text.removeprefix("models:/")).source_run_id
+    if info["run_id"]:
+        metrics = client.get_run(info["run_id"]).data.metrics
+        info["metrics"] = {k: v for k, v in sorted(metrics.items()) if k.startswith("eval/")}
+    return info

@@ -4,6 +4,7 @@
     mmray curate --input META --output DIR [flags] [key.sub=value ...]
     mmray train --config FILE --data SHARDS [key.sub=value ...]
     mmray tune --config FILE --data SHARDS [key.sub=value ...] | mmray tune report SWEEP
+    mmray serve --model URI [--index SHARDS] [--host 127.0.0.1] [--port 8000] [key.sub=value ...]
     mmray eval {zeroshot,retrieval} --model URI ...
     mmray export --model URI --format {hf,safetensors} --output DIR
 Each job is also ``python -m pipelines.<job>`` (for ``ray job submit``).
@@ -51,6 +52,7 @@ COMMANDS = {
     "curate": _job("curate"),
     "train": _job("train"),
     "tune": _job("tune"),
+    "serve": _job("serve"),
     "eval": _job("evaluate"),
     "export": _job("export"),
 }

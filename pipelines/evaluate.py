@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("every --template needs a {} for the class name")
             metrics = zeroshot_eval(model, args.image_folder, templates)
         else:
-            images, captions = read_shards(args.data, args.limit)
+            _, images, captions = read_shards(args.data, args.limit)
             metrics = retrieval_eval(model, images, captions, args.shortlist)
     except (ValueError, OSError) as e:
         print(f"mmray eval: error: {e}", file=sys.stderr)

@@ -106,19 +106,22 @@ def eval_metrics(
     return metrics
 
 
-def read_shards(path: str | Path, limit: int | None = None) -> tuple[list[Image.Image], list[str]]:
-    """Images and captions from curated WebDataset shards (a folder of .tar or one .tar)."""
+def read_shards(
+    path: str | Path, limit: int | None = None
+) -> tuple[list[str], list[Image.Image], list[str]]:
+    """Keys, images and captions from curated WebDataset shards (a folder of .tar or a .tar)."""
     import webdataset as wds
 
     path = Path(path)
     tars = sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else [str(path)]
     if not tars:
         raise ValueError(f"no .tar shards in {path}")
-    images, captions = [], []
+    keys, images, captions = [], [], []
     for sample in wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode("pil"):
         image = sample.get("jpg", sample.get("webp"))
+        keys.append(sample["__key__"])
         images.append(image.convert("RGB"))
         captions.append(sample["txt"])
         if limit and len(images) >= limit:
             break
-    return images, captions
+    return keys, images, captions
