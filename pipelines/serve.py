@@ -4,16 +4,16 @@
     serve run pipelines/configs/serve.yaml       # the same application from a Serve config file
     serve deploy pipelines/configs/serve.yaml    # onto a running cluster (KubeRay: cluster/)
 
-Two deployments: ``Api``, the FastAPI ingress (parses and checks requests, decodes images,
-serves the page at /), and ``Model`` (the model on a backend; texts and images are embedded
-in dynamic batches across requests). The model URI lives in the ``Model`` deployment's
-``user_config``: deploying a changed ``model`` (or ``revision``, which re-resolves a moved
-``@champion`` alias) reconfigures the running replicas; requests already in flight finish on
-the model they started with. Defaults: ``pipelines/configs/serve.yaml``.
+One deployment, ``Model``: a FastAPI ingress (it parses and checks requests, decodes images
+and serves the page at /) around the model on a backend, with texts and images embedded in
+dynamic batches across requests. The model URI lives in the deployment's ``user_config``:
+deploying a changed ``uri`` (or ``revision``, which re-resolves a moved ``@champion``
+alias) reconfigures the running replicas; requests in flight finish on the model they
+started with. Defaults: ``pipelines/configs/serve.yaml``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI resolves the route signatures of a
+# Serve ingress class at request time, and string annotations left it unable to (ForwardRef).
 import argparse
 import asyncio
 import dataclasses
@@ -26,9 +26,11 @@ from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
@@ -69,7 +71,6 @@ class ReplicaConfig:
     target_ongoing_requests: int = 16  # autoscaling aims at this many per replica
     max_ongoing_requests: int = 64
     num_cpus: float = 1.0
-    ingress_max_ongoing_requests: int = 256  # the Api replica only parses and forwards
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -98,129 +99,7 @@ class ServeConfig:
             raise ValueError("templates: need at least one, each with a {} for the label")
 
 
-# --- the model deployment ---------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Loaded:
-    """One model as loaded by one reconfigure; a request keeps the one it started with."""
-
-    engine: Engine
-    info: dict[str, Any]
-    index: Any  # mmcore.serving.Index or None
-    prompts: OrderedDict = dataclasses.field(default_factory=OrderedDict)  # text → (E,)
-
-
-def _load(spec: ModelSpec, records: IndexRecords | None) -> _Loaded:
-    from mmcore.export import load_model
-    from mmcore.tracking import model_info
-
-    info = model_info(spec.uri)  # resolves an alias once: the weights and the info agree
-    engine = Engine(load_model(info["resolved"]), spec.backend)
-    cfg = engine.cfg
-    info |= {"fusion": cfg.fusion, "embed_dim": cfg.embed_dim, "backend": engine.backend,
-             "image_size": cfg.vision.image_size, "revision": spec.revision,
-             "index_size": len(records.keys) if records is not None else 0,
-             "replica": serve.get_replica_context().replica_id.unique_id}  # fmt: skip
-    index = engine.index(records) if records is not None else None
-    log.info("loaded %s (%s, %s)", info["resolved"], cfg.fusion, engine.backend)
-    return _Loaded(engine, info, index)
-
-
-@serve.deployment
-class Model:
-    def __init__(self, index: str | None = None, index_limit: int | None = None) -> None:
-        self.records = read_index(index, index_limit) if index else None
-        self.loaded: _Loaded | None = None
-
-    async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load the model that ``user_config`` (a ModelSpec) names beside the current one,
-        then swap: requests keep being answered by the old one while the new one loads."""
-        spec = from_dict(ModelSpec, dict(user_config))
-        loaded = await asyncio.to_thread(_load, spec, self.records)
-        self._encode.set_max_batch_size(spec.max_batch_size)
-        self._encode.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
-        self.loaded = loaded
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _encode(self, items: list[tuple[_Loaded, str, Any]]) -> list:
-        """(model, "text" | "image", one text or image) → its embedding (E,). Items of one
-        batch may come from different models around a switch: each runs on its own."""
-        groups: dict[tuple[int, str], list[int]] = defaultdict(list)
-        for i, (loaded, kind, _) in enumerate(items):
-            groups[id(loaded), kind].append(i)
-        out: list = [None] * len(items)
-        for rows in groups.values():
-            loaded, kind, _ = items[rows[0]]
-            encode = loaded.engine.embed_texts if kind == "text" else loaded.engine.embed_images
-            for i, embed in zip(rows, encode([items[i][2] for i in rows]), strict=True):
-                out[i] = embed
-        return out
-
-    async def _embed_all(self, loaded: _Loaded, kind: str, values: list) -> list:
-        return await asyncio.gather(*(self._encode((loaded, kind, v)) for v in values))
-
-    def info(self) -> dict[str, Any]:
-        return self.loaded.info
-
-    async def embed(self, texts: list[str], images: list) -> dict[str, Any]:
-        loaded = self.loaded
-        text_embeds = await self._embed_all(loaded, "text", texts)
-        image_embeds = await self._embed_all(loaded, "image", images)
-        return {
-            "text_embeddings": [e.tolist() for e in text_embeds],
-            "image_embeddings": [e.tolist() for e in image_embeds],
-            "dim": loaded.info["embed_dim"],
-        }
-
-    async def classify(self, image, labels: list[str], templates: list[str]) -> list[dict]:
-        loaded = self.loaded
-        engine = loaded.engine
-        if engine.cfg.fusion == "late":
-            prompts = [t.format(label) for label in labels for t in templates]
-            (image_embed,) = await self._embed_all(loaded, "image", [image])
-            probs = engine.probs_from_embeddings(
-                image_embed[None], await self._prompt_embeds(loaded, prompts), len(labels)
-            )[0]
-        else:
-            probs = engine.classify([image], labels, templates)[0]
-        ranked = sorted(zip(labels, probs.tolist(), strict=True), key=lambda p: -p[1])
-        return [{"label": label, "probability": p} for label, p in ranked]
-
-    async def _prompt_embeds(self, loaded: _Loaded, prompts: list[str]):
-        import numpy as np
-
-        cache = loaded.prompts
-        missing = list(dict.fromkeys(p for p in prompts if p not in cache))
-        for prompt, embed in zip(
-            missing, await self._embed_all(loaded, "text", missing), strict=True
-        ):
-            cache[prompt] = embed
-        while len(cache) > PROMPT_CACHE:
-            cache.popitem(last=False)
-        return np.stack([cache[p] for p in prompts])
-
-    def match(self, image, texts: list[str]) -> dict[str, Any]:
-        scores, kind = self.loaded.engine.match(image, texts)
-        return {"scores": scores.tolist(), "score": kind}
-
-    def search(self, text: str | None, image, k: int) -> dict[str, Any] | None:
-        loaded = self.loaded
-        if loaded.index is None:
-            return None
-        hits, kind = loaded.engine.search(loaded.index, k, text=text, image=image)
-        records = loaded.index.records
-        return {
-            "hits": [
-                {"key": records.keys[i], "caption": records.captions[i], "score": score,
-                 "thumbnail": records.thumbnails[i]}
-                for i, score in hits
-            ],
-            "score": kind,
-        }  # fmt: skip
-
-
-# --- the HTTP ingress --------------------------------------------------------------------------
+# --- the HTTP API --------------------------------------------------------------------------
 
 api = FastAPI(
     title="mmray",
@@ -284,130 +163,239 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return _error(exc.status_code, str(exc.detail))
 
 
+async def read_request(request: Request, schema: type[BaseModel], limits: Limits) -> Any:
+    """JSON or a multipart form → a validated request; every failure is a ``BadInput``."""
+    limit = limits.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BadInput(f"request body is over the {limit}-byte limit", 413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadInput(f"request body is over the {limit}-byte limit", 413)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        data = await _form(request, bytes(body), limits)
+    elif kind in ("application/json", ""):
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadInput(f"invalid JSON: {e}") from e
+    else:
+        raise BadInput(f"unsupported content type {kind!r}: send JSON or multipart", 415)
+    if not isinstance(data, dict):
+        raise BadInput("the request body must be a JSON object")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()
+        )
+        raise BadInput(problems, 422) from e
+
+
+async def _form(request: Request, body: bytes, limits: Limits) -> dict[str, Any]:
+    """A multipart form → the JSON shape: list fields repeat, files become bytes."""
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    n = limits.max_texts + limits.max_images + limits.max_labels
+    try:
+        form = await Request(request.scope, replay).form(max_files=n, max_fields=n)
+    except HTTPException as e:
+        raise BadInput(f"invalid multipart form: {e.detail}") from e
+    data: dict[str, Any] = {}
+    for key in form:
+        values = [await v.read() if hasattr(v, "read") else v for v in form.getlist(key)]
+        data[key] = values if key in LIST_FIELDS else values[-1]
+    if isinstance(data.get("k"), str) and data["k"].isdigit():
+        data["k"] = int(data["k"])
+    return data
+
+
+def check_count(name: str, values: list, most: int, least: int = 0) -> None:
+    if len(values) > most:
+        raise BadInput(f"{name}: {len(values)} items, at most {most} per request", 413)
+    if len(values) < least:
+        raise BadInput(f"{name}: need at least {least}", 422)
+
+
+def check_texts(name: str, values: list[str], most: int, limits: Limits, least: int = 0) -> None:
+    check_count(name, values, most, least)
+    if any(len(v) > limits.max_text_chars for v in values):
+        raise BadInput(f"{name}: an item is over {limits.max_text_chars} characters")
+
+
+# --- the deployment ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Loaded:
+    """One model as loaded by one reconfigure; a request keeps the one it started with."""
+
+    engine: Engine
+    info: dict[str, Any]
+    index: Any  # mmcore.serving.Index or None
+    prompts: OrderedDict = dataclasses.field(default_factory=OrderedDict)  # text → (E,)
+
+
+def _load(spec: ModelSpec, records: IndexRecords | None) -> _Loaded:
+    from mmcore.export import load_model
+    from mmcore.tracking import model_info
+
+    info = model_info(spec.uri)  # resolves an alias once: the weights and the info agree
+    engine = Engine(load_model(info["resolved"]), spec.backend)
+    cfg = engine.cfg
+    info |= {"fusion": cfg.fusion, "embed_dim": cfg.embed_dim, "backend": engine.backend,
+             "image_size": cfg.vision.image_size, "revision": spec.revision,
+             "index_size": len(records.keys) if records is not None else 0,
+             "replica": serve.get_replica_context().replica_id.unique_id}  # fmt: skip
+    index = engine.index(records) if records is not None else None
+    log.info("loaded %s (%s, %s)", info["resolved"], cfg.fusion, engine.backend)
+    return _Loaded(engine, info, index)
+
+
 @serve.deployment
 @serve.ingress(api)
-class Api:
-    def __init__(self, model, limits: dict[str, Any], templates: list[str]) -> None:
-        self.model = model
+class Model:
+    """The model and its HTTP API in one deployment: one hop from Serve's proxy to the model
+    (a second deployment behind a handle halved the QPS on CPU; docs/BENCHMARKS.md). Texts
+    and images are embedded in dynamic batches across concurrent requests."""
+
+    def __init__(
+        self, index: str | None, index_limit: int | None, limits: dict[str, Any],
+        templates: list[str],
+    ) -> None:  # fmt: skip
+        self.records = read_index(index, index_limit) if index else None
         self.limits = from_dict(Limits, limits)
         self.templates = templates
+        self.loaded: _Loaded | None = None
 
-    async def _parse(self, request: Request, schema: type[BaseModel]) -> Any:
-        """JSON or multipart → a validated request; every failure is a ``BadInput``."""
-        limit = self.limits.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise BadInput(f"request body is over the {limit}-byte limit", 413)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise BadInput(f"request body is over the {limit}-byte limit", 413)
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind == "multipart/form-data":
-            data = await self._form(request, bytes(body))
-        elif kind in ("application/json", ""):
-            try:
-                data = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise BadInput(f"invalid JSON: {e}") from e
-        else:
-            raise BadInput(f"unsupported content type {kind!r}: send JSON or multipart", 415)
-        if not isinstance(data, dict):
-            raise BadInput("the request body must be a JSON object")
-        try:
-            return schema.model_validate(data)
-        except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()
-            )
-            raise BadInput(problems, 422) from e
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load the model that ``user_config`` (a ModelSpec) names beside the current one,
+        then swap: requests keep being answered by the old one while the new one loads."""
+        spec = from_dict(ModelSpec, dict(user_config))
+        loaded = await asyncio.to_thread(_load, spec, self.records)
+        self._encode.set_max_batch_size(spec.max_batch_size)
+        self._encode.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+        self.loaded = loaded
 
-    async def _form(self, request: Request, body: bytes) -> dict[str, Any]:
-        async def replay() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _encode(self, items: list[tuple[_Loaded, str, Any]]) -> list[np.ndarray]:
+        """(model, "text" | "image", one text or image) → its embedding (E,). Items of one
+        batch may come from different models around a switch: each runs on its own. The
+        forward pass runs in a thread, so the event loop parses the next requests meanwhile."""
+        groups: dict[tuple[int, str], list[int]] = defaultdict(list)
+        for i, (loaded, kind, _) in enumerate(items):
+            groups[id(loaded), kind].append(i)
+        out: list = [None] * len(items)
+        for rows in groups.values():
+            loaded, kind, _ = items[rows[0]]
+            encode = loaded.engine.embed_texts if kind == "text" else loaded.engine.embed_images
+            embeds = await asyncio.to_thread(encode, [items[i][2] for i in rows])
+            for i, embed in zip(rows, embeds, strict=True):
+                out[i] = embed
+        return out
 
-        n = self.limits.max_texts + self.limits.max_images + self.limits.max_labels
-        try:
-            form = await Request(request.scope, replay).form(max_files=n, max_fields=n)
-        except HTTPException as e:
-            raise BadInput(f"invalid multipart form: {e.detail}") from e
-        data: dict[str, Any] = {}
-        for key in form:
-            values = [await v.read() if hasattr(v, "read") else v for v in form.getlist(key)]
-            data[key] = values if key in LIST_FIELDS else values[-1]
-        if "k" in data:
-            data["k"] = int(data["k"]) if str(data["k"]).lstrip("-").isdigit() else data["k"]
-        return data
+    async def _embed_all(self, loaded: _Loaded, kind: str, values: list) -> list[np.ndarray]:
+        return await asyncio.gather(*(self._encode((loaded, kind, v)) for v in values))
 
-    def _count(self, name: str, values: list, most: int, least: int = 0) -> None:
-        if len(values) > most:
-            raise BadInput(f"{name}: {len(values)} items, at most {most} per request", 413)
-        if len(values) < least:
-            raise BadInput(f"{name}: need at least {least}", 422)
+    async def _prompt_embeds(self, loaded: _Loaded, prompts: list[str]) -> np.ndarray:
+        cache = loaded.prompts
+        missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+        embeds = await self._embed_all(loaded, "text", missing)
+        cache.update(zip(missing, embeds, strict=True))
+        while len(cache) > PROMPT_CACHE:
+            cache.popitem(last=False)
+        return np.stack([cache[p] for p in prompts])
 
-    def _texts(self, name: str, values: list[str], most: int, least: int = 0) -> None:
-        self._count(name, values, most, least)
-        if any(len(v) > self.limits.max_text_chars for v in values):
-            raise BadInput(f"{name}: an item is over {self.limits.max_text_chars} characters")
-
-    def _image(self, value: str | bytes) -> Any:
+    def _image(self, value: str | bytes) -> Image.Image:
         return decode_image(value, self.limits)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        info = await self.model.info.remote()
-        return {"status": "ok", "model": info["resolved"]}
+        return {"status": "ok", "model": self.loaded.info["resolved"]}
 
     @api.get("/v1/model")
     async def model_info(self) -> dict[str, Any]:
-        return await self.model.info.remote()
+        return self.loaded.info
 
     @api.post("/v1/embed", openapi_extra=_body_doc(EmbedRequest))
     async def embed(self, request: Request) -> dict[str, Any]:
-        req = await self._parse(request, EmbedRequest)
-        self._texts("texts", req.texts, self.limits.max_texts)
-        self._count("images", req.images, self.limits.max_images)
+        req = await read_request(request, EmbedRequest, self.limits)
+        check_texts("texts", req.texts, self.limits.max_texts, self.limits)
+        check_count("images", req.images, self.limits.max_images)
         if not req.texts and not req.images:
             raise BadInput("send texts and/or images", 422)
         images = [self._image(v) for v in req.images]
-        return await self.model.embed.remote(req.texts, images)
+        loaded = self.loaded
+        texts, images = await asyncio.gather(
+            self._embed_all(loaded, "text", req.texts), self._embed_all(loaded, "image", images)
+        )
+        return {
+            "text_embeddings": [e.tolist() for e in texts],
+            "image_embeddings": [e.tolist() for e in images],
+            "dim": loaded.info["embed_dim"],
+        }
 
     @api.post("/v1/classify", openapi_extra=_body_doc(ClassifyRequest))
     async def classify(self, request: Request) -> dict[str, Any]:
-        req = await self._parse(request, ClassifyRequest)
-        templates = self.templates if req.templates is None else req.templates
-        self._texts("labels", req.labels, self.limits.max_labels, least=1)
-        self._texts("templates", templates, self.limits.max_templates, least=1)
-        if any(not label.strip() for label in req.labels):
-            raise BadInput("labels: empty label", 422)
-        if len(set(req.labels)) != len(req.labels):
-            raise BadInput("labels: duplicate label", 422)
+        req = await read_request(request, ClassifyRequest, self.limits)
+        labels, templates = req.labels, self.templates if req.templates is None else req.templates
+        check_texts("labels", labels, self.limits.max_labels, self.limits, least=1)
+        check_texts("templates", templates, self.limits.max_templates, self.limits, least=1)
+        if any(not label.strip() for label in labels) or len(set(labels)) != len(labels):
+            raise BadInput("labels: need distinct, non-empty labels", 422)
         if any("{}" not in t for t in templates):
             raise BadInput("templates: each needs a {} for the label", 422)
         image = self._image(req.image)
-        return {"labels": await self.model.classify.remote(image, req.labels, templates)}
+        loaded = self.loaded
+        engine = loaded.engine
+        if engine.cfg.fusion == "late":
+            prompts = [t.format(label) for label in labels for t in templates]
+            (image_embed,) = await self._embed_all(loaded, "image", [image])
+            prompt_embeds = await self._prompt_embeds(loaded, prompts)
+            probs = engine.probs_from_embeddings(image_embed[None], prompt_embeds, len(labels))
+        else:  # an ITM pass per (image, prompt)
+            probs = await asyncio.to_thread(engine.classify, [image], labels, templates)
+        ranked = sorted(zip(labels, probs[0].tolist(), strict=True), key=lambda p: -p[1])
+        return {"labels": [{"label": label, "probability": p} for label, p in ranked]}
 
     @api.post("/v1/search", openapi_extra=_body_doc(SearchRequest))
     async def search(self, request: Request) -> dict[str, Any]:
-        req = await self._parse(request, SearchRequest)
+        req = await read_request(request, SearchRequest, self.limits)
         if (req.text is None) == (req.image is None):
             raise BadInput("send exactly one of text or image", 422)
         if not 1 <= req.k <= self.limits.max_k:
             raise BadInput(f"k: need 1 <= k <= {self.limits.max_k}", 422)
         if req.text is not None:
-            self._texts("text", [req.text], 1)
+            check_texts("text", [req.text], 1, self.limits)
         image = None if req.image is None else self._image(req.image)
-        found = await self.model.search.remote(req.text, image, req.k)
-        if found is None:
+        loaded = self.loaded
+        if loaded.index is None:
             raise BadInput("no search index is loaded: start the server with --index SHARDS", 404)
-        return found
+        hits, kind = await asyncio.to_thread(
+            loaded.engine.search, loaded.index, req.k, text=req.text, image=image
+        )
+        records = loaded.index.records
+        return {
+            "hits": [
+                {"key": records.keys[i], "caption": records.captions[i], "score": score,
+                 "thumbnail": records.thumbnails[i]}
+                for i, score in hits
+            ],
+            "score": kind,
+        }  # fmt: skip
 
     @api.post("/v1/match", openapi_extra=_body_doc(MatchRequest))
     async def match(self, request: Request) -> dict[str, Any]:
-        req = await self._parse(request, MatchRequest)
-        self._texts("texts", req.texts, self.limits.max_texts, least=1)
-        return await self.model.match.remote(self._image(req.image), req.texts)
+        req = await read_request(request, MatchRequest, self.limits)
+        check_texts("texts", req.texts, self.limits.max_texts, self.limits, least=1)
+        image = self._image(req.image)
+        scores, kind = await asyncio.to_thread(self.loaded.engine.match, image, req.texts)
+        return {"scores": scores.tolist(), "score": kind}
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> str:
@@ -420,16 +408,13 @@ class Api:
 def build(cfg: ServeConfig):
     """The Serve application for ``cfg``."""
     r = cfg.replicas
-    model = Model.options(
+    return Model.options(
         autoscaling_config={"min_replicas": r.min_replicas, "max_replicas": r.max_replicas,
                             "target_ongoing_requests": r.target_ongoing_requests},
         max_ongoing_requests=r.max_ongoing_requests,
         ray_actor_options={"num_cpus": r.num_cpus},
         user_config=to_dict(cfg.model),
-    ).bind(cfg.index, cfg.index_limit)  # fmt: skip
-    return Api.options(
-        max_ongoing_requests=r.ingress_max_ongoing_requests, ray_actor_options={"num_cpus": 0.25}
-    ).bind(model, to_dict(cfg.limits), cfg.templates)
+    ).bind(cfg.index, cfg.index_limit, to_dict(cfg.limits), cfg.templates)  # fmt: skip
 
 
 def app(args: dict[str, Any]):

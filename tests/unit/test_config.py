@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
 
 from mmcore.config import ConfigError, flatten, load_config, to_dict
 from pipelines.curate import CurateConfig
+from pipelines.serve import ServeConfig, config_from
 from pipelines.train import TrainConfig
 from pipelines.tune import SweepConfig
 
@@ -79,6 +82,11 @@ def test_every_shipped_config_loads(path: Path) -> None:
         sweep = load_config(SweepConfig, path, ['overrides=["data.path=x"]'])
         assert sweep.space.cells() and sweep.base().schedule.max_steps > 0
         return
+    if path.stem == "serve":  # a Serve config file: Ray's own schema, then the app's args
+        cfg, _ = config_from(path, [])
+        assert ServeDeploySchema.model_validate(yaml.safe_load(path.read_text())).applications
+        assert isinstance(cfg, ServeConfig)
+        return
     jobs = {"curate": CurateConfig}
     cls = jobs[path.stem.split("_")[0]]
     cfg = load_config(cls, path, ["input.path=x", "output.path=y"])
@@ -87,3 +95,22 @@ def test_every_shipped_config_loads(path: Path) -> None:
 
 def test_shipped_configs_exist() -> None:
     assert list(Path("pipelines/configs").rglob("*.yaml")), "no YAML configs shipped"
+
+
+def test_rayservice_serves_the_shipped_serve_config(tmp_path: Path) -> None:
+    """cluster/kuberay/rayservice.yaml embeds pipelines/configs/serve.yaml (the proxy on
+    0.0.0.0 for the Kubernetes service); Ray's schema accepts it and the app loads."""
+    service = yaml.safe_load(Path("cluster/kuberay/rayservice.yaml").read_text())
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(embedded)
+    shipped = yaml.safe_load(Path("pipelines/configs/serve.yaml").read_text())
+    assert embedded["http_options"]["host"] == "0.0.0.0"
+    for app in (embedded, shipped):
+        app["http_options"]["host"] = "-"
+    assert embedded == shipped
+    (tmp_path / "serve.yaml").write_text(service["spec"]["serveConfigV2"])
+    assert (
+        config_from(tmp_path / "serve.yaml", [])[0]
+        == config_from("pipelines/configs/serve.yaml", [])[0]
+    )

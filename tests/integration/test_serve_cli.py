@@ -1,0 +1,65 @@
+"""`mmray serve` as a user runs it: a real process that starts its own local Ray and Serve,
+answers on 127.0.0.1, and shuts down cleanly on SIGTERM; a bad config fails before any work."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from mmcore.export import save_model
+from mmcore.models.model import ModelConfig, build_model
+from mmcore.models.towers import TextConfig
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.integration
+MMRAY = str(Path(sys.executable).with_name("mmray"))
+
+
+def test_mmray_serve_answers_and_stops_on_sigterm(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = save_model(build_model(ModelConfig(text=TextConfig(kind="transformer"))), tmp_path)
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - lives with the process
+    proc = subprocess.Popen(
+        [MMRAY, "serve", "--model", str(model), "--port", str(port), "replicas.max_replicas=1"],
+        stdout=subprocess.PIPE, stderr=log, text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()  # one JSON line once the app is up
+        assert line, f"mmray serve exited: {(tmp_path / 'serve.log').read_text()[-3000:]}"
+        assert json.loads(line)["url"] == f"http://127.0.0.1:{port}", line
+        url = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{url}/v1/model", timeout=30).json()["name"] == model.name
+        out = requests.post(f"{url}/v1/embed", json={"texts": ["a red circle"]}, timeout=30)
+        assert len(out.json()["text_embeddings"][0]) == 128
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the server is gone with the process
+        try:
+            requests.get(f"{url}/healthz", timeout=2)
+        except requests.ConnectionError:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError("the server still answers after mmray serve exited")
+
+
+def test_bad_serve_config_fails_before_any_work() -> None:
+    run = subprocess.run(
+        [MMRAY, "serve", "--model", "x", "model.max_batch_size=128"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "batches could never fill" in run.stderr
+    assert "Started a local Ray" not in run.stderr
