@@ -37,10 +37,10 @@ integration: venv browser
 test: venv browser lint
 	$(BIN)/pytest -q tests
 
+# Every stage as a Ray job on a local two-node cluster, with an MLflow server; the services
+# keep running until `.venv/bin/mmray demo --stop`.
 demo: venv
-	$(BIN)/mmray sample-data .demo/raw --n 600
-	$(BIN)/mmray curate --input .demo/raw/metadata.parquet --output .demo/shards \
-		--image-size 64 --samples-per-shard 200
+	$(BIN)/mmray demo
 
 # img2dataset in its own virtualenv: its pins (webdataset<0.3, pandas<3) clash with ours.
 .venv-img2dataset/bin/img2dataset:

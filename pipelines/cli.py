@@ -5,6 +5,7 @@
     mmray train --config FILE --data SHARDS [key.sub=value ...]
     mmray tune --config FILE --data SHARDS [key.sub=value ...] | mmray tune report SWEEP
     mmray serve --model URI [--index SHARDS] [--host 127.0.0.1] [--port 8000] [key.sub=value ...]
+    mmray demo [--quick] | mmray demo --stop
     mmray eval {zeroshot,retrieval} --model URI ...
     mmray export --model URI --format {hf,safetensors} --output DIR
 Each job is also ``python -m pipelines.<job>`` (for ``ray job submit``).
@@ -53,6 +54,7 @@ COMMANDS = {
     "train": _job("train"),
     "tune": _job("tune"),
     "serve": _job("serve"),
+    "demo": _job("demo"),
     "eval": _job("evaluate"),
     "export": _job("export"),
 }

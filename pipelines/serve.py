@@ -1,6 +1,7 @@
 """Serve a model over HTTP with Ray Serve: embed, zero-shot classify, search, match, a page.
 
-    mmray serve --model URI [--index SHARDS] [--host 127.0.0.1] [--port 8000] [key.sub=value ...]
+    mmray serve --model URI [--index SHARDS] [--host 127.0.0.1] [--port 8000] [--detach]
+        [key.sub=value ...]
     serve run pipelines/configs/serve.yaml       # the same application from a Serve config file
     serve deploy pipelines/configs/serve.yaml    # onto a running cluster (KubeRay: cluster/)
 
@@ -19,6 +20,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -449,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", help="default 127.0.0.1 (from the config)")
     p.add_argument("--port", type=int, help="default 8000")
     p.add_argument("--address", help="a running Ray cluster (default: RAY_ADDRESS or local)")
+    p.add_argument("--detach", action="store_true", help="deploy onto the cluster and return")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. batch.max_batch_size=16")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     flags = [f"{k}={v}" for k, v in (("model.uri", args.model), ("index", args.index)) if v]
@@ -456,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, http = config_from(args.config, flags + args.overrides)
     except ConfigError as e:
         print(f"mmray serve: error: {e}", file=sys.stderr)
+        return 2
+    if args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):
+        print("mmray serve: error: --detach needs a running cluster (--address or RAY_ADDRESS)",
+              file=sys.stderr)  # fmt: skip
         return 2
     host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
     import ray
@@ -466,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.run(build(cfg), name="mmray", route_prefix="/")
     url = f"http://{host}:{port}"
     print(json.dumps({"url": url, "docs": f"{url}/docs", "model": cfg.model.uri}), flush=True)
+    if args.detach:  # Serve keeps the app running in the cluster after this driver exits
+        return 0
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

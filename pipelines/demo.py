@@ -1,0 +1,272 @@
+"""Every stage on one machine: ``mmray demo`` (``make demo``), and ``mmray demo --stop``.
+
+Starts an MLflow server on 127.0.0.1 (SQLite + local artifacts) and a local multi-node Ray
+cluster (``cluster/local.sh``), writes a sample crawl, then submits each stage as a Ray job:
+curate → train (tiny) → tune (a fusion × loss sweep that crowns a champion) → serve the
+champion. It sends real requests, prints the URLs and a summary table, and leaves the
+services running until ``mmray demo --stop``. Logs of every job: WORKDIR/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_CLUSTER = ROOT / "cluster" / "local.sh"
+STATE = "services.json"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")  # terminal control in job logs
+# (train steps, sweep samples per trial, sample rows, sweep overrides): the full demo, and
+# --quick for tests (2 trials: late and hybrid fusion with the CLIP loss).
+SIZES = {"full": (400, 6400, 600, ""), "quick": (8, 256, 200, " 'space.loss=[{clip: 1.0}]'")}
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def start_mlflow(workdir: Path, port: int) -> tuple[int, str]:
+    store = workdir / "mlflow"
+    store.mkdir(parents=True, exist_ok=True)
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+           "--artifacts-destination", str(store / "artifacts")]  # fmt: skip
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(store / "server.log", "ab") as log:  # the server outlives this process
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_for(f"{url}/health", 90, f"the MLflow server (log: {store / 'server.log'})", proc)
+    return proc.pid, url
+
+
+def wait_for(url: str, timeout_s: float, what: str, proc=None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StageFailed(f"{what} exited")
+        try:
+            if requests.get(url, timeout=5).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise StageFailed(f"{what} did not answer on {url} within {timeout_s:.0f} s")
+
+
+def cluster(command: str, dashboard_port: int, gcs_port: int) -> None:
+    # Logical CPUs beyond the 2 physical ones: the training workers, Ray Data and the sweep's
+    # trial process run side by side.
+    env = os.environ | {"DASHBOARD_PORT": str(dashboard_port), "GCS_PORT": str(gcs_port),
+                        "HEAD_CPUS": "2", "WORKER_CPUS": "2"}  # fmt: skip
+    run = subprocess.run([str(LOCAL_CLUSTER), command], env=env, text=True, capture_output=True)
+    for line in (run.stdout + run.stderr).strip().splitlines():
+        say(f"    {line}")
+    if run.returncode and command == "up":
+        raise StageFailed(f"cluster/local.sh up failed ({run.returncode})")
+
+
+def run_job(client, stage: str, entrypoint: str, workdir: Path, env: dict[str, str]) -> dict:
+    """Submit one stage as a Ray job, show its progress, and return the JSON line it printed
+    last; ``StageFailed`` (with the log's tail) unless the job succeeded."""
+    from ray.job_submission import JobStatus
+
+    job = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": str(ROOT), "env_vars": env,
+                     "excludes": [".venv*", ".demo", ".cache", "bench/out", "mlruns", ".git"]},
+    )  # fmt: skip
+    say(f"    job {job}: {entrypoint}")
+    t0, last = time.monotonic(), ""
+    while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                         JobStatus.STOPPED):  # fmt: skip
+        time.sleep(5)
+        lines = [ln for ln in ANSI.sub("", client.get_job_logs(job)).splitlines() if ln.strip()]
+        if lines and lines[-1] != last:
+            last = lines[-1]
+            say(f"    {stage} {time.monotonic() - t0:4.0f}s | {last.strip()[:110]}")
+    logs = ANSI.sub("", client.get_job_logs(job))
+    (workdir / "logs").mkdir(exist_ok=True)
+    (workdir / "logs" / f"{stage}.log").write_text(logs)
+    if status != JobStatus.SUCCEEDED:
+        tail = "\n".join(logs.splitlines()[-15:])
+        raise StageFailed(f"the {stage} job {status.value.lower()}: {tail}")
+    say(f"    {stage} succeeded in {time.monotonic() - t0:.0f} s")
+    return last_json(logs)
+
+
+def last_json(logs: str) -> dict:
+    """The last JSON object printed in a job's logs (a job ends with one JSON line; Ray's
+    progress output may share its line)."""
+    for line in reversed(logs.splitlines()):
+        start = line.find('{"')
+        while start != -1:
+            try:
+                return json.loads(line[start:])
+            except ValueError:
+                start = line.find('{"', start + 1)
+    return {}
+
+
+def requests_demo(url: str, workdir: Path) -> dict[str, Any]:
+    """A few real requests; the classify latency over 20 of them."""
+    import base64
+
+    images = sorted((workdir / "raw" / "zeroshot" / "colour").rglob("*.png"))
+    image = base64.b64encode(images[0].read_bytes()).decode()
+    labels = sorted(p.name for p in (workdir / "raw" / "zeroshot" / "colour").iterdir())
+    latencies, answer = [], None
+    for _ in range(20):
+        t0 = time.perf_counter()
+        res = requests.post(f"{url}/v1/classify", json={"image": image, "labels": labels},
+                            timeout=30)  # fmt: skip
+        res.raise_for_status()
+        latencies.append(1000 * (time.perf_counter() - t0))
+        answer = res.json()["labels"][0]
+    hits = requests.post(f"{url}/v1/search", json={"text": "a red circle", "k": 3}, timeout=30)
+    hits.raise_for_status()
+    say(f"    classify {images[0].parent.name}/{images[0].name}: {answer}")
+    say(f"    search 'a red circle': {[h['caption'] for h in hits.json()['hits']]}")
+    return {"p50": float(np.percentile(latencies, 50)), "p95": float(np.percentile(latencies, 95))}
+
+
+def demo(args: argparse.Namespace) -> dict[str, Any]:
+    from ray.job_submission import JobSubmissionClient
+
+    from mmcore.data.sample import make_sample_data
+
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    steps, samples, rows, sweep = SIZES["quick" if args.quick else "full"]
+    t_start = time.monotonic()
+    say(f"[1/7] MLflow server on 127.0.0.1:{args.mlflow_port} (SQLite + local artifacts)")
+    pid, mlflow_url = start_mlflow(workdir, args.mlflow_port)
+    dashboard = f"http://127.0.0.1:{args.dashboard_port}"
+    serve_url = f"http://127.0.0.1:{args.serve_port}"
+    ports = {"dashboard_port": args.dashboard_port, "gcs_port": args.gcs_port}
+    (workdir / STATE).write_text(json.dumps({"mlflow_pid": pid} | ports))
+    say("[2/7] local Ray cluster: a head node and a worker node (cluster/local.sh up)")
+    cluster("up", **ports)
+    client = JobSubmissionClient(dashboard)
+    env = {"MLFLOW_TRACKING_URI": mlflow_url, "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_DISABLE_TELEMETRY": "true",
+           "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}  # readable job logs  # fmt: skip
+    say(f"[3/7] sample crawl: {rows} rows → {workdir / 'raw'}")
+    make_sample_data(workdir / "raw", n=rows, seed=0)
+    raw, shards = workdir / "raw", workdir / "shards"
+    zeroshot = f"--zeroshot {raw}/zeroshot/colour --zeroshot {raw}/zeroshot/shape"
+    jobs = {
+        "curate": f"python -m pipelines.curate --config pipelines/configs/curate_tiny.yaml "
+                  f"--input {raw}/metadata.parquet --output {shards}",
+        "train": f"python -m pipelines.train --config pipelines/configs/train/tiny.yaml "
+                 f"--data {shards} {zeroshot} schedule.max_steps={steps} "
+                 f"schedule.checkpoint_every={steps} eval.every={max(1, steps // 2)} "
+                 f"output={workdir}/runs",
+        "tune": f"python -m pipelines.tune --config pipelines/configs/tune/demo.yaml "
+                f"--data {shards} {zeroshot} samples_per_trial={samples} "
+                f"output={workdir}/sweeps{sweep}",
+        "serve": f"python -m pipelines.serve --detach --model models:/mmray-tiny@champion "
+                 f"--index {shards} --port {args.serve_port}",
+    }  # fmt: skip
+    say("[4/7] curate (Ray job)")
+    curated = run_job(client, "curate", jobs["curate"], workdir, env)
+    say(f"[5/7] train the tiny config, {steps} steps (Ray job: Ray Train + DeepSpeed ZeRO-2)")
+    trained = run_job(client, "train", jobs["train"], workdir, env)
+    say("[6/7] tune: fusion × loss sweep at fixed compute, crowning the champion (Ray job)")
+    tuned = run_job(client, "tune", jobs["tune"], workdir, env)
+    say(f"[7/7] serve models:/mmray-tiny@champion on {serve_url} (Ray job, then requests)")
+    run_job(client, "serve", jobs["serve"], workdir, env)
+    wait_for(f"{serve_url}/healthz", 180, "the Serve app")
+    latency = requests_demo(serve_url, workdir)
+    info = requests.get(f"{serve_url}/v1/model", timeout=30).json()
+    metrics = trained.get("metrics", {})
+    summary = {
+        "samples_kept": curated["status_counts"].get("success", 0),
+        "samples_in": sum(curated["status_counts"].values()),
+        "train_run": trained["run_id"],
+        "train_metrics": {k: v for k, v in metrics.items() if k.startswith("eval/")},
+        "sweep_run": tuned["run_id"], "trials": tuned["trials"],
+        "champion": f"models:/{info['name']}/{info['version']}", "champion_fusion": info["fusion"],
+        "champion_metrics": info["metrics"],
+        "classify_ms_p50": round(latency["p50"], 1), "classify_ms_p95": round(latency["p95"], 1),
+        "minutes": round((time.monotonic() - t_start) / 60, 1),
+        "mlflow": mlflow_url, "dashboard": dashboard, "serve": serve_url,
+    }  # fmt: skip
+    print_summary(summary)
+    return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    rows = [
+        ("samples kept", f"{s['samples_kept']} of {s['samples_in']} input rows"),
+        *[(f"train {k}", f"{v:.3f}") for k, v in s["train_metrics"].items()],
+        ("sweep", f"{s['trials']} trials (MLflow run {s['sweep_run']})"),
+        ("champion", f"{s['champion']} ({s['champion_fusion']})"),
+        *[(f"champion {k}", f"{v:.3f}") for k, v in s["champion_metrics"].items()],
+        ("classify latency", f"p50 {s['classify_ms_p50']} ms, p95 {s['classify_ms_p95']} ms"),
+        ("wall time", f"{s['minutes']} min"),
+        ("MLflow UI", s["mlflow"]), ("Ray dashboard", s["dashboard"]),
+        ("Serve", f"{s['serve']}/  (API docs: {s['serve']}/docs)"),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    say("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+    say("\nThe services keep running; stop them with: mmray demo --stop")
+    print(json.dumps(s), flush=True)
+
+
+def stop(workdir: Path) -> int:
+    """Stop what ``mmray demo`` left running: the Ray cluster (Serve in it) and MLflow."""
+    state_file = workdir.resolve() / STATE
+    if not state_file.exists():
+        say(f"nothing to stop: no {state_file}")
+        return 0
+    state = json.loads(state_file.read_text())
+    cluster("down", state["dashboard_port"], state["gcs_port"])
+    try:
+        os.killpg(state["mlflow_pid"], signal.SIGTERM)  # the server and its workers
+        say(f"stopped the MLflow server (pid {state['mlflow_pid']})")
+    except ProcessLookupError:
+        pass
+    state_file.unlink()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mmray demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--stop", action="store_true", help="stop the services a demo left running")
+    p.add_argument("--workdir", default=".demo", help="data, stores and logs (default .demo)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (tests)")
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.add_argument("--gcs-port", type=int, default=6380)
+    p.add_argument("--serve-port", type=int, default=8000)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.stop:
+        return stop(Path(args.workdir))
+    try:
+        demo(args)
+    except (StageFailed, requests.RequestException, OSError) as e:
+        print(f"mmray demo: error: {e}", file=sys.stderr)
+        print("the services started so far keep running: mmray demo --stop", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

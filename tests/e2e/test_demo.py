@@ -1,0 +1,68 @@
+"""The user's path end to end: `mmray demo --quick` submits every stage with `ray job submit`'s
+API to a local multi-node cluster (cluster/local.sh) and a real MLflow server, serves the
+champion, and leaves it all running until `mmray demo --stop`. A failing job exits non-zero."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from tests.helpers import free_port
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
+    ports = {name: free_port() for name in ("mlflow", "dashboard", "gcs", "serve")}
+    flags = ["--workdir", str(tmp_path / "demo"), "--quick"] + [
+        f"--{name}-port={port}" for name, port in ports.items()
+    ]
+    dashboard = f"http://127.0.0.1:{ports['dashboard']}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    try:
+        run = subprocess.run([str(BIN / "mmray"), "demo", *flags], capture_output=True,
+                             text=True, timeout=1200, env=env)  # fmt: skip
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        steps = [line for line in run.stdout.splitlines() if line.startswith("[")]
+        assert [s[:5] for s in steps] == [f"[{i}/7]" for i in range(1, 8)]
+        summary = json.loads(run.stdout.strip().splitlines()[-1])
+        assert summary["samples_kept"] > 100 and summary["trials"] == 2
+        assert summary["champion"].startswith("models:/mmray-tiny/")
+        assert summary["classify_ms_p95"] > 0 and summary["train_metrics"]
+
+        # Left running: the app, MLflow with the runs, the cluster with two nodes and the jobs.
+        assert requests.get(f"{summary['serve']}/healthz", timeout=10).ok
+        assert requests.get(f"{summary['mlflow']}/health", timeout=10).ok
+        client = JobSubmissionClient(dashboard)
+        jobs = {j.entrypoint.split()[2]: j.status for j in client.list_jobs()}
+        assert jobs == {f"pipelines.{s}": JobStatus.SUCCEEDED
+                        for s in ("curate", "train", "tune", "serve")}  # fmt: skip
+        nodes = requests.get(f"{dashboard}/nodes?view=summary", timeout=10).json()
+        assert len(nodes["data"]["summary"]) == 2
+
+        # The plain CLI works against the local cluster (no auth variables), and a failing
+        # job is reported as such with a non-zero exit code.
+        failed = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--working-dir", str(ROOT), "--",
+             "python", "-m", "pipelines.curate", "--input", str(tmp_path / "missing.parquet"),
+             "--output", str(tmp_path / "out")],
+            capture_output=True, text=True, timeout=300, env=env | {"RAY_ADDRESS": dashboard},
+        )  # fmt: skip
+        assert failed.returncode != 0
+        assert "failed" in (failed.stdout + failed.stderr).lower()
+        assert "missing.parquet" in failed.stdout + failed.stderr
+    finally:
+        subprocess.run([str(BIN / "mmray"), "demo", "--stop", "--workdir", str(tmp_path / "demo")],
+                       timeout=120, env=env)  # fmt: skip
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{dashboard}/api/version", timeout=5)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{ports['mlflow']}/health", timeout=5)
