@@ -6,7 +6,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: venv browser test lint unit integration demo bench-venv bench-curate clean
+.PHONY: venv system-deps test lint unit integration demo bench-venv bench-curate clean
 
 $(BIN)/mmray: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -18,11 +18,13 @@ $(BIN)/mmray: pyproject.toml
 
 venv: $(BIN)/mmray
 
-# The page test drives a real headless Chromium: Debian's package, installed when missing
-# (as root; otherwise install `chromium` yourself). Playwright uses it; it downloads none.
-browser:
-	@test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -q --no-install-recommends chromium; }
+# Servers the tests start for real, from Debian's packages, installed when missing (as root;
+# otherwise install them yourself): Chromium for the page test (Playwright drives it and
+# downloads no browser) and PostgreSQL for the MLflow server test.
+system-deps:
+	@test -x /usr/bin/chromium -a -x /usr/lib/postgresql/15/bin/postgres || { \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+		--no-install-recommends chromium postgresql-15; }
 
 lint: venv
 	$(BIN)/ruff check .
@@ -31,10 +33,10 @@ lint: venv
 unit: venv
 	$(BIN)/pytest -q tests/unit
 
-integration: venv browser
+integration: venv system-deps
 	$(BIN)/pytest -q tests/integration
 
-test: venv browser lint
+test: venv system-deps lint
 	$(BIN)/pytest -q tests
 
 # Every stage as a Ray job on a local two-node cluster, with an MLflow server; the services

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import signal
@@ -98,9 +99,12 @@ def run_job(client, stage: str, entrypoint: str, workdir: Path, env: dict[str, s
                                                          JobStatus.STOPPED):  # fmt: skip
         time.sleep(5)
         lines = [ln for ln in ANSI.sub("", client.get_job_logs(job)).splitlines() if ln.strip()]
-        if lines and lines[-1] != last:
-            last = lines[-1]
-            say(f"    {stage} {time.monotonic() - t0:4.0f}s | {last.strip()[:110]}")
+        # The driver's own lines (Tune's trial status, results) over Ray actors' "(pid=...)".
+        driver = [ln for ln in lines if not ln.startswith("(") and " INFO " not in ln]
+        line = (driver or lines or [""])[-1].strip()
+        if line and line != last:
+            last = line
+            say(f"    {stage} {time.monotonic() - t0:4.0f}s | {line[:110]}")
     logs = ANSI.sub("", client.get_job_logs(job))
     (workdir / "logs").mkdir(exist_ok=True)
     (workdir / "logs" / f"{stage}.log").write_text(logs)
@@ -151,6 +155,7 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
 
     from mmcore.data.sample import make_sample_data
 
+    logging.getLogger("ray").setLevel(logging.WARNING)  # not the job SDK's upload chatter
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     steps, samples, rows, sweep = SIZES["quick" if args.quick else "full"]
@@ -212,13 +217,18 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def key_metric(name: str) -> bool:
+    return name.endswith(("top1", "_r5"))  # the table shows these; the JSON line has all
+
+
 def print_summary(s: dict[str, Any]) -> None:
     rows = [
         ("samples kept", f"{s['samples_kept']} of {s['samples_in']} input rows"),
-        *[(f"train {k}", f"{v:.3f}") for k, v in s["train_metrics"].items()],
+        *[(f"train {k}", f"{v:.3f}") for k, v in s["train_metrics"].items() if key_metric(k)],
         ("sweep", f"{s['trials']} trials (MLflow run {s['sweep_run']})"),
         ("champion", f"{s['champion']} ({s['champion_fusion']})"),
-        *[(f"champion {k}", f"{v:.3f}") for k, v in s["champion_metrics"].items()],
+        *[(f"champion {k}", f"{v:.3f}") for k, v in s["champion_metrics"].items()
+          if key_metric(k)],
         ("classify latency", f"p50 {s['classify_ms_p50']} ms, p95 {s['classify_ms_p95']} ms"),
         ("wall time", f"{s['minutes']} min"),
         ("MLflow UI", s["mlflow"]), ("Ray dashboard", s["dashboard"]),

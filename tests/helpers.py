@@ -1,9 +1,11 @@
-"""Real servers on 127.0.0.1 for tests and benchmarks: an HTTP image host, an MLflow server."""
+"""Real servers on 127.0.0.1 for tests and benchmarks: an HTTP image host, MLflow, PostgreSQL
+and an S3-compatible store."""
 
 from __future__ import annotations
 
 import collections
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -128,42 +130,44 @@ class ImageServer:
         return Handler
 
 
-class MlflowServer:
-    """A real ``mlflow server`` (SQLite + local artifacts) on 127.0.0.1, lean settings."""
+class Server:
+    """A real server process on 127.0.0.1: started on ``with``, ready once ``ready()`` holds,
+    stopped (SIGTERM, then SIGKILL) on exit. Its output goes to ``workdir/NAME.log``."""
+
+    name = "server"
 
     def __init__(self, workdir: Path) -> None:
         self.workdir, self.port = Path(workdir), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> MlflowServer:
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def __enter__(self):
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = os.environ | {
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-        }
-        cmd = [
-            str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-            "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
-            "--artifacts-destination", str(self.workdir / "artifacts"),
-        ]  # fmt: skip
-        log = open(self.workdir / "server.log", "wb")  # noqa: SIM115 - lives with the process
-        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log_path = self.workdir / f"{self.name}.log"
+        log = open(log_path, "wb")  # noqa: SIM115 - lives with the process
+        self._proc = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env()
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited: {(self.workdir / 'server.log').read_text()}"
-                )
+                raise RuntimeError(f"{self.name} exited: {log_path.read_text()[-3000:]}")
             try:
-                if requests.get(f"{self.url}/health", timeout=1).ok:
+                if self.ready():
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, OSError):
                 pass
             time.sleep(0.5)
         self.__exit__()
-        raise RuntimeError("mlflow server did not start in 90 s")
+        raise RuntimeError(f"{self.name} did not start in 90 s")
 
     def __exit__(self, *exc: object) -> None:
         if self._proc and self._proc.poll() is None:
@@ -172,6 +176,118 @@ class MlflowServer:
                 self._proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
+
+
+class MlflowServer(Server):
+    """A real ``mlflow server`` on 127.0.0.1, lean settings: SQLite + local artifacts, or the
+    given backend store and artifact destination (with ``extra_env``, e.g. S3 settings)."""
+
+    name = "mlflow"
+
+    def __init__(
+        self, workdir: Path, backend: str | None = None, artifacts: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(workdir)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.backend = backend or f"sqlite:///{self.workdir / 'mlflow.db'}"
+        self.artifacts = artifacts or str(self.workdir / "artifacts")
+        self.extra_env = extra_env or {}
+
+    def command(self) -> list[str]:
+        return [
+            str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+            "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", self.backend, "--artifacts-destination", self.artifacts,
+        ]  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        return os.environ | self.extra_env | {
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+        }  # fmt: skip
+
+    def ready(self) -> bool:
+        return requests.get(f"{self.url}/health", timeout=1).ok
+
+
+class PostgresServer(Server):
+    """A real PostgreSQL (Debian's binaries) on 127.0.0.1, run as the ``postgres`` user (it
+    refuses root), its data in a fresh folder that user can reach (pytest's are root-only);
+    database ``mlflow``, owner ``mlflow``. The log goes to ``workdir``."""
+
+    name = "postgres"
+    BIN = Path("/usr/lib/postgresql/15/bin")
+
+    def __init__(self, workdir: Path) -> None:
+        import tempfile
+
+        super().__init__(workdir)
+        self.home = Path(tempfile.mkdtemp(prefix="mmray-pg-"))
+        self.data = self.home / "data"
+        self.uri = f"postgresql://mlflow:mlflow@127.0.0.1:{self.port}/mlflow"
+
+    def _as_postgres(self, *args: str) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *args]
+
+    def command(self) -> list[str]:
+        shutil.chown(self.home, "postgres", "postgres")
+        if not self.data.exists():
+            subprocess.run(self._as_postgres(str(self.BIN / "initdb"), "-D", str(self.data),
+                                             "-U", "postgres", "--auth=trust"),
+                           check=True, capture_output=True)  # fmt: skip
+        return self._as_postgres(
+            str(self.BIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
+            "-c", "listen_addresses=127.0.0.1", "-k", str(self.home),
+        )  # fmt: skip
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def ready(self) -> bool:
+        psql = self._as_postgres("psql", "-h", "127.0.0.1", "-p", str(self.port), "-U",
+                                 "postgres", "-tAc")  # fmt: skip
+        if subprocess.run([*psql, "select 1"], capture_output=True).returncode:
+            return False
+        for sql in ("create user mlflow password 'mlflow'", "create database mlflow owner mlflow"):
+            subprocess.run([*psql, sql], capture_output=True)
+        return True
+
+    def query(self, sql: str) -> str:
+        out = subprocess.run(
+            self._as_postgres("psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                              "-d", "mlflow", "-tAc", sql),
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return out.stdout.strip()
+
+
+class S3Server(Server):
+    """An S3-compatible store on 127.0.0.1 (moto's server) with one bucket."""
+
+    name = "s3"
+    KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+
+    def __init__(self, workdir: Path, bucket: str = "mlflow") -> None:
+        super().__init__(workdir)
+        self.url, self.bucket = f"http://127.0.0.1:{self.port}", bucket
+
+    def command(self) -> list[str]:
+        return [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                "-p", str(self.port)]  # fmt: skip
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id="test", aws_secret_access_key="test")  # fmt: skip
+
+    def ready(self) -> bool:
+        if not requests.get(self.url, timeout=1).ok:
+            return False
+        self.client().create_bucket(Bucket=self.bucket)
+        return True
 
 
 if __name__ == "__main__":  # python -m tests.helpers ROOT PORT: a standalone image host
