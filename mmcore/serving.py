@@ -20,7 +20,9 @@ import base64
 import binascii
 import dataclasses
 import io
+import shutil
 import tempfile
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -134,6 +136,7 @@ class Engine:
             from mmcore.onnx_export import OnnxEncoders, export_onnx
 
             folder = tempfile.mkdtemp(prefix="mmray-onnx-")
+            weakref.finalize(self, shutil.rmtree, folder, True)  # gone with the engine
             export_onnx(model, folder, quantize=backend == "onnx-int8")
             self.onnx = OnnxEncoders(folder, int8=backend == "onnx-int8")
 
