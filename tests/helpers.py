@@ -16,6 +16,8 @@ from pathlib import Path
 
 import requests
 
+from pipelines.demo import mlflow_server
+
 
 def curated_shards(sample_dir: Path, out: Path) -> Path:
     """Curate the sample crawl into 64 px shards (needs a running Ray)."""
@@ -195,16 +197,10 @@ class MlflowServer(Server):
         self.extra_env = extra_env or {}
 
     def command(self) -> list[str]:
-        return [
-            str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-            "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", self.backend, "--artifacts-destination", self.artifacts,
-        ]  # fmt: skip
+        return mlflow_server(self.port, self.backend, self.artifacts)[0]
 
     def env(self) -> dict[str, str]:
-        return os.environ | self.extra_env | {
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-        }  # fmt: skip
+        return mlflow_server(self.port, self.backend, self.artifacts)[1] | self.extra_env
 
     def ready(self) -> bool:
         return requests.get(f"{self.url}/health", timeout=1).ok
