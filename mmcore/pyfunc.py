@@ -9,15 +9,11 @@ the model's artifacts; only this small wrapper class goes through MLflow's pickl
 
 from __future__ import annotations
 
-import base64
-import io
-
 import mlflow.pyfunc
 import pandas as pd
 import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-from PIL import Image
 
 INPUT_EXAMPLE = pd.DataFrame({"text": ["a photo of a red circle"]})  # → its embedding
 SIGNATURE = ModelSignature(
@@ -61,5 +57,8 @@ class ImageTextPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def _images(frame: pd.DataFrame) -> pd.Series:
+    """The ``image`` column decoded with the Serve API's checks (pixel count on the header)."""
+    from mmcore.serving import Limits, decode_image
+
     column = frame.get("image", pd.Series(dtype=object)).dropna()
-    return column.map(lambda b64: Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+    return column.map(lambda b64: decode_image(b64, Limits()))

@@ -34,6 +34,7 @@ from PIL import Image
 
 from mmcore.data.images import ImageConfig, Rejected, open_checked
 from mmcore.eval.run import class_scores, pixels_of, read_shards
+from mmcore.eval.zeroshot import class_prompts
 from mmcore.models.model import ITC, OBJECTIVES, ImageTextModel
 from mmcore.models.towers import tokenize
 from mmcore.training import trim_padding
@@ -187,9 +188,10 @@ class Engine:
     ) -> np.ndarray:
         """(N, C) probabilities over ``labels`` for each image."""
         if self.cfg.fusion == "late":
-            prompts = [t.format(label) for label in labels for t in templates]
             return self.probs_from_embeddings(
-                self.embed_images(images), self.embed_texts(prompts), len(labels)
+                self.embed_images(images),
+                self.embed_texts(class_prompts(labels, templates)),
+                len(labels),
             )
         # Fusion: the ITM match log-probability averaged over templates, softmax over labels.
         return class_scores(self.model, images, labels, templates).softmax(-1).numpy()

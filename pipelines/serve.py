@@ -38,7 +38,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from mmcore.config import ConfigError, apply_overrides, from_dict, to_dict
-from mmcore.eval.zeroshot import DEFAULT_TEMPLATES
+from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, class_prompts
 from mmcore.serving import BadInput, Engine, IndexRecords, Limits, decode_image, read_index
 
 log = logging.getLogger(__name__)
@@ -356,9 +356,8 @@ class Model:
         loaded = self.loaded
         engine = loaded.engine
         if engine.cfg.fusion == "late":
-            prompts = [t.format(label) for label in labels for t in templates]
             (image_embed,) = await self._embed_all(loaded, "image", [image])
-            prompt_embeds = await self._prompt_embeds(loaded, prompts)
+            prompt_embeds = await self._prompt_embeds(loaded, class_prompts(labels, templates))
             probs = engine.probs_from_embeddings(image_embed[None], prompt_embeds, len(labels))
         else:  # an ITM pass per (image, prompt)
             probs = await asyncio.to_thread(engine.classify, [image], labels, templates)

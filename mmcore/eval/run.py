@@ -15,7 +15,13 @@ from PIL import Image
 
 from mmcore.data.transforms import eval_transform
 from mmcore.eval.retrieval import recall_at_k
-from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder, zeroshot_classifier
+from mmcore.eval.zeroshot import (
+    DEFAULT_TEMPLATES,
+    accuracy,
+    class_prompts,
+    image_folder,
+    zeroshot_classifier,
+)
 from mmcore.models.model import ImageTextModel
 from mmcore.models.towers import tokenize
 
@@ -37,7 +43,7 @@ def class_scores(
 ) -> torch.Tensor:  # fmt: skip
     """(N, C) class scores for each image (higher is more likely)."""
     cfg = model.cfg
-    prompts = [t.format(c) for c in classnames for t in templates]  # class-major
+    prompts = class_prompts(classnames, templates)
     tokens = tokenize(prompts, cfg.text.context_length)
     rows = []
     if cfg.fusion == "late":

@@ -22,6 +22,11 @@ DEFAULT_TEMPLATES = (
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
+def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every (class, template) prompt, class-major: prompt c·T + t is template t of class c."""
+    return [t.format(name) for name in classnames for t in templates]
+
+
 @torch.no_grad()
 def zeroshot_classifier(
     encode_texts: Callable[[list[str]], torch.Tensor],
