@@ -67,8 +67,11 @@ def export_hf(model: ImageTextModel, folder: str | Path) -> Path:
     from mmcore.models.towers import tokenizer
 
     cfg = model.cfg
-    if cfg.fusion != "late" or cfg.text.kind != "transformer":
-        raise ValueError("Hugging Face CLIP export needs fusion=late and text.kind=transformer")
+    if cfg.fusion != "late" or cfg.text.kind != "transformer" or cfg.vision.stem != "patch":
+        raise ValueError(
+            "Hugging Face CLIP export needs fusion=late, text.kind=transformer and "
+            "vision.stem=patch (CLIPModel has no conv stem)"
+        )
     config = CLIPConfig(
         text_config=model.text.model.config.to_dict(),
         vision_config=model.vision.model.config.to_dict(),

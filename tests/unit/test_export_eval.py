@@ -17,7 +17,7 @@ from mmcore.eval.run import zeroshot_eval
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder
 from mmcore.export import export_hf, save_model
 from mmcore.models.model import ModelConfig, build_model
-from mmcore.models.towers import TextConfig
+from mmcore.models.towers import TextConfig, VisionConfig
 from pipelines import evaluate, export
 
 LATE = ModelConfig(text=TextConfig(kind="transformer"))
@@ -65,6 +65,9 @@ def test_hf_export_gives_the_same_embeddings_and_zeroshot_accuracy(
 def test_hf_export_refuses_non_clip_towers(tmp_path) -> None:
     with pytest.raises(ValueError, match="text.kind=transformer"):
         export_hf(build_model(ModelConfig()), tmp_path)  # MiniLM text tower
+    conv = ModelConfig(text=TextConfig(kind="transformer"), vision=VisionConfig(stem="conv"))
+    with pytest.raises(ValueError, match="vision.stem=patch"):
+        export_hf(build_model(conv), tmp_path)
 
 
 def test_eval_commands_print_one_json_line(model_dir, sample_dir, tmp_path, capsys) -> None:

@@ -36,5 +36,5 @@ def test_heldout_compositions_never_appear_in_the_crawl(tmp_path: Path) -> None:
         classes = sorted(p.name for p in (tmp_path / "zeroshot" / task).iterdir())
         assert classes == sorted(COLOURS if task == "colour" else SHAPES)
         assert all(
-            len(list((tmp_path / "zeroshot" / task / c).glob("*.png"))) == 10 for c in classes
+            len(list((tmp_path / "zeroshot" / task / c).glob("*.png"))) == 40 for c in classes
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from mmcore.config import ConfigError, load_config
 from mmcore.data.transforms import eval_transform
@@ -16,7 +18,7 @@ from mmcore.eval.retrieval import recall_at_k
 from mmcore.export import load_model, save_model
 from mmcore.losses.contrastive import clip_loss, siglip_loss
 from mmcore.models.model import ModelConfig, build_model
-from mmcore.models.towers import TextConfig, tokenize
+from mmcore.models.towers import VISION_SIZES, ConvStem, TextConfig, VisionConfig, tokenize
 
 TINY = ModelConfig(text=TextConfig(kind="transformer", size="tiny"))
 
@@ -55,11 +57,39 @@ def test_frozen_minilm_is_locked_and_pretrained() -> None:
         _, pooled = model.text(**tokenize(["a red circle", "a red round disc", "tax law"], 32))
     sim = torch.nn.functional.cosine_similarity
     assert sim(pooled[0], pooled[1], dim=0) > sim(pooled[0], pooled[2], dim=0) + 0.2
+    model.train()  # a locked tower keeps no dropout: the same text, the same embedding
+    assert model.vision.training and not model.text.model.training
+    tokens = tokenize(["a red circle"] * 2, 32)
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(**tokens), model.encode_text(**tokens))
 
 
-def test_save_load_gives_identical_outputs(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("size", "image_size"), [("tiny", 64), ("small", 64)])
+def test_conv_stem_gives_the_patch_grid_and_learns(size: str, image_size: int) -> None:
     torch.manual_seed(0)
-    model = build_model(TINY).eval()
+    vision = VisionConfig(size=size, image_size=image_size, stem="conv")
+    model = build_model(ModelConfig(vision=vision, text=TextConfig(kind="transformer")))
+    stem = model.vision.model.embeddings.patch_embedding
+    patch = VISION_SIZES[size][4]
+    assert isinstance(stem, ConvStem) and sum(isinstance(m, nn.Conv2d) for m in stem) == (
+        1 + patch.bit_length() - 1
+    )  # one full-resolution conv, then one stride-2 conv per halving
+    pixels = torch.randn(2, 3, image_size, image_size)
+    tokens, pooled = model.vision(pixels)
+    assert tokens.shape == (2, 1 + (image_size // patch) ** 2, model.vision.width)
+    pooled.sum().backward()
+    assert stem[0].weight.grad.abs().sum() > 0
+
+
+def test_unknown_stem_fails_before_building() -> None:
+    with pytest.raises(ConfigError, match="stem: 'resnet' is not one of"):
+        load_config(ModelConfig, None, ["vision.stem=resnet"])
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_save_load_gives_identical_outputs(tmp_path: Path, stem: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(TINY, vision=VisionConfig(stem=stem))).eval()
     pixels, tokens = batch()
     with torch.no_grad():
         before = model(pixels, **tokens)
