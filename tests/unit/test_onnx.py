@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from mmcore.models.model import ModelConfig, build_model
-from mmcore.models.towers import TextConfig, tokenize
+from mmcore.models.towers import TextConfig, VisionConfig, tokenize
 from mmcore.onnx_export import OnnxEncoders, export_onnx
 
 CAPTIONS = ["a red circle", "a small blue square above a green cross", "a purple diamond",
             "a large yellow triangle", "an orange cross below a red circle"]  # fmt: skip
 
 
-def test_onnxruntime_matches_torch_and_int8_stays_close(tmp_path) -> None:
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_onnxruntime_matches_torch_and_int8_stays_close(tmp_path, stem: str) -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(text=TextConfig(kind="minilm"))).eval()
+    vision = VisionConfig(stem=stem)
+    model = build_model(ModelConfig(vision=vision, text=TextConfig(kind="minilm"))).eval()
     paths = export_onnx(model, tmp_path, quantize=True)
     pixels = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # batch 5
     tokens = tokenize(CAPTIONS, 32)
