@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +72,8 @@ def test_conv_stem_gives_the_patch_grid_and_learns(size: str, image_size: int) -
     model = build_model(ModelConfig(vision=vision, text=TextConfig(kind="transformer")))
     stem = model.vision.model.embeddings.patch_embedding
     patch = VISION_SIZES[size][4]
-    assert isinstance(stem, ConvStem) and sum(isinstance(m, nn.Conv2d) for m in stem) == (
-        1 + patch.bit_length() - 1
-    )  # one full-resolution conv, then one stride-2 conv per halving
+    convs = sum(isinstance(m, nn.Conv2d) for m in stem)
+    assert isinstance(stem, ConvStem) and convs == 1 + math.log2(patch)  # full res, then halvings
     pixels = torch.randn(2, 3, image_size, image_size)
     tokens, pooled = model.vision(pixels)
     assert tokens.shape == (2, 1 + (image_size // patch) ** 2, model.vision.width)
