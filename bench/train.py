@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from mmcore.config import load_config  # noqa: E402
 from mmcore.losses.fusion import compute_losses  # noqa: E402
 from mmcore.models.model import build_model  # noqa: E402
+from mmcore.models.towers import TextMemo  # noqa: E402
 from mmcore.training import cosine_lr, param_groups, preprocess, trim_padding  # noqa: E402
 from pipelines.train import TrainConfig, run  # noqa: E402
 from tests.helpers import curated_shards  # noqa: E402
@@ -91,6 +92,8 @@ def bare_throughput(cfg: TrainConfig, data: Path, steps: int) -> dict:
     samples = [r for r in rows.values() if "jpg" in r and "txt" in r]
     torch.manual_seed(0)
     model = build_model(cfg.model)
+    if cfg.data.text_cache:  # as the job does
+        model.text_memo = TextMemo(model.text, cfg.data.text_cache)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, 5))
     batch_size, times = cfg.schedule.global_batch, []

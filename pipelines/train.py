@@ -32,6 +32,7 @@ from mmcore.eval.run import eval_metrics
 from mmcore.export import save_model
 from mmcore.losses.fusion import LossConfig, compute_losses
 from mmcore.models.model import ModelConfig, build_model
+from mmcore.models.towers import TextMemo
 from mmcore.tracking import TrackingConfig, log_metrics_to, log_model, start_run, tracking_uri
 from mmcore.training import (
     DeepSpeedConfig,
@@ -54,10 +55,16 @@ class DataConfig:
     val_path: str = ""  # curated shards for validation; empty: hold out val_fraction of path
     val_fraction: float = 0.02  # held out by a stable hash of each sample's key (0: none)
     augment: TransformConfig = dataclasses.field(default_factory=TransformConfig)
+    # A locked text tower: each worker keeps the features of up to N distinct captions
+    # (mmcore TextMemo; ~20 KB each for MiniLM). 0: off. Not under ZeRO-3, where every rank
+    # must run the tower to gather its partitioned weights.
+    text_cache: int = 0
 
     def validate(self) -> None:
         if not 0 <= self.val_fraction < 1:
             raise ValueError("data.val_fraction must be in [0, 1)")
+        if self.text_cache < 0:
+            raise ValueError("data.text_cache must be >= 0")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -110,6 +117,8 @@ class TrainConfig:
         if not self.data.path:
             raise ValueError("data.path (--data) is required")
         self.loss.check(self.model.fusion)
+        if self.data.text_cache and not self.model.text.frozen:
+            raise ValueError("data.text_cache needs a locked text tower (model.text.frozen=true)")
         deepspeed_config(
             self.deepspeed, self.optim, self.schedule.global_batch, self.scaling.num_workers
         )
@@ -126,6 +135,10 @@ def train_func(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     engine, sched = _engine(cfg, world)
+    if cfg.data.text_cache and cfg.deepspeed.stage == 3:
+        log.warning("data.text_cache is off under ZeRO-3: every rank runs the text tower")
+    elif cfg.data.text_cache:
+        engine.module.text_memo = TextMemo(engine.module.text, cfg.data.text_cache)
     epoch, skip = 0, 0  # the data position: epoch, and micro-batches of it already consumed
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as folder:

@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcore.models.fusion import FUSIONS, TOKEN_OBJECTIVES, Fused, FusionConfig
-from mmcore.models.towers import TextConfig, TextTower, VisionConfig, VisionTower, tokenizer
+from mmcore.models.towers import (
+    TextConfig,
+    TextMemo,
+    TextTower,
+    VisionConfig,
+    VisionTower,
+    tokenizer,
+)
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps the learnt temperature at 1/100
 Fusion = Literal["late", "early", "cross_attention", "gated", "film", "hybrid"]
@@ -78,6 +85,7 @@ class ImageTextModel(nn.Module):
         self.cfg = cfg
         self.vision = VisionTower(cfg.vision)
         self.text = TextTower(cfg.text)
+        self.text_memo: TextMemo | None = None  # training's per-caption features (TextMemo)
         self.visual_projection = nn.Linear(self.vision.width, cfg.embed_dim, bias=False)
         self.text_projection = nn.Linear(self.text.width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.init_temperature)))
@@ -111,7 +119,8 @@ class ImageTextModel(nn.Module):
         self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> ModelOutput:
         image_tokens, image_pooled = self.vision(pixels)
-        text_tokens, text_pooled = self.text(input_ids, attention_mask)
+        text = self.text if self.text_memo is None else self.text_memo
+        text_tokens, text_pooled = text(input_ids, attention_mask)
         scale, bias = self.scales()
         return ModelOutput(
             image_embeds=F.normalize(self.visual_projection(image_pooled), dim=-1),

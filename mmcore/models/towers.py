@@ -10,7 +10,8 @@ CLIP-style text transformer (random init) or the pretrained MiniLM (BERT, 6 laye
 tower). Both text towers use that package's tokenizer, loaded from site-packages.
 
 Every tower returns ``(tokens, pooled)``: tokens (B, T, D) for fusion modules, pooled (B, D)
-for contrastive heads.
+for contrastive heads. ``TextMemo`` remembers a locked text tower's features per caption, so
+that a run of many epochs computes them once.
 """
 
 from __future__ import annotations
@@ -113,10 +114,12 @@ class VisionTower(nn.Module):
         self.model = CLIPVisionModel(config)
         if cfg.stem == "conv":
             self.model.embeddings.patch_embedding = ConvStem(hidden, patch)
-        self.width = hidden
+        self.width, self.stem = hidden, cfg.stem
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pixels (B, 3, H, W) → tokens (B, 1 + patches, D), pooled (B, D)."""
+        if self.stem == "conv":  # oneDNN's convolutions (CPU) and cuDNN's run faster in NHWC
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         out = self.model(pixel_values=pixels)
         return out.last_hidden_state, out.pooler_output
 
@@ -166,3 +169,39 @@ class TextTower(nn.Module):
             mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
             return tokens, (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
         return tokens, out.pooler_output  # the [SEP] (end-of-text) token
+
+
+class TextMemo:
+    """A locked text tower's features, computed once per distinct text (up to ``size`` texts
+    are kept; later ones are computed each time). With the weights fixed they depend on the
+    tokens alone, and a run of many epochs sees every caption again each epoch: LiT
+    precomputes them for the same reason. Token features past a text's end are zero (every
+    consumer masks them). Texts are right-padded, as ``tokenize`` pads them."""
+
+    def __init__(self, tower: TextTower, size: int) -> None:
+        if not tower.frozen:
+            raise ValueError("only a locked (frozen) text tower has fixed features to remember")
+        self.tower, self.size = tower, size
+        self.features: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = attention_mask.sum(1).tolist()
+        keys = [ids[:n].cpu().numpy().tobytes() for ids, n in zip(input_ids, lengths, strict=True)]
+        rows = {k: i for i, k in enumerate(keys) if k not in self.features}  # text → a row
+        new: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        if rows:
+            index = list(rows.values())
+            width = max(lengths[i] for i in index)
+            with torch.no_grad():
+                tokens, pooled = self.tower(input_ids[index, :width], attention_mask[index, :width])
+            for j, (key, i) in enumerate(rows.items()):
+                new[key] = (tokens[j, : lengths[i]].clone(), pooled[j].clone())
+            room = max(self.size - len(self.features), 0)
+            self.features.update(itertools.islice(new.items(), room))
+        found = [new.get(k) or self.features[k] for k in keys]
+        tokens = found[0][0].new_zeros((*input_ids.shape, self.tower.width))
+        for i, (t, _) in enumerate(found):
+            tokens[i, : len(t)] = t
+        return tokens, torch.stack([p for _, p in found])

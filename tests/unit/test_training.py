@@ -112,6 +112,8 @@ def test_train_command_refuses_bad_input_before_any_work(tmp_path, capsys) -> No
     assert "nope is not a folder" in capsys.readouterr().err
     assert main(["--data", str(tmp_path), "data.val_fraction=1.5"]) == 2
     assert "val_fraction must be in [0, 1)" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path), "data.text_cache=100"]) == 2  # a trainable tower
+    assert "text_cache needs a locked text tower" in capsys.readouterr().err
 
 
 def test_validation_split_is_stable_and_near_the_fraction() -> None:

@@ -19,7 +19,14 @@ from mmcore.eval.retrieval import recall_at_k
 from mmcore.export import load_model, save_model
 from mmcore.losses.contrastive import clip_loss, siglip_loss
 from mmcore.models.model import ModelConfig, build_model
-from mmcore.models.towers import VISION_SIZES, ConvStem, TextConfig, VisionConfig, tokenize
+from mmcore.models.towers import (
+    VISION_SIZES,
+    ConvStem,
+    TextConfig,
+    TextMemo,
+    VisionConfig,
+    tokenize,
+)
 
 TINY = ModelConfig(text=TextConfig(kind="transformer", size="tiny"))
 
@@ -65,6 +72,29 @@ def test_frozen_minilm_is_locked_and_pretrained() -> None:
         assert torch.equal(model.encode_text(**tokens), model.encode_text(**tokens))
 
 
+def test_text_memo_gives_the_locked_towers_features_computing_each_text_once() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(text=TextConfig(kind="minilm", frozen=True))).train()
+    texts = ["a red circle", "a large blue square to the left of a star", "a red circle", "a star"]
+    pixels, tokens = torch.randn(4, 3, 64, 64), tokenize(texts, 32)
+    with torch.no_grad():
+        want = model(pixels, **tokens)
+    rows: list[int] = []  # batch sizes the tower ran on
+    model.text.register_forward_hook(lambda module, args, out: rows.append(len(out[1])))
+    model.text_memo = TextMemo(model.text, size=2)
+    real = tokens["attention_mask"].bool()
+    for _ in range(2):
+        out = model(pixels, **tokens)
+        assert torch.allclose(out.text_embeds, want.text_embeds, atol=1e-5)
+        assert torch.allclose(out.text_tokens[real], want.text_tokens[real], atol=1e-4)
+        assert not out.text_tokens[~real].any()  # zero past each text's end
+    assert rows == [3, 1]  # 3 distinct texts; 2 kept, the third computed again
+    out.text_embeds.sum().backward()  # the projection above the memo still learns
+    assert model.text_projection.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="only a locked"):
+        TextMemo(build_model(TINY).text, size=2)
+
+
 @pytest.mark.parametrize(("size", "image_size"), [("tiny", 64), ("small", 64)])
 def test_conv_stem_gives_the_patch_grid_and_learns(size: str, image_size: int) -> None:
     torch.manual_seed(0)
@@ -77,7 +107,7 @@ def test_conv_stem_gives_the_patch_grid_and_learns(size: str, image_size: int) -
     pixels = torch.randn(2, 3, image_size, image_size)
     tokens, pooled = model.vision(pixels)
     assert tokens.shape == (2, 1 + (image_size // patch) ** 2, model.vision.width)
-    pooled.sum().backward()
+    pooled.pow(2).sum().backward()  # not .sum(): a LayerNorm output sums to a constant
     assert stem[0].weight.grad.abs().sum() > 0
 
 
