@@ -1,6 +1,6 @@
 """Why the `tiny` config has a conv stem: shape learning of the tiny ViT, patch vs conv stem.
 
-    python bench/stem.py [--stem patch|conv] [--n 8000] [--steps 1500] [--seed 0]
+    python bench/stem.py [--stem patch|conv] [--channels 24] [--n 8000] [--steps 1500] [--seed 0]
 
 A single-process loop, not the training job: the `tiny` model (frozen MiniLM, late fusion,
 CLIP loss, batch 64, AdamW, cosine lr) on the curated shards of an n-row sample crawl, with
@@ -56,7 +56,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--channels", type=int, default=24, help="the conv stem's first width")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     data = OUT / f"train-shards-{args.n}"
@@ -68,10 +72,9 @@ def main() -> None:
         ray.shutdown()
     keys, images, captions = read_shards(data)
     train = [i for i, key in enumerate(keys) if not held_out(key, 0.1)]
-    model = build_model(ModelConfig(
-        vision=VisionConfig(size="tiny", image_size=64, stem=args.stem),
-        text=TextConfig(kind="minilm", frozen=True, context_length=32),
-    ))  # fmt: skip
+    vision = VisionConfig(size="tiny", image_size=64, stem=args.stem, stem_channels=args.channels)
+    locked = TextConfig(kind="minilm", frozen=True, context_length=32)
+    model = build_model(ModelConfig(vision=vision, text=locked))
     with torch.no_grad():  # the locked tower's features, once per caption
         tokens = tokenize([captions[i] for i in train], 32)
         ids, mask = tokens["input_ids"].split(256), tokens["attention_mask"].split(256)
@@ -97,7 +100,7 @@ def main() -> None:
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             seen = accuracy(class_scores(model, seen_images, list(SHAPES)), seen_labels)
-            row = {"stem": args.stem, "n": args.n, "step": step,
+            row = {"stem": args.stem, "channels": args.channels, "n": args.n, "step": step,
                    "seconds": round(time.perf_counter() - start),
                    "shape_heldout": zeroshot_eval(model, zeroshot / "shape")["top1"],
                    "shape_seen": seen["top1"],

@@ -49,10 +49,13 @@ class VisionConfig:
     size: Literal["tiny", "small", "B/32", "B/16"] = "tiny"
     image_size: int = 64  # input side in pixels; a multiple of the patch size
     stem: Literal["patch", "conv"] = "patch"  # patch embedding: one conv, or a conv stem
+    stem_channels: int = 24  # the conv stem's first width (doubling at each halving after)
 
     def validate(self) -> None:
         if self.image_size % VISION_SIZES[self.size][4]:
             raise ValueError(f"image_size must be a multiple of the {self.size} patch size")
+        if self.stem_channels < 1:
+            raise ValueError("stem_channels must be >= 1")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -87,15 +90,15 @@ def tokenize(texts: list[str], context_length: int) -> dict[str, torch.Tensor]:
 
 class ConvStem(nn.Sequential):
     """(B, 3, H, W) → (B, width, H/patch, W/patch), as the patch embedding it replaces: a 3×3
-    convolution at full resolution, then stride-2 3×3 convolutions (channels 48, 96, ...)
-    down to the patch grid, the last one to ``width``. Every patch size in VISION_SIZES is a
-    power of two."""
+    convolution at full resolution, then stride-2 3×3 convolutions (channels C, C, 2C, ...)
+    down to the patch grid, the last one to ``width``; BatchNorm and GELU between them, as
+    Xiao et al.'s stem has (BN, ReLU). Every patch size in VISION_SIZES is a power of two."""
 
-    def __init__(self, width: int, patch: int) -> None:
-        channels = [48] + [48 * 2**i for i in range(patch.bit_length() - 2)] + [width]
-        layers: list[nn.Module] = [nn.Conv2d(3, 48, 3, 1, 1)]
-        for c_in, c_out in itertools.pairwise(channels):
-            layers += [nn.GELU(), nn.Conv2d(c_in, c_out, 3, 2, 1)]
+    def __init__(self, width: int, patch: int, channels: int) -> None:
+        sizes = [channels] + [channels * 2**i for i in range(patch.bit_length() - 2)] + [width]
+        layers: list[nn.Module] = [nn.Conv2d(3, channels, 3, 1, 1)]
+        for c_in, c_out in itertools.pairwise(sizes):
+            layers += [nn.BatchNorm2d(c_in), nn.GELU(), nn.Conv2d(c_in, c_out, 3, 2, 1)]
         super().__init__(*layers)
 
     @property
@@ -113,7 +116,7 @@ class VisionTower(nn.Module):
         )  # fmt: skip
         self.model = CLIPVisionModel(config)
         if cfg.stem == "conv":
-            self.model.embeddings.patch_embedding = ConvStem(hidden, patch)
+            self.model.embeddings.patch_embedding = ConvStem(hidden, patch, cfg.stem_channels)
         self.width, self.stem = hidden, cfg.stem
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -138,6 +138,8 @@ def test_save_load_gives_identical_outputs(tmp_path: Path, stem: str) -> None:
 def test_bad_model_config_fails_before_building() -> None:
     with pytest.raises(ConfigError, match="image_size must be a multiple"):
         load_config(ModelConfig, None, ["vision.image_size=60"])
+    with pytest.raises(ConfigError, match="stem_channels must be >= 1"):
+        load_config(ModelConfig, None, ["vision.stem_channels=0"])
     with pytest.raises(ConfigError, match="fusion: 'nope' is not one of"):
         load_config(ModelConfig, None, ["fusion=nope"])
 
