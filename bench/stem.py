@@ -1,6 +1,6 @@
 """Why the `tiny` config has a conv stem: shape learning of the tiny ViT, patch vs conv stem.
 
-    python bench/stem.py [--stem patch|conv] [--channels 24] [--n 8000] [--steps 1500] [--seed 0]
+    python bench/stem.py [--stem patch|conv] [--channels 24] [--steps 1500] [--seed 0] [--lr 1e-3]
 
 A single-process loop, not the training job: the `tiny` model (frozen MiniLM, late fusion,
 CLIP loss, batch 64, AdamW, cosine lr) on the curated shards of an n-row sample crawl, with
@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--channels", type=int, default=24, help="the conv stem's first width")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,7 +82,7 @@ def main() -> None:
         text = torch.cat([model.text(i, m)[1] for i, m in zip(ids, mask, strict=True)])
     seen_images, seen_labels = seen_shapes(rng, 20)
     zeroshot = OUT / f"train-sample-{args.n}" / "zeroshot"
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.steps, 50))
     augment, start = TransformConfig(image_size=64), time.perf_counter()
     model.train()
