@@ -30,8 +30,9 @@ def test_onnxruntime_matches_torch_and_int8_stays_close(tmp_path, stem: str) -> 
     np.testing.assert_allclose(fp32.encode_image(pixels.numpy()), image, atol=1e-5)
     np.testing.assert_allclose(fp32.encode_text(ids, mask), text, atol=1e-5)
 
+    # Holds on AVX2-only CPUs too (no VNNI), where full-range per-tensor int8 gave 0.98.
     int8 = OnnxEncoders(tmp_path, int8=True)
     assert (int8.encode_image(pixels.numpy()) * image).sum(1).min() > 0.99  # cosine
-    assert (int8.encode_text(ids, mask) * text).sum(1).min() > 0.85
+    assert (int8.encode_text(ids, mask) * text).sum(1).min() > 0.98
     for name in ("image_encoder", "text_encoder"):  # int8 weights: at most ~1/3 of the bytes
         assert paths[f"{name}.int8"].stat().st_size < 0.4 * paths[name].stat().st_size
