@@ -8,7 +8,7 @@
 #   cluster/local.sh down
 #
 # Settings (environment): WORKERS (1), HEAD_CPUS (1), WORKER_CPUS (2), OBJECT_STORE_BYTES
-# (300 MB per node), GCS_PORT (6380), DASHBOARD_PORT (8265), RAY (the `ray` to use: the
+# (300 MB per node), GCS_PORT (6380), DASHBOARD_PORT (8265), RAY_TMPDIR (/tmp), RAY (the `ray` to use: the
 # project's .venv when present, so jobs' `python` is the one with mmray installed).
 #
 # Authentication: Ray 2.60 enables token auth, and `ray job submit` then needs
@@ -24,6 +24,7 @@ WORKER_CPUS=${WORKER_CPUS:-2}
 OBJECT_STORE_BYTES=${OBJECT_STORE_BYTES:-300000000}
 GCS_PORT=${GCS_PORT:-6380}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
+TEMP_ROOT=${RAY_TMPDIR:-/tmp}  # the head uses $TEMP_ROOT/ray, worker node i $TEMP_ROOT/ray-worker-i
 if [ -z "${RAY:-}" ]; then
   if [ -x "$root/.venv/bin/ray" ]; then RAY=$root/.venv/bin/ray; else RAY=$(command -v ray); fi
 fi
@@ -50,8 +51,12 @@ up() {
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --disable-usage-stats >/dev/null
   for i in $(seq 1 "$WORKERS"); do
     echo "starting worker node $i ($WORKER_CPUS CPU)"
+    # Each node its own temp dir: nodes sharing one would share the session's
+    # runtime_resources/, and a worker node installing a job's working_dir there replaced
+    # the folder the job's driver runs in (its cwd vanished as soon as it called ray.init).
     "$RAY" start --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 \
       --num-cpus="$WORKER_CPUS" --resources='{"worker_node": 1}' \
+      --temp-dir="$TEMP_ROOT/ray-worker-$i" \
       --object-store-memory="$OBJECT_STORE_BYTES" --disable-usage-stats >/dev/null
   done
   want=$((WORKERS + 1))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmcore.config import from_dict, to_dict
+from mmcore.config import ConfigError, from_dict, to_dict
 from mmcore.models.model import ImageTextModel, ModelConfig, build_model
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -45,6 +45,24 @@ def resolve(uri: str | Path) -> Path:
     if not (folder / CONFIG).exists():
         raise ValueError(f"{text}: not a model folder, runs:/ID/model or models:/NAME@ALIAS URI")
     return folder
+
+
+def check_reference(uri: str | Path) -> None:
+    """``ConfigError`` saying what was not found where, unless ``uri`` names a model: a folder
+    with an export, or a ``runs:/``/``models:/`` URI that the tracking store knows. Cheap: it
+    downloads nothing, so jobs call it before any work starts."""
+    text = str(uri)
+    if text.startswith(("runs:/", "models:/")):
+        from mmcore.tracking import check_model_uri
+
+        check_model_uri(text)
+        return
+    folder = Path(text)
+    if not ((folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()):
+        raise ConfigError(
+            f"model {text}: {folder.absolute()} holds no {CONFIG} + {WEIGHTS}; give a model "
+            "folder, runs:/RUN_ID/model or models:/NAME@ALIAS"
+        )
 
 
 def load_model(uri: str | Path, device: str | torch.device = "cpu") -> ImageTextModel:

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from mmcore.config import flatten
+from mmcore.config import ConfigError, flatten
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +185,29 @@ def model_info(uri: str) -> dict[str, Any]:
         metrics = client.get_run(info["run_id"]).data.metrics
         info["metrics"] = {k: v for k, v in sorted(metrics.items()) if k.startswith("eval/")}
     return info
+
+
+def check_model_uri(uri: str) -> None:
+    """``ConfigError`` unless the tracking store knows the model ``uri`` names (the run and
+    its artifact folder, the registered version or alias, or the logged model)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    store = tracking_uri()
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).exists():
+        raise ConfigError(  # looking would create an empty store there
+            f"model {uri}: there is no MLflow store at {store}; set MLFLOW_TRACKING_URI to "
+            "the store that holds it"
+        )
+    try:
+        info = model_info(uri)
+        if uri.startswith("runs:/"):
+            path = uri.removeprefix("runs:/").partition("/")[2]
+            if not mlflow.MlflowClient(store).list_artifacts(info["run_id"], path or None):
+                raise ConfigError(f"model {uri}: the run has no artifacts at {path!r} ({store})")
+    except MlflowException as e:
+        raise ConfigError(
+            f"model {uri} was not found in the MLflow store {store} (MLFLOW_TRACKING_URI "
+            f"{'is set' if os.environ.get('MLFLOW_TRACKING_URI') else 'is not set'}): "
+            f"{e.message}"
+        ) from e

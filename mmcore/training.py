@@ -6,6 +6,7 @@
     batch = preprocess(shard_batch, image_size=64, context_length=32, augment=cfg, seed=step)
     ids, mask = trim_padding(batch_ids, batch_mask)       # drop columns that are all padding
     is_val = held_out(row["__key__"], fraction=0.02)      # a stable validation split by key
+    for batch in within(loader, timeout_s=300, stalled=lambda t: f"no batch in {t} s"): ...
 
 ``preprocess`` is the CPU step that Ray Data maps over WebDataset shards read with
 ``ray.data.read_webdataset(..., decoder=None)``: encoded image bytes and caption bytes in,
@@ -17,8 +18,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import queue
+import threading
 import zlib
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +30,8 @@ from PIL import Image
 
 from mmcore.data.transforms import TransformConfig, eval_transform, train_transform
 from mmcore.models.towers import tokenize
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -162,3 +168,49 @@ def held_out(key: str, fraction: float) -> bool:
     """Whether the sample with this key is in the validation split: a stable hash of the key,
     so the split is the same on every run, resume and machine."""
     return zlib.crc32(str(key).encode()) % 10_000 < fraction * 10_000
+
+
+class DataStalled(RuntimeError):
+    """The data pipeline produced nothing for longer than allowed."""
+
+
+def within(items: Iterable[T], timeout_s: float, stalled: Callable[[float], str]) -> Iterator[T]:
+    """Yield ``items``, drawn one ahead in a helper thread; raise ``DataStalled(stalled(t))``
+    when the next one takes longer than ``timeout_s`` (0: wait forever). A loader that can
+    never produce (no CPU left for its tasks) then ends the run with a diagnosis instead of
+    hanging it."""
+    if not timeout_s:
+        yield from items
+        return
+    box: queue.Queue = queue.Queue(maxsize=1)
+    end, stop = object(), threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put((end, None))
+        except BaseException as e:  # re-raised in the consumer
+            box.put((end, e))
+
+    threading.Thread(target=pump, daemon=True, name="mmray-data").start()
+    try:
+        while True:
+            try:
+                item, error = box.get(timeout=timeout_s)
+            except queue.Empty:
+                raise DataStalled(stalled(timeout_s)) from None
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()

@@ -32,7 +32,7 @@ from mmcore.data.curate import clean_captions, fetch_and_process
 from mmcore.data.dedup import DedupConfig, find_duplicates
 from mmcore.data.fetch import FetchConfig
 from mmcore.data.images import ImageConfig
-from mmcore.data.metadata import InputConfig, InputError, check_input, plan_shards, read_parts
+from mmcore.data.metadata import InputConfig, check_input, plan_shards, read_parts
 from mmcore.data.shards import (
     MANIFEST,
     build_manifest,
@@ -46,6 +46,7 @@ from mmcore.data.shards import (
     write_pieces,
 )
 from mmcore.tracking import TrackingConfig, start_run
+from pipelines import job
 
 log = logging.getLogger(__name__)
 
@@ -335,24 +336,27 @@ def parse_args(argv: list[str]) -> CurateConfig:
     return load_config(CurateConfig, args.config, flags + args.overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        check_input(cfg.input)  # fail on a bad input before starting Ray
-        import ray
+def check(cfg: CurateConfig) -> None:
+    """A bad input, output path or tracking store fails before Ray starts."""
+    job.check_input("input.path", cfg.input.path)
+    check_input(cfg.input)
+    job.check_output("output.path", cfg.output.path)
+    job.check_tracking(cfg.tracking)
 
-        if not ray.is_initialized():
-            ray.init(log_to_driver=True)
-        summary = run(cfg)
-    except (ConfigError, InputError) as e:
-        print(f"mmray curate: error: {e}", file=sys.stderr)
-        return 2
+
+def work(cfg: CurateConfig) -> dict[str, Any]:
+    summary = run(cfg)
     print(format_table(summary), file=sys.stderr)
-    print(json.dumps(summary))
-    return 0
+    return summary
+
+
+def need(cfg: CurateConfig) -> job.Need:
+    return job.Need(cpus=cfg.compute.num_cpus)  # room for one processing task at least
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return job.main("mmray curate", lambda: parse_args(argv), work, check, need)
 
 
 if __name__ == "__main__":

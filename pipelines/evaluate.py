@@ -8,15 +8,17 @@ URI: a model folder, runs:/ID/model, or models:/NAME@ALIAS.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from typing import Any
 
+from mmcore.config import ConfigError
 from mmcore.eval.run import read_shards, retrieval_eval, zeroshot_eval
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES
-from mmcore.export import load_model
+from mmcore.export import check_reference, load_model
+from pipelines import job
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mmray eval", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="task", required=True)
     zs = sub.add_parser("zeroshot", help="top-1/top-5 over DIR/<class name>/<images>")
@@ -28,22 +30,35 @@ def main(argv: list[str] | None = None) -> int:
     rt.add_argument("--data", required=True, help="a folder of .tar shards, or one .tar")
     rt.add_argument("--limit", type=int, default=None, help="use the first N pairs")
     rt.add_argument("--shortlist", type=int, default=16, help="hybrid: re-rank ITC top-k")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        model = load_model(args.model)
-        if args.task == "zeroshot":
-            templates = args.template or list(DEFAULT_TEMPLATES)
-            if any("{}" not in t for t in templates):
-                raise ValueError("every --template needs a {} for the class name")
-            metrics = zeroshot_eval(model, args.image_folder, templates)
-        else:
-            _, images, captions = read_shards(args.data, args.limit)
-            metrics = retrieval_eval(model, images, captions, args.shortlist)
-    except (ValueError, OSError) as e:
-        print(f"mmray eval: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"task": args.task, "model": str(args.model)} | metrics))
-    return 0
+    args = p.parse_args(argv)
+    if args.task == "zeroshot":
+        args.template = args.template or list(DEFAULT_TEMPLATES)
+        if any("{}" not in t for t in args.template):
+            raise ConfigError("every --template needs a {} for the class name")
+    return args
+
+
+def check(args: argparse.Namespace) -> None:
+    check_reference(args.model)
+    if args.task == "zeroshot":
+        job.check_input("--image-folder", args.image_folder)
+    else:
+        job.check_input("--data", args.data)
+
+
+def work(args: argparse.Namespace) -> dict[str, Any]:
+    model = load_model(args.model)
+    if args.task == "zeroshot":
+        metrics = zeroshot_eval(model, args.image_folder, args.template)
+    else:
+        _, images, captions = read_shards(args.data, args.limit)
+        metrics = retrieval_eval(model, images, captions, args.shortlist)
+    return {"task": args.task, "model": str(args.model)} | metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return job.main("mmray eval", lambda: parse_args(argv), work, check)
 
 
 if __name__ == "__main__":

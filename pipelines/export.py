@@ -7,28 +7,32 @@ towers); safetensors: mmray's own folder (config.json + model.safetensors).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from typing import Any
 
-from mmcore.export import export_hf, load_model, save_model
+from mmcore.export import check_reference, export_hf, load_model, save_model
+from pipelines import job
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mmray export", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="folder, runs:/ID/model or models:/NAME@ALIAS")
     p.add_argument("--format", choices=["hf", "safetensors"], default="hf")
     p.add_argument("--output", required=True)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        model = load_model(args.model)
-        out = (
-            export_hf(model, args.output) if args.format == "hf" else save_model(model, args.output)
-        )
-    except (ValueError, OSError) as e:
-        print(f"mmray export: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"model": str(args.model), "format": args.format, "output": str(out)}))
-    return 0
+    return p.parse_args(argv)
+
+
+def work(args: argparse.Namespace) -> dict[str, Any]:
+    model = load_model(args.model)
+    save = export_hf if args.format == "hf" else save_model
+    out = save(model, args.output)
+    return {"model": str(args.model), "format": args.format, "output": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    check = lambda args: check_reference(args.model)  # noqa: E731
+    return job.main("mmray export", lambda: parse_args(argv), work, check)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,10 @@ from starlette.exceptions import HTTPException
 
 from mmcore.config import ConfigError, apply_overrides, from_dict, to_dict
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, class_prompts
+from mmcore.export import check_reference
 from mmcore.serving import BadInput, Engine, IndexRecords, Limits, decode_image, read_index
+from pipelines import job
+from pipelines.train import shard_paths
 
 log = logging.getLogger(__name__)
 CONFIG = Path(__file__).parent / "configs" / "serve.yaml"
@@ -420,7 +423,9 @@ def build(cfg: ServeConfig):
 
 def app(args: dict[str, Any]):
     """Serve's application builder: ``import_path: pipelines.serve:app`` with ``args``."""
-    return build(from_dict(ServeConfig, dict(args)))
+    cfg = from_dict(ServeConfig, dict(args))
+    check(cfg)  # `serve run` builds the app here: a bad reference stops it before deploying
+    return build(cfg)
 
 
 def config_from(path: str | Path, overrides: list[str]) -> tuple[ServeConfig, dict[str, Any]]:
@@ -442,6 +447,18 @@ def config_from(path: str | Path, overrides: list[str]) -> tuple[ServeConfig, di
     return cfg, text.get("http_options") or {}
 
 
+def check(cfg: ServeConfig) -> None:
+    """The model and the index must resolve here, before Ray and Serve start: a replica that
+    cannot load its model only says "Failed to update the deployments"."""
+    check_reference(cfg.model.uri)
+    if cfg.index:
+        shard_paths(cfg.index, "index")
+
+
+def need(cfg: ServeConfig) -> job.Need:
+    return job.Need(cpus=cfg.replicas.min_replicas * cfg.replicas.num_cpus)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mmray serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(CONFIG), help="a Serve config file (serve.yaml)")
@@ -451,29 +468,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, help="default 8000")
     p.add_argument("--address", help="a running Ray cluster (default: RAY_ADDRESS or local)")
     p.add_argument("--detach", action="store_true", help="deploy onto the cluster and return")
-    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. batch.max_batch_size=16")
+    p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. model.max_batch_size=16")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    flags = [f"{k}={v}" for k, v in (("model.uri", args.model), ("index", args.index)) if v]
-    try:
-        cfg, http = config_from(args.config, flags + args.overrides)
-    except ConfigError as e:
-        print(f"mmray serve: error: {e}", file=sys.stderr)
-        return 2
     if args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):
         print("mmray serve: error: --detach needs a running cluster (--address or RAY_ADDRESS)",
               file=sys.stderr)  # fmt: skip
         return 2
-    host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
-    import ray
+    flags = [f"{k}={v}" for k, v in (("model.uri", args.model), ("index", args.index)) if v]
+    http: dict[str, Any] = {}
 
-    if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build(cfg), name="mmray", route_prefix="/")
-    url = f"http://{host}:{port}"
-    print(json.dumps({"url": url, "docs": f"{url}/docs", "model": cfg.model.uri}), flush=True)
-    if args.detach:  # Serve keeps the app running in the cluster after this driver exits
-        return 0
+    def parse() -> ServeConfig:
+        cfg, options = config_from(args.config, flags + args.overrides)
+        http.update(options)
+        return cfg
+
+    def deploy(cfg: ServeConfig) -> dict[str, Any]:
+        host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build(cfg), name="mmray", route_prefix="/")
+        url = f"http://{host}:{port}"
+        return {"url": url, "docs": f"{url}/docs", "model": cfg.model.uri}
+
+    rc = job.main("mmray serve", parse, deploy, check, need, args.address, log_to_driver=False)
+    if rc or args.detach:  # detached: Serve keeps the app running in the cluster
+        return rc
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

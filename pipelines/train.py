@@ -43,7 +43,9 @@ from mmcore.training import (
     param_groups,
     preprocess,
     trim_padding,
+    within,
 )
+from pipelines import job
 
 log = logging.getLogger(__name__)
 TAG = "ckpt"  # DeepSpeed checkpoint tag (not "latest": DeepSpeed writes a file of that name)
@@ -59,12 +61,15 @@ class DataConfig:
     # (mmcore TextMemo; ~20 KB each for MiniLM). 0: off. Not under ZeRO-3, where every rank
     # must run the tower to gather its partitioned weights.
     text_cache: int = 0
+    # A worker that gets no batch for this long stops the run with a diagnosis (0: waits
+    # forever). Covers Ray Data's start-up, so it is generous.
+    stall_timeout_s: float = 300.0
 
     def validate(self) -> None:
         if not 0 <= self.val_fraction < 1:
             raise ValueError("data.val_fraction must be in [0, 1)")
-        if self.text_cache < 0:
-            raise ValueError("data.text_cache must be >= 0")
+        if self.text_cache < 0 or self.stall_timeout_s < 0:
+            raise ValueError("data.text_cache and data.stall_timeout_s must be >= 0")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -76,9 +81,6 @@ class EvalConfig:
     def validate(self) -> None:
         if self.every < 0 or self.max_pairs < 2:
             raise ValueError("need eval.every >= 0 and eval.max_pairs >= 2")
-        for folder in self.zeroshot:
-            if not Path(folder).is_dir():
-                raise ValueError(f"eval.zeroshot: {folder} is not a folder")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -111,7 +113,7 @@ class TrainConfig:
     tracking: TrackingConfig = dataclasses.field(
         default_factory=lambda: TrackingConfig(experiment="mmray-train")
     )
-    output: str = "runs"  # Ray Train storage: checkpoints and the final export
+    output: str = ""  # Ray Train storage (checkpoints, the export); empty: ~/ray_results
 
     def validate(self) -> None:
         if not self.data.path:
@@ -150,12 +152,14 @@ def train_func(config: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(cfg.schedule.seed * 1000 + rank)
     shard = ray.train.get_dataset_shard("train")
     micro = engine.train_micro_batch_size_per_gpu()
+    stalled = functools.partial(_stalled, rank)
     sch, last = cfg.schedule, cfg.schedule.max_steps
     mark = time.perf_counter()
     while engine.global_steps < last:
         consumed = 0
+        batches = shard.iter_torch_batches(batch_size=micro, drop_last=True)
         for consumed, batch in enumerate(
-            shard.iter_torch_batches(batch_size=micro, drop_last=True), start=1
+            within(batches, cfg.data.stall_timeout_s, stalled), start=1
         ):
             if consumed <= skip:  # seen before the restart
                 mark = time.perf_counter()
@@ -197,6 +201,19 @@ def train_func(config: dict[str, Any]) -> None:
         if consumed <= skip and engine.global_steps < last:
             raise RuntimeError(f"an epoch gave worker {rank} no full batch of {micro} samples")
         epoch, skip = epoch + 1, 0
+
+
+def _stalled(rank: int, waited: float) -> str:
+    import ray
+
+    total, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
+    return (
+        f"worker {rank} received no batch from Ray Data in {waited:g} s "
+        f"(data.stall_timeout_s); the cluster has {total:g} CPU, {free:g} free. When the "
+        "training workers hold every CPU, Ray Data's read and preprocessing tasks never run: "
+        "give Ray more CPUs than scaling.num_workers x scaling.cpus_per_worker, or use fewer "
+        "workers. Also check that every node can read data.path"
+    )
 
 
 def _engine(cfg: TrainConfig, world: int) -> tuple[Any, Any]:
@@ -259,8 +276,9 @@ def _report(engine: Any, metrics: dict[str, float], position: dict[str, int]) ->
 # --- driver --------------------------------------------------------------------------------
 
 
-def shard_paths(path: str) -> list[str]:
+def shard_paths(path: str, key: str = "data.path") -> list[str]:
     """The curated shards to train on; a clear error when there are none."""
+    job.check_input(key, path)
     tars = sorted(str(p) for p in Path(path).glob("*.tar"))
     if not tars:
         where = Path(path).resolve()
@@ -336,7 +354,7 @@ def run(
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage = Path(cfg.output).resolve()
+    storage = job.output_root(cfg.output)
     with start_run(cfg.tracking, run_name, parent_run_id, tags) as tracker:
         tracker.log_params(to_dict(cfg))
         tracker.set_tags(_lineage())
@@ -415,23 +433,30 @@ def data_overrides(args: argparse.Namespace) -> list[str]:
     return flags
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        for path in filter(None, (cfg.data.path, cfg.data.val_path)):
-            shard_paths(path)  # before Ray and MLflow start
-    except (ConfigError, ValueError) as e:
-        print(f"mmray train: error: {e}", file=sys.stderr)
-        return 2
-    import ray
+def check(cfg: TrainConfig) -> None:
+    """What must resolve before Ray and MLflow start: shards, eval folders, the output path and
+    the tracking store."""
+    shard_paths(cfg.data.path)
+    if cfg.data.val_path:
+        shard_paths(cfg.data.val_path, "data.val_path")
+    for folder in cfg.eval.zeroshot:
+        job.check_input("eval.zeroshot", folder)
+        if not Path(folder).is_dir():
+            raise ConfigError(f"eval.zeroshot: {folder} is not a folder")
+    job.check_output("output", cfg.output)
+    job.check_tracking(cfg.tracking)
 
-    if not ray.is_initialized():
-        ray.init()
-    print(json.dumps(run(cfg)))
-    return 0
+
+def need(cfg: TrainConfig) -> job.Need:
+    """The training workers, plus CPUs for Ray Data's read and preprocessing tasks."""
+    s = cfg.scaling
+    gpus = s.num_workers if s.use_gpu else 0
+    return job.Need(cpus=s.num_workers * s.cpus_per_worker, gpus=gpus, data_cpus=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return job.main("mmray train", lambda: parse_args(argv), run, check, need)
 
 
 if __name__ == "__main__":

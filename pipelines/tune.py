@@ -25,11 +25,14 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from mmcore.config import ConfigError, apply_overrides, flatten, from_dict, load_config, to_dict
+from mmcore.config import apply_overrides, flatten, from_dict, load_config, to_dict
 from mmcore.losses.fusion import check_objectives
 from mmcore.models.model import OBJECTIVES
 from mmcore.tracking import TrackingConfig, tracking_uri
-from pipelines.train import TrainConfig, add_data_flags, data_overrides, shard_paths
+from pipelines import job
+from pipelines.train import TrainConfig, add_data_flags, data_overrides
+from pipelines.train import check as train_check
+from pipelines.train import need as train_need
 from pipelines.train import run as train_run
 
 log = logging.getLogger(__name__)
@@ -92,7 +95,7 @@ class SweepConfig:
     max_concurrent_trials: int = 1
     asha: AshaConfig = dataclasses.field(default_factory=AshaConfig)
     registered_model: str = "mmray"
-    output: str = "runs"
+    output: str = ""  # sweeps and trial checkpoints under output/name; empty: ~/ray_results
     tracking: TrackingConfig = dataclasses.field(
         default_factory=lambda: TrackingConfig(experiment="mmray-tune")
     )
@@ -116,7 +119,7 @@ class SweepConfig:
         cfg.data.path = str(Path(cfg.data.path).resolve()) if cfg.data.path else ""
         cfg.data.val_path = str(Path(cfg.data.val_path).resolve()) if cfg.data.val_path else ""
         cfg.eval.zeroshot = [str(Path(f).resolve()) for f in cfg.eval.zeroshot]
-        cfg.output = str(Path(self.output).resolve() / self.name / "trials")
+        cfg.output = str(job.output_root(self.output) / self.name / "trials")
         cfg.tracking = self.tracking
         return cfg
 
@@ -347,7 +350,7 @@ def crown(sweep: SweepConfig, rows: list[dict], parent_run_id: str) -> dict[str,
 def run(sweep: SweepConfig) -> dict[str, Any]:
     import mlflow
 
-    path = Path(sweep.output).resolve() / sweep.name
+    path = job.output_root(sweep.output) / sweep.name
     state = path / "mmray_sweep.json"  # the parent run id, for a restored sweep
     restoring = state.exists()
     parent_run_id = json.loads(state.read_text())["parent_run_id"] if restoring else None
@@ -379,7 +382,7 @@ def run(sweep: SweepConfig) -> dict[str, Any]:
             mlflow.log_artifact(str(png), "plots")
         champion = crown(sweep, rows, parent_run_id)
         mlflow.set_tags({f"champion.{k}": str(v) for k, v in champion.items()})
-    print(table)
+    print(table, file=sys.stderr)
     return {"run_id": parent_run_id, "trials": len(rows), "steps_saved": saved} | champion
 
 
@@ -391,35 +394,40 @@ def report(sweep_run_id: str) -> str:
     return mlflow.artifacts.load_text(f"runs:/{sweep_run_id}/ablation.md")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if argv[:1] == ["report"]:
-        p = argparse.ArgumentParser(prog="mmray tune report")
-        p.add_argument("sweep", help="the sweep's parent MLflow run id")
-        print(report(p.parse_args(argv[1:]).sweep), end="")
-        return 0
+def parse_args(argv: list[str]) -> SweepConfig:
     p = argparse.ArgumentParser(prog="mmray tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML sweep config (pipelines/configs/tune/*.yaml)")
     add_data_flags(p)  # the trials' training data, as for mmray train
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = p.parse_args(argv)
-    train = data_overrides(args)
-    try:
-        sweep = load_config(SweepConfig, args.config, args.overrides)
-        sweep.overrides += train  # the flags set the trials' training config
-        shard_paths(sweep.base().data.path)  # a bad config fails before Ray and MLflow start
-    except (ConfigError, ValueError) as e:
-        print(f"mmray tune: error: {e}", file=sys.stderr)
-        return 2
-    import ray
+    sweep = load_config(SweepConfig, args.config, args.overrides)
+    sweep.overrides += data_overrides(args)  # the flags set the trials' training config
+    return sweep
 
-    if not ray.is_initialized():
-        ray.init()
-    print(json.dumps(run(sweep)))
-    return 0
+
+def check(sweep: SweepConfig) -> None:
+    """The trials' references (shards, eval folders), the output path and the tracking store
+    (the trials log to the sweep's), before Ray and MLflow start."""
+    base = sweep.base()
+    train_check(dataclasses.replace(base, output=sweep.output, tracking=sweep.tracking))
+
+
+def need(sweep: SweepConfig) -> job.Need:
+    """The concurrent trials: each its own process, training workers and Ray Data tasks."""
+    trial = train_need(sweep.base())
+    n = sweep.max_concurrent_trials
+    return job.Need(cpus=n * (DRIVER_CPUS + trial.cpus), gpus=n * trial.gpus,
+                    data_cpus=n * trial.data_cpus)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        p = argparse.ArgumentParser(prog="mmray tune report")
+        p.add_argument("sweep", help="the sweep's parent MLflow run id")
+        print(report(p.parse_args(argv[1:]).sweep), end="")
+        return 0
+    return job.main("mmray tune", lambda: parse_args(argv), run, check, need)
 
 
 if __name__ == "__main__":

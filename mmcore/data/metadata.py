@@ -19,6 +19,8 @@ import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
+from mmcore.config import ConfigError
+
 InputFormat = Literal["parquet", "csv", "tsv", "jsonl"]
 # Columns that the job writes itself; an input column of the same name is kept as src_<name>.
 RESERVED = (
@@ -28,7 +30,7 @@ RESERVED = (
 SHARD_DIGITS = 5
 
 
-class InputError(ValueError):
+class InputError(ConfigError):
     """Unusable input: missing file or column, unknown format. Raised before any work."""
 
 

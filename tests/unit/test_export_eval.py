@@ -95,5 +95,5 @@ def test_eval_commands_print_one_json_line(model_dir, sample_dir, tmp_path, caps
     assert (
         evaluate.main(["zeroshot", "--model", str(tmp_path / "nope"), "--image-folder", "x"]) == 2
     )
-    assert "not a model folder" in capsys.readouterr().err
+    assert "nope holds no config.json + model.safetensors" in capsys.readouterr().err
     assert evaluate.main([*args, "--template", "no placeholder"]) == 2

@@ -108,8 +108,11 @@ def test_train_command_refuses_bad_input_before_any_work(tmp_path, capsys) -> No
     assert "does not support loss term(s) ['itm']" in capsys.readouterr().err
     assert main(["--data", str(tmp_path), "schedule.global_batch=15"]) == 2
     assert "not divisible" in capsys.readouterr().err
+    (tmp_path / "00000.tar").touch()  # references are checked after the config's values
     assert main(["--data", str(tmp_path), "--zeroshot", str(tmp_path / "nope")]) == 2
-    assert "nope is not a folder" in capsys.readouterr().err
+    assert f"{tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path / "nope")]) == 2
+    assert f"data.path: {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
     assert main(["--data", str(tmp_path), "data.val_fraction=1.5"]) == 2
     assert "val_fraction must be in [0, 1)" in capsys.readouterr().err
     assert main(["--data", str(tmp_path), "data.text_cache=100"]) == 2  # a trainable tower

@@ -1,0 +1,165 @@
+"""What every mmray job does the same way, from its ``main``:
+
+- stdout carries one JSON line, the job's result; logs and progress go to stderr (so
+  ``mmray train ... | tail -1 | jq`` works), and so does anything Ray forwards from workers;
+- a bad config or a reference that does not resolve exits 2 with a message, before Ray starts;
+- Ray: the cluster named by ``--address``/``RAY_ADDRESS`` or found running on this machine
+  is joined, and the job fails at once if its actors cannot fit there; with none to join,
+  the job starts a local Ray sized for itself (its actors plus room for Ray Data's tasks);
+- under ``ray job submit`` the working directory is Ray's temporary copy of
+  ``--working-dir``: relative output paths and the embedded MLflow store would vanish with
+  it, so the job refuses them and says what to set instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mmcore.config import ConfigError
+from mmcore.tracking import TrackingConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@dataclasses.dataclass(frozen=True)
+class Need:
+    """What a job reserves in Ray at once."""
+
+    cpus: float  # CPUs its actors hold (training workers, trials, replicas)
+    gpus: float = 0.0
+    data_cpus: float = 0.0  # CPUs that must stay free for Ray Data tasks beside them
+
+    def describe(self) -> str:
+        parts = [f"{self.cpus:g} CPU"] + [f"{self.gpus:g} GPU"] * bool(self.gpus)
+        if self.data_cpus:
+            parts.append(f"at least 1 more CPU for Ray Data's tasks ({self.data_cpus:g} preferred)")
+        return " + ".join(parts)
+
+
+def main(
+    prog: str, parse: Callable[[], T], work: Callable[[T], dict[str, Any]],
+    check: Callable[[T], None] = lambda cfg: None,
+    need: Callable[[T], Need | None] = lambda cfg: None,
+    address: str | None = None, log_to_driver: bool = True,
+) -> int:  # fmt: skip
+    """Run a job: ``parse`` the command line into a config, ``check`` its references, start or
+    join Ray for ``need`` (None: no Ray), run ``work`` and print its result as the one JSON
+    line on stdout. Exit 2 for a bad config or reference, with the message on stderr."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # a stray print never reaches stdout
+        try:
+            cfg = parse()
+            check(cfg)
+        except ValueError as e:  # ConfigError, or a check of the values (a bad config)
+            return _refuse(prog, e)
+        try:
+            if (needed := need(cfg)) is not None:
+                init_ray(needed, address, log_to_driver)
+            result = work(cfg)
+        except ConfigError as e:
+            return _refuse(prog, e)
+    print(json.dumps(result), file=stdout, flush=True)
+    return 0
+
+
+def _refuse(prog: str, error: Exception) -> int:
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
+# --- Ray --------------------------------------------------------------------------------------
+
+
+def init_ray(need: Need, address: str | None = None, log_to_driver: bool = True) -> None:
+    """Join the cluster to use, or start a local one sized for ``need``; then check it fits."""
+    import ray
+
+    if not ray.is_initialized():
+        from ray._private.services import canonicalize_bootstrap_address
+
+        # The same search ray.init() makes: RAY_ADDRESS, then a cluster running here.
+        if address or canonicalize_bootstrap_address(None) is not None:
+            ray.init(address=address, log_to_driver=log_to_driver)
+        else:
+            # Logical CPUs past the physical ones: a 2-core machine still runs 2 training
+            # workers with Ray Data's tasks beside them (with exactly 2 the read never ran).
+            cpus = max(os.cpu_count() or 1, math.ceil(need.cpus + need.data_cpus))
+            log.info("starting a local Ray for this job: %d logical CPUs", cpus)
+            ray.init(num_cpus=cpus, log_to_driver=log_to_driver)
+    fits(need, ray.cluster_resources())
+
+
+def fits(need: Need, resources: dict[str, float]) -> None:
+    """ConfigError unless a cluster with ``resources`` can run ``need`` at once."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if cpus >= need.cpus + min(need.data_cpus, 1.0) and gpus >= need.gpus:
+        return
+    raise ConfigError(
+        f"the Ray cluster has {cpus:g} CPU and {gpus:g} GPU; this job needs {need.describe()}. "
+        "Ask for less (scaling.num_workers, scaling.cpus_per_worker, max_concurrent_trials, "
+        "replicas.*) or give Ray more (`ray start --num-cpus N`, more nodes)"
+    )
+
+
+# --- references checked before any work -----------------------------------------------------
+
+
+def in_ray_job() -> bool:
+    """True in the driver of a ``ray job submit``: its working directory is Ray's."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def check_output(key: str, path: str) -> None:
+    """Under a Ray job a relative output path would land in Ray's temporary copy of the
+    working directory and vanish with the job."""
+    if path and in_ray_job() and "://" not in path and not Path(path).is_absolute():
+        raise ConfigError(
+            f"{key}={path!r} is relative: under `ray job submit` it would be written into the "
+            "job's temporary copy of --working-dir and vanish with it; give an absolute path "
+            "on storage every node can write"
+        )
+
+
+def output_root(path: str) -> Path:
+    """Where a job writes checkpoints and exports: ``path``, or without one Ray's default
+    ``~/ray_results`` (outside the source tree, which ``ray job submit`` uploads)."""
+    return Path(path).resolve() if path else Path("~/ray_results").expanduser()
+
+
+def check_input(key: str, path: str) -> None:
+    """An input path that does not exist, with the hint a Ray job needs."""
+    if "://" in path or Path(path).exists():
+        return
+    hint = ""
+    if in_ray_job() and not Path(path).is_absolute():
+        hint = (
+            " (under `ray job submit`, relative paths resolve in the job's copy of "
+            "--working-dir, which leaves out what .gitignore lists, such as data/: give an "
+            "absolute path)"
+        )
+    raise ConfigError(f"{key}: {Path(path).absolute()} does not exist{hint}")
+
+
+def check_tracking(cfg: TrackingConfig) -> None:
+    """Under a Ray job the embedded MLflow store would vanish with the working directory."""
+    if cfg.enabled and in_ray_job() and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ConfigError(
+            "running under `ray job submit` without MLFLOW_TRACKING_URI: the embedded MLflow "
+            "store would be written into the job's temporary working directory and vanish "
+            "with it. Pass a durable store, e.g. --runtime-env-json "
+            '\'{"env_vars": {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}}\' '
+            "(an MLflow server, or sqlite:////an/absolute/path.db on one machine), or turn "
+            "tracking off with tracking.enabled=false"
+        )

@@ -1,0 +1,91 @@
+"""The job shell (pipelines/job.py) and the stall guard of the training loop, without Ray."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from mmcore.config import ConfigError
+from mmcore.tracking import TrackingConfig
+from mmcore.training import DataStalled, within
+from pipelines import job
+
+RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # what Ray sets in the driver of a submitted job
+
+
+def test_a_job_that_cannot_fit_is_refused_with_what_to_change() -> None:
+    train = job.Need(cpus=2, data_cpus=2)  # 2 workers of 1 CPU, and Ray Data beside them
+    job.fits(train, {"CPU": 3.0})  # one CPU left for data tasks is enough to make progress
+    with pytest.raises(ConfigError) as e:
+        job.fits(train, {"CPU": 2.0})  # the new user's hang: workers took both CPUs
+    assert "has 2 CPU" in str(e.value) and "1 more CPU for Ray Data" in str(e.value)
+    assert "scaling.num_workers" in str(e.value) and "--num-cpus" in str(e.value)
+    with pytest.raises(ConfigError, match="0 GPU"):
+        job.fits(job.Need(cpus=2, gpus=2), {"CPU": 16.0})
+
+
+def test_under_ray_job_submit_relative_outputs_and_the_embedded_store_are_refused(
+    monkeypatch, tmp_path
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job.check_output("output", "runs")  # a plain run: the user's own working directory
+    job.check_tracking(TrackingConfig())
+    monkeypatch.setenv(RAY_JOB, json.dumps({"runtime_env": {"working_dir": "gcs://pkg.zip"}}))
+    with pytest.raises(ConfigError, match="temporary copy of --working-dir"):
+        job.check_output("output", "runs")
+    job.check_output("output", str(tmp_path))  # absolute: fine
+    job.check_output("output", "s3://bucket/runs")
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI"):
+        job.check_tracking(TrackingConfig())
+    job.check_tracking(TrackingConfig(enabled=False))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    job.check_tracking(TrackingConfig())
+    with pytest.raises(ConfigError, match="leaves out what .gitignore lists"):
+        job.check_input("data.path", "data/shards")  # ignored folders are not uploaded
+
+
+def test_job_main_prints_only_the_json_line_on_stdout(capsys) -> None:
+    def work(cfg: dict) -> dict:
+        print("a stray print from a library")
+        return {"ok": cfg["n"]}
+
+    assert job.main("mmray x", lambda: {"n": 1}, work) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ['{"ok": 1}'] and "stray print" in err
+
+    def bad(cfg: dict) -> None:
+        raise ValueError("shards missing")
+
+    assert job.main("mmray x", lambda: {"n": 1}, work, bad) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "mmray x: error: shards missing" in err
+
+
+def test_within_passes_items_through_and_stops_a_stalled_loader() -> None:
+    assert list(within(iter(range(5)), 5.0, str)) == [0, 1, 2, 3, 4]
+    assert list(within(iter(range(3)), 0, str)) == [0, 1, 2]  # 0: no guard
+
+    release = threading.Event()
+
+    def stalls():
+        yield "first"
+        release.wait(30)  # a loader whose tasks can never be scheduled
+        yield "late"
+
+    items = within(stalls(), 0.5, lambda t: f"nothing for {t} s")
+    assert next(items) == "first"
+    t0 = time.monotonic()
+    with pytest.raises(DataStalled, match="nothing for 0.5 s"):
+        next(items)
+    assert time.monotonic() - t0 < 5
+    release.set()
+
+    def fails():
+        yield 1
+        raise OSError("shard unreadable")
+
+    with pytest.raises(OSError, match="shard unreadable"):
+        list(within(fails(), 5.0, str))
