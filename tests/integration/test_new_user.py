@@ -96,14 +96,12 @@ def test_on_a_cluster_too_small_the_job_fails_before_work(shards, two_cpus, tmp_
 def test_a_training_loop_without_data_stops_with_a_diagnosis(shards, two_cpus, tmp_path):
     # Past the driver's check (run() directly): the workers take both CPUs, so Ray Data's
     # tasks can never run; the loop must not wait forever.
-    cfg = load_config(TrainConfig, TINY, [f"data.path={shards}", *SHORT, f"output={tmp_path}",
-                                          "data.stall_timeout_s=10", "schedule.max_failures=0"])  # fmt: skip
+    overrides = [f"data.path={shards}", *SHORT, f"output={tmp_path}",
+                 "data.stall_timeout_s=10", "schedule.max_failures=0"]  # fmt: skip
+    cfg = load_config(train.TrainConfig, TINY, overrides)
     t0 = time.monotonic()
     with pytest.raises(Exception) as e:
         train.run(cfg)
     assert "received no batch from Ray Data in 10 s" in str(e.value)
     assert "the cluster has 2 CPU" in str(e.value)
     assert time.monotonic() - t0 < 240
-
-
-TrainConfig = train.TrainConfig
