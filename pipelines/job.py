@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from mmcore.config import ConfigError
 from mmcore.tracking import TrackingConfig
@@ -57,8 +57,8 @@ def main(
     join Ray for ``need`` (None: no Ray), run ``work`` and print its result as the one JSON
     line on stdout. Exit 2 for a bad config or reference, with the message on stderr."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
-    stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):  # a stray print never reaches stdout
+    with contextlib.ExitStack() as stack:
+        out = _result_stream(stack)
         try:
             cfg = parse()
             check(cfg)
@@ -70,8 +70,23 @@ def main(
             result = work(cfg)
         except ConfigError as e:
             return _refuse(prog, e)
-    print(json.dumps(result), file=stdout, flush=True)
+        print(json.dumps(result), file=out, flush=True)
     return 0
+
+
+def _result_stream(stack: contextlib.ExitStack) -> TextIO:
+    """Where the JSON line goes; everything else bound for stdout goes to stderr. In a real
+    process that is done on file descriptor 1, for good: Ray's log monitor prints workers'
+    output from a thread, some of it after the job returns, and C code and subprocesses
+    write to the descriptor. Where a caller captured stdout (tests), in Python."""
+    stdout = sys.stdout
+    stack.enter_context(contextlib.redirect_stdout(sys.stderr))
+    if stdout is None or stdout is not sys.__stdout__:
+        return stdout
+    stdout.flush()
+    result = os.fdopen(os.dup(stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), stdout.fileno())
+    return result
 
 
 def _refuse(prog: str, error: Exception) -> int:

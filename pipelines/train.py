@@ -290,6 +290,10 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
     """Ray Data pipelines: shards → (filter to the split) → preprocess on CPU tasks."""
     import ray.data
 
+    # Progress bars drawn from the split coordinator and the workers reach the driver's
+    # stderr as thousands of re-drawn lines; the training loop reports progress itself.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
     def prepared(path: str, augment: TransformConfig | None, keep=None) -> ray.data.Dataset:
         ds = ray.data.read_webdataset(shard_paths(path), decoder=None)
         if keep is not None:
