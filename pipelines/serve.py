@@ -72,7 +72,7 @@ class ReplicaConfig:
     ``max_ongoing_requests`` at once, so a batch cannot outgrow it (ray #43288)."""
 
     min_replicas: int = 1
-    max_replicas: int = 1
+    max_replicas: int = 2
     target_ongoing_requests: int = 16  # autoscaling aims at this many per replica
     max_ongoing_requests: int = 64
     num_cpus: float = 1.0

@@ -78,7 +78,8 @@ class ModelOutput(NamedTuple):  # a tuple: ZeRO-3's module hooks find the tensor
 
 class ImageTextModel(nn.Module):
     """Scalars are shape-(1,) parameters: DeepSpeed's initial broadcast fails on 0-dim ones
-    (see STACK.md); ``logit_scale``/``logit_bias`` in the output are 0-dim."""
+    ("self.dim() cannot be 0 to view Float as Byte"); ``logit_scale``/``logit_bias`` in the
+    output are 0-dim, and the Hugging Face export reshapes them back."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
