@@ -18,16 +18,20 @@ import json
 import sys
 
 
-def sample_data(argv: list[str]) -> int:
-    from mmcore.data.sample import make_sample_data
-
+def sample_data_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mmray sample-data", description="Write a synthetic crawl.")
     p.add_argument("out", help="output folder")
     p.add_argument("--n", type=int, default=600, help="metadata rows (junk included)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-px", type=int, default=96, help="smallest side of clean images")
     p.add_argument("--max-px", type=int, default=256, help="largest side of clean images")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def sample_data(argv: list[str]) -> int:
+    from mmcore.data.sample import make_sample_data
+
+    args = sample_data_args(argv)
     info = make_sample_data(
         args.out, n=args.n, seed=args.seed, min_px=args.min_px, max_px=args.max_px
     )

@@ -264,7 +264,7 @@ def stop(workdir: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mmray demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--stop", action="store_true", help="stop the services a demo left running")
     p.add_argument("--workdir", default=".demo", help="data, stores and logs (default .demo)")
@@ -273,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dashboard-port", type=int, default=8265)
     p.add_argument("--gcs-port", type=int, default=6380)
     p.add_argument("--serve-port", type=int, default=8000)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.stop:
         return stop(Path(args.workdir))
     try:

@@ -459,7 +459,7 @@ def need(cfg: ServeConfig) -> job.Need:
     return job.Need(cpus=cfg.replicas.min_replicas * cfg.replicas.num_cpus)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mmray serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(CONFIG), help="a Serve config file (serve.yaml)")
     p.add_argument("--model", help="folder, runs:/ID/model or models:/NAME@ALIAS")
@@ -469,16 +469,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", help="a running Ray cluster (default: RAY_ADDRESS or local)")
     p.add_argument("--detach", action="store_true", help="deploy onto the cluster and return")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. model.max_batch_size=16")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    flags = [f"{k}={v}" for k, v in (("model.uri", args.model), ("index", args.index)) if v]
+    args.overrides = flags + args.overrides
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):
         print("mmray serve: error: --detach needs a running cluster (--address or RAY_ADDRESS)",
               file=sys.stderr)  # fmt: skip
         return 2
-    flags = [f"{k}={v}" for k, v in (("model.uri", args.model), ("index", args.index)) if v]
     http: dict[str, Any] = {}
 
     def parse() -> ServeConfig:
-        cfg, options = config_from(args.config, flags + args.overrides)
+        cfg, options = config_from(args.config, args.overrides)
         http.update(options)
         return cfg
 

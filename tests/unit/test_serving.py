@@ -131,6 +131,7 @@ def test_preview_is_a_small_jpeg_data_url() -> None:
 def test_serve_config_is_checked_before_any_work() -> None:
     cfg, http = config_from(CONFIG, [])
     assert http["host"] == "127.0.0.1" and cfg.model.uri.endswith("@champion")
+    assert cfg == ServeConfig()  # serve.yaml and the dataclasses tell the same defaults
     assert cfg.replicas.max_ongoing_requests >= cfg.model.max_batch_size
     with pytest.raises(ConfigError, match="batches could never fill"):
         from_dict(ServeConfig, {"model": {"max_batch_size": 64},
