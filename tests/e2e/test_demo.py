@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import requests
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from pipelines.demo import last_json
 from tests.helpers import free_port
 
 BIN = Path(sys.executable).parent
@@ -59,6 +61,33 @@ def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
         assert failed.returncode != 0
         assert "failed" in (failed.stdout + failed.stderr).lower()
         assert "missing.parquet" in failed.stdout + failed.stderr
+
+        # A user's own job on the two-node cluster: a relative input in its working directory
+        # (which vanished when the driver connected, before each node had its own temp dir)
+        # and no MLFLOW_TRACKING_URI on the nodes.
+        work = tmp_path / "userjob"
+        work.mkdir()
+        shutil.copy(tmp_path / "demo" / "raw" / "metadata.parquet", work / "meta.parquet")
+        out = tmp_path / "user-shards"
+
+        config = str(ROOT / "pipelines/configs/curate_tiny.yaml")
+
+        def submit(*args: str) -> str:
+            run = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--working-dir", str(work), "--", "python",
+                 "-m", "pipelines.curate", "--config", config, "--input", "meta.parquet", *args],
+                capture_output=True, text=True, timeout=300, env=env | {"RAY_ADDRESS": dashboard},
+            )  # fmt: skip
+            return f"rc={run.returncode}\n{run.stdout}{run.stderr}"
+
+        refused = submit("--output", str(out))  # the embedded store would vanish with the job
+        assert not refused.startswith("rc=0") and "without MLFLOW_TRACKING_URI" in refused
+        refused = submit("--output", "shards", "tracking.enabled=false")
+        assert not refused.startswith("rc=0") and "output.path='shards' is relative" in refused
+        done = submit("--output", str(out), "tracking.enabled=false")
+        assert done.startswith("rc=0"), done[-3000:]
+        assert last_json(done)["n_input"] == summary["samples_in"]
+        assert (out / "manifest.json").exists()
     finally:
         subprocess.run([str(BIN / "mmray"), "demo", "--stop", "--workdir", str(tmp_path / "demo")],
                        timeout=120, env=env)  # fmt: skip
