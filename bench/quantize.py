@@ -2,10 +2,12 @@
 
     python bench/quantize.py [--steps 300]
 
-Trains a small LiT-style model (frozen pretrained MiniLM text tower, tiny ViT from scratch)
-on `mmray sample-data` for --steps steps, then measures zero-shot top-1 on the held-out
-colour/shape compositions with each backend, and encoder latency (batch 64, both cores).
-Prints figures; record them in docs/BENCHMARKS.md.
+Trains the shipped tiny model (frozen pretrained MiniLM text tower, tiny ViT with the conv
+stem, from scratch) on `mmray sample-data` for --steps steps, then measures with each
+backend: zero-shot top-1 on the held-out colour/shape compositions, the embeddings' cosine
+to torch's (min over the zero-shot images and prompts), and encoder latency (batch 64, both
+cores). int8 kernels differ by CPU, so it prints the CPU's flags first. Record the figures
+in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from mmcore.data.transforms import TransformConfig, eval_transform, train_transf
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder  # noqa: E402
 from mmcore.losses.contrastive import clip_loss  # noqa: E402
 from mmcore.models.model import ModelConfig, build_model  # noqa: E402
-from mmcore.models.towers import TextConfig, tokenize  # noqa: E402
+from mmcore.models.towers import TextConfig, VisionConfig, tokenize  # noqa: E402
 from mmcore.onnx_export import OnnxEncoders, export_onnx  # noqa: E402
 
 
@@ -43,7 +45,8 @@ def train(data: Path, steps: int) -> torch.nn.Module:
     tokens = tokenize([clean_caption(r["caption"]) for r in rows], 32)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = build_model(ModelConfig(text=TextConfig(kind="minilm", frozen=True)))
+    text, vision = TextConfig(kind="minilm", frozen=True), VisionConfig(stem="conv")
+    model = build_model(ModelConfig(vision=vision, text=text, embed_dim=128))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     tcfg = TransformConfig(image_size=64)
     t0 = time.perf_counter()
@@ -62,12 +65,20 @@ def train(data: Path, steps: int) -> torch.nn.Module:
     return model.eval()
 
 
+def cpu_flags() -> str:
+    info = Path("/proc/cpuinfo")
+    words = set(info.read_text().split()) if info.exists() else set()
+    names = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return " ".join(f"{name}={'yes' if name in words else 'no'}" for name in names)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--n", type=int, default=1200, help="rows of the sample crawl")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp())
-    make_sample_data(work / "data", n=1200, seed=0)
+    make_sample_data(work / "data", n=args.n, seed=0)
     model = train(work / "data", args.steps)
     export_onnx(model, work / "onnx", quantize=True)
 
@@ -82,10 +93,12 @@ def main() -> None:
         enc = OnnxEncoders(work / "onnx", int8=int8)
         backends[name] = (enc.encode_image, enc.encode_text)
 
-    head = f"{'colour top1':>12}{'shape top1':>12}{'image ms/64':>13}{'text ms/64':>12}"
-    print(f"\n{'backend':<18}{head}")
+    print(f"\nCPU: {cpu_flags()}")
+    head = f"{'colour top1':>12}{'shape top1':>12}{'image cos':>11}{'text cos':>10}"
+    print(f"\n{'backend':<18}{head}{'image ms/64':>13}{'text ms/64':>12}")
+    reference: dict[str, np.ndarray] = {}
     for name, (enc_image, enc_text) in backends.items():
-        row = []
+        row, cosines = [], []
         for task in ("colour", "shape"):
             paths, labels, classes = image_folder(work / "data" / "zeroshot" / task)
             pixels = np.stack([eval_transform(Image.open(p), 64) for p in paths])
@@ -96,6 +109,9 @@ def main() -> None:
                     enc_text(tok["input_ids"].numpy(), tok["attention_mask"].numpy())
                 )
                 img = torch.from_numpy(enc_image(pixels))
+            for kind, emb in ((f"{task}/image", img), (f"{task}/text", txt)):
+                reference.setdefault(kind, emb.numpy())  # torch's, the first backend
+                cosines.append((kind, (emb.numpy() * reference[kind]).sum(1).min()))
             clf = F.normalize(txt.view(len(classes), len(DEFAULT_TEMPLATES), -1).mean(1), dim=-1)
             row.append(accuracy(img @ clf.T, torch.tensor(labels))["top1"])
         batch = np.random.default_rng(0).standard_normal((64, 3, 64, 64)).astype(np.float32)
@@ -109,7 +125,9 @@ def main() -> None:
                 for _ in range(10):
                     fn(*fn_args)
                 times.append((time.perf_counter() - t0) / 10 * 1000)
-        print(f"{name:<18}{row[0]:>12.3f}{row[1]:>12.3f}{times[0]:>13.1f}{times[1]:>12.1f}")
+        cos = [min(c for k, c in cosines if k.endswith(kind)) for kind in ("image", "text")]
+        print(f"{name:<18}{row[0]:>12.3f}{row[1]:>12.3f}{cos[0]:>11.4f}{cos[1]:>10.4f}"
+              f"{times[0]:>13.1f}{times[1]:>12.1f}")  # fmt: skip
     print("chance: colour 1/6 = 0.167, shape 1/5 = 0.200")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,16 @@ def test_within_passes_items_through_and_stops_a_stalled_loader() -> None:
 
     with pytest.raises(OSError, match="shard unreadable"):
         list(within(fails(), 5.0, str))
+
+
+def test_jobs_ask_for_their_workers_and_room_for_ray_data(monkeypatch) -> None:
+    from mmcore.config import load_config
+    from pipelines import train, tune
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    cfg = load_config(train.TrainConfig, "pipelines/configs/train/tiny.yaml", ["data.path=x"])
+    assert train.need(cfg) == job.Need(cpus=2, data_cpus=2)  # 2 workers of 1 CPU
+    sweep = load_config(tune.SweepConfig, "pipelines/configs/tune/tiny.yaml",
+                        ["max_concurrent_trials=2"])  # fmt: skip
+    need = tune.need(sweep)  # each trial: its own process, 2 workers, its data tasks
+    assert need.cpus == pytest.approx(2 * (tune.DRIVER_CPUS + 2)) and need.data_cpus == 4
