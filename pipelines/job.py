@@ -113,7 +113,16 @@ def init_ray(need: Need, address: str | None = None, log_to_driver: bool = True)
             cpus = max(os.cpu_count() or 1, math.ceil(need.cpus + need.data_cpus))
             log.info("starting a local Ray for this job: %d logical CPUs", cpus)
             ray.init(num_cpus=cpus, log_to_driver=log_to_driver)
-    fits(need, ray.cluster_resources())
+    fits(need, capacity())
+
+
+def capacity() -> dict[str, float]:
+    """What the cluster can hold: where an autoscaler scales it (KubeRay, the launcher), the
+    most its node groups may reach, as Ray Train checks it; otherwise its live nodes."""
+    import ray
+    from ray._private.state import state
+
+    return state.get_max_resources_from_cluster_config() or ray.cluster_resources()
 
 
 def fits(need: Need, resources: dict[str, float]) -> None:
