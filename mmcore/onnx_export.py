@@ -65,18 +65,26 @@ def export_onnx(
         )  # fmt: skip
         paths[name] = path
         if quantize:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            paths[f"{name}.int8"] = folder / f"{name}.int8.onnx"
-            # 7-bit weights, one scale per output channel: onnxruntime's u8s8 kernels on CPUs
-            # without VNNI (AVX2 only) saturate on full-range int8 weights; there the image
-            # embedding's cosine to torch fell to 0.98. Both settings together keep it 0.9999
-            # on either kind of CPU (docs/BENCHMARKS.md).
-            quantize_dynamic(
-                str(path), str(paths[f"{name}.int8"]), weight_type=QuantType.QInt8,
-                per_channel=True, reduce_range=True,
-            )  # fmt: skip
+            paths[f"{name}.int8"] = _quantize(path, folder / f"{name}.int8.onnx")
     return paths
+
+
+def _quantize(fp32: Path, int8: Path) -> Path:
+    """Dynamic int8: weights quantised ahead, activations at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    quantize_dynamic(
+        str(fp32), str(int8), weight_type=QuantType.QInt8,
+        # 7-bit weights, one scale per output channel: the u8s8 kernels of CPUs without VNNI
+        # (AVX2 only) saturate on full-range int8 weights; there the image embedding's
+        # cosine to torch fell to 0.98. Together they keep it above 0.999.
+        per_channel=True, reduce_range=True,
+        # Convolutions stay fp32: ConvInteger has no fast CPU kernel, and the conv stem's
+        # image encoder ran 2.3x slower quantised than in fp32 (docs/BENCHMARKS.md).
+        op_types_to_quantize=[op for op in IntegerOpsRegistry if op != "Conv"],
+    )  # fmt: skip
+    return int8
 
 
 class OnnxEncoders:

@@ -34,5 +34,6 @@ def test_onnxruntime_matches_torch_and_int8_stays_close(tmp_path, stem: str) -> 
     int8 = OnnxEncoders(tmp_path, int8=True)
     assert (int8.encode_image(pixels.numpy()) * image).sum(1).min() > 0.99  # cosine
     assert (int8.encode_text(ids, mask) * text).sum(1).min() > 0.98
-    for name in ("image_encoder", "text_encoder"):  # int8 weights: at most ~1/3 of the bytes
-        assert paths[f"{name}.int8"].stat().st_size < 0.4 * paths[name].stat().st_size
+    # int8 weights: a third of the bytes or less; the image encoder's convolutions stay fp32.
+    for name, most in (("image_encoder", 0.5), ("text_encoder", 0.35)):
+        assert paths[f"{name}.int8"].stat().st_size < most * paths[name].stat().st_size
