@@ -408,8 +408,7 @@ def parse_args(argv: list[str]) -> SweepConfig:
 def check(sweep: SweepConfig) -> None:
     """The trials' references (shards, eval folders), the output path and the tracking store
     (the trials log to the sweep's), before Ray and MLflow start."""
-    base = sweep.base()
-    train_check(dataclasses.replace(base, output=sweep.output, tracking=sweep.tracking))
+    train_check(dataclasses.replace(sweep.base(), output=sweep.output))
 
 
 def need(sweep: SweepConfig) -> job.Need:
