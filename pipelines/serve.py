@@ -424,7 +424,8 @@ def build(cfg: ServeConfig):
 def app(args: dict[str, Any]):
     """Serve's application builder: ``import_path: pipelines.serve:app`` with ``args``."""
     cfg = from_dict(ServeConfig, dict(args))
-    check(cfg)  # `serve run` builds the app here: a bad reference stops it before deploying
+    if cfg.index:  # `serve run` builds the app here: a bad index stops it before deploying
+        shard_paths(cfg.index, "index")  # (the model comes later, in the user_config)
     return build(cfg)
 
 
