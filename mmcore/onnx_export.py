@@ -81,7 +81,7 @@ def _quantize(fp32: Path, int8: Path) -> Path:
         # cosine to torch fell to 0.98. Together they keep it above 0.999.
         per_channel=True, reduce_range=True,
         # Convolutions stay fp32: ConvInteger has no fast CPU kernel, and the conv stem's
-        # image encoder ran 2.3x slower quantised than in fp32 (docs/BENCHMARKS.md).
+        # image encoder ran 3x slower quantised than in fp32 (docs/BENCHMARKS.md).
         op_types_to_quantize=[op for op in IntegerOpsRegistry if op != "Conv"],
     )  # fmt: skip
     return int8
