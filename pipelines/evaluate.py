@@ -16,6 +16,7 @@ from mmcore.eval.run import read_shards, retrieval_eval, zeroshot_eval
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES
 from mmcore.export import check_reference, load_model
 from pipelines import job
+from pipelines.train import shard_paths
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -42,8 +43,10 @@ def check(args: argparse.Namespace) -> None:
     check_reference(args.model)
     if args.task == "zeroshot":
         job.check_input("--image-folder", args.image_folder)
-    else:
+    elif args.data.endswith(".tar"):  # one shard
         job.check_input("--data", args.data)
+    else:  # a folder of shards
+        shard_paths(args.data, "--data")
 
 
 def work(args: argparse.Namespace) -> dict[str, Any]:

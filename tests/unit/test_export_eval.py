@@ -96,4 +96,10 @@ def test_eval_commands_print_one_json_line(model_dir, sample_dir, tmp_path, caps
         evaluate.main(["zeroshot", "--model", str(tmp_path / "nope"), "--image-folder", "x"]) == 2
     )
     assert "nope holds no config.json + model.safetensors" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()  # a folder without shards: a message, not a traceback
+    assert (
+        evaluate.main(["retrieval", "--model", str(model_dir), "--data", str(tmp_path / "empty")])
+        == 2
+    )
+    assert "no .tar shards in" in capsys.readouterr().err
     assert evaluate.main([*args, "--template", "no placeholder"]) == 2
