@@ -39,11 +39,11 @@ def resolve(uri: str | Path) -> Path:
         root = download_artifacts(text)
         found = [p.parent for p in sorted(root.rglob(CONFIG)) if (p.parent / WEIGHTS).exists()]
         if not found:
-            raise ValueError(f"{text} holds no mmray model export")
+            raise ConfigError(f"{text} holds no mmray model export")
         return found[0]
     folder = Path(text)
     if not (folder / CONFIG).exists():
-        raise ValueError(f"{text}: not a model folder, runs:/ID/model or models:/NAME@ALIAS URI")
+        raise ConfigError(f"{text}: not a model folder, runs:/ID/model or models:/NAME@ALIAS URI")
     return folder
 
 
@@ -70,7 +70,7 @@ def load_model(uri: str | Path, device: str | torch.device = "cpu") -> ImageText
     folder = resolve(uri)
     meta = json.loads((folder / CONFIG).read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{folder} is not an mmray model export (format {meta.get('format')!r})")
+        raise ConfigError(f"{folder} is not an mmray model export (format {meta.get('format')!r})")
     model = build_model(from_dict(ModelConfig, meta["model"]))
     model.load_state_dict(load_file(folder / WEIGHTS, device=str(device)), strict=True)
     return model.eval()
@@ -86,7 +86,7 @@ def export_hf(model: ImageTextModel, folder: str | Path) -> Path:
 
     cfg = model.cfg
     if cfg.fusion != "late" or cfg.text.kind != "transformer" or cfg.vision.stem != "patch":
-        raise ValueError(
+        raise ConfigError(
             "Hugging Face CLIP export needs fusion=late, text.kind=transformer and "
             "vision.stem=patch (CLIPModel has no conv stem)"
         )

@@ -68,6 +68,8 @@ def test_hf_export_refuses_non_clip_towers(tmp_path) -> None:
     conv = ModelConfig(text=TextConfig(kind="transformer"), vision=VisionConfig(stem="conv"))
     with pytest.raises(ValueError, match="vision.stem=patch"):
         export_hf(build_model(conv), tmp_path)
+    conv_dir = save_model(build_model(conv), tmp_path / "conv")  # the command: exit 2, a message
+    assert export.main(["--model", str(conv_dir), "--output", str(tmp_path / "hf")]) == 2
 
 
 def test_eval_commands_print_one_json_line(model_dir, sample_dir, tmp_path, capsys) -> None:
