@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmcore.config import ConfigError
 from mmcore.data.transforms import eval_transform
 from mmcore.eval.retrieval import recall_at_k
 from mmcore.eval.zeroshot import (
@@ -121,7 +122,7 @@ def read_shards(
     path = Path(path)
     tars = sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else [str(path)]
     if not tars:
-        raise ValueError(f"no .tar shards in {path}")
+        raise ConfigError(f"no .tar shards in {path}")
     keys, images, captions = [], [], []
     for sample in wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode("pil"):
         image = sample.get("jpg", sample.get("webp"))

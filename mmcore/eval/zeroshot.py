@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mmcore.config import ConfigError
+
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
     "a {}.",
@@ -53,7 +55,7 @@ def image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"{root} has no class sub-folders (expected DIR/<class name>/<images>)")
+        raise ConfigError(f"{root} has no class sub-folders (expected DIR/<class name>/<images>)")
     paths, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((root / name).iterdir()):
