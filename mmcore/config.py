@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -26,8 +27,12 @@ class ConfigError(ValueError):
     """A config that cannot be used: unknown key, wrong type, or a bad value."""
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Build ``cls`` from an optional YAML file and ``a.b=c`` overrides (later wins)."""
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+    values: Mapping[str, Any] | None = None,
+) -> T:  # fmt: skip
+    """Build ``cls`` from an optional YAML file, then ``values`` (dotted key → a value, as a
+    job's flags give them), then ``a.b=c`` overrides (later wins)."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -37,25 +42,42 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping, got {type(loaded).__name__}")
         data = loaded or {}
-    return from_dict(cls, apply_overrides(data, overrides))
+    return from_dict(cls, apply_overrides(merge(data, values or {}), overrides))
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``a.b=value`` set; values are parsed as YAML."""
-    out = _deep_copy(data)
+def merge(data: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with each dotted key of ``values`` (``optim.lr``) set to its value;
+    a value replaces what was there, a mapping included (``loss.terms``)."""
+    out = _deep_copy(dict(data))
+    for key, value in values.items():
+        *parents, leaf = str(key).split(".")
+        node = out
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {part!r} is not a section")
+            node = child
+        node[leaf] = _deep_copy(value) if isinstance(value, dict) else value
+    return out
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=value", ...]`` → ``{"a.b": value}``, each value parsed as YAML."""
+    values: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
-    return out
+        try:
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: not a YAML value ({e})") from e
+    return values
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``a.b=value`` set."""
+    return merge(data, parse_overrides(overrides))
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -80,6 +102,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         except ValueError as e:
             raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
     return obj
+
+
+def replace(cfg: T, values: Mapping[str, Any]) -> T:
+    """A validated copy of config ``cfg`` with the dotted keys of ``values`` set."""
+    return from_dict(type(cfg), merge(to_dict(cfg), values))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

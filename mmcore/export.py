@@ -1,7 +1,9 @@
-"""Save and load models: ``model.safetensors`` + ``config.json`` (never pickle for weights).
+"""Save and load model folders: ``model.safetensors`` + ``config.json`` (never pickle for
+weights), and the Hugging Face CLIP export. Model URIs resolve in ``mmcore.tracking``.
 
 save_model(model, "out/model")      # a local export folder, the model URI's simplest form
 model = load_model("out/model")
+export_hf(model, "hf-model/")       # transformers' CLIPModel / CLIPProcessor load it
 """
 
 from __future__ import annotations
@@ -29,45 +31,30 @@ def save_model(model: ImageTextModel, folder: str | Path) -> Path:
     return folder
 
 
-def resolve(uri: str | Path) -> Path:
-    """A model URI → the local export folder: a folder itself, or ``runs:/ID/model`` and
-    ``models:/NAME@ALIAS`` (downloaded from MLflow)."""
-    text = str(uri)
-    if text.startswith(("runs:/", "models:/")):
-        from mmcore.tracking import download_artifacts
-
-        root = download_artifacts(text)
-        found = [p.parent for p in sorted(root.rglob(CONFIG)) if (p.parent / WEIGHTS).exists()]
-        if not found:
-            raise ConfigError(f"{text} holds no mmray model export")
-        return found[0]
-    folder = Path(text)
-    if not (folder / CONFIG).exists():
-        raise ConfigError(f"{text}: not a model folder, runs:/ID/model or models:/NAME@ALIAS URI")
-    return folder
+def find_export(root: str | Path) -> Path:
+    """The export folder in ``root`` (itself or below it: MLflow nests it in artifacts)."""
+    root = Path(root)
+    found = [p.parent for p in sorted(root.rglob(CONFIG)) if (p.parent / WEIGHTS).exists()]
+    if not found:
+        raise ConfigError(f"{root} holds no mmray model export ({CONFIG} + {WEIGHTS})")
+    return found[0]
 
 
-def check_reference(uri: str | Path) -> None:
-    """``ConfigError`` saying what was not found where, unless ``uri`` names a model: a folder
-    with an export, or a ``runs:/``/``models:/`` URI that the tracking store knows. Cheap: it
-    downloads nothing, so jobs call it before any work starts."""
-    text = str(uri)
-    if text.startswith(("runs:/", "models:/")):
-        from mmcore.tracking import check_model_uri
-
-        check_model_uri(text)
-        return
-    folder = Path(text)
+def check_folder(folder: str | Path) -> None:
+    """``ConfigError`` unless ``folder`` holds an export (cheap: reads no weights)."""
+    folder = Path(folder)
     if not ((folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()):
         raise ConfigError(
-            f"model {text}: {folder.absolute()} holds no {CONFIG} + {WEIGHTS}; give a model "
+            f"model {folder}: {folder.absolute()} holds no {CONFIG} + {WEIGHTS}; give a model "
             "folder, runs:/RUN_ID/model or models:/NAME@ALIAS"
         )
 
 
-def load_model(uri: str | Path, device: str | torch.device = "cpu") -> ImageTextModel:
-    """Build the model from ``config.json`` and load its safetensors weights (strict)."""
-    folder = resolve(uri)
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ImageTextModel:
+    """Build the model from an export folder's ``config.json`` and load its safetensors
+    weights (strict). A model URI (``runs:/``, ``models:/``): ``mmcore.tracking.load``."""
+    check_folder(folder)
+    folder = Path(folder)
     meta = json.loads((folder / CONFIG).read_text())
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{folder} is not an mmray model export (format {meta.get('format')!r})")
@@ -85,7 +72,7 @@ def export_hf(model: ImageTextModel, folder: str | Path) -> Path:
     from mmcore.models.towers import tokenizer
 
     cfg = model.cfg
-    if cfg.fusion != "late" or cfg.text.kind != "transformer" or cfg.vision.stem != "patch":
+    if model.scores_pairs or cfg.text.kind != "transformer" or cfg.vision.stem != "patch":
         raise ConfigError(
             "Hugging Face CLIP export needs fusion=late, text.kind=transformer and "
             "vision.stem=patch (CLIPModel has no conv stem)"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import mlflow.pyfunc
 import pandas as pd
-import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -26,33 +25,31 @@ SIGNATURE = ModelSignature(
 
 
 class ImageTextPyfunc(mlflow.pyfunc.PythonModel):
+    """A thin wrapper: every score comes from ``mmcore.inference.Engine``, as in Serve."""
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         from mmcore.export import load_model
+        from mmcore.inference import Engine
 
-        self.model = load_model(context.artifacts["model"])
+        self.engine = Engine(load_model(context.artifacts["model"]))
 
     def predict(
         self, context, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        from mmcore.eval.run import class_scores, pixels_of
-        from mmcore.models.towers import tokenize
-
-        cfg, out = self.model.cfg, pd.DataFrame(index=model_input.index)
+        out = pd.DataFrame(index=model_input.index)
         images = _images(model_input)
         labels = (params or {}).get("labels")
-        with torch.no_grad():
-            if labels is not None and len(labels):
-                probs = class_scores(self.model, list(images.values), list(labels)).softmax(-1)
-                out.loc[images.index, "probs"] = pd.Series(probs.tolist(), index=images.index)
-                return out
-            if len(images):
-                emb = self.model.encode_image(pixels_of(list(images.values), cfg.vision.image_size))
-                out["image_embedding"] = pd.Series(emb.tolist(), index=images.index)
-            texts = model_input.get("text", pd.Series(dtype=object)).dropna()
-            if len(texts):
-                tokens = tokenize(list(texts.values), cfg.text.context_length)
-                emb = self.model.encode_text(**tokens)
-                out["text_embedding"] = pd.Series(emb.tolist(), index=texts.index)
+        if labels is not None and len(labels):
+            probs = self.engine.classify(list(images.values), list(labels))
+            out.loc[images.index, "probs"] = pd.Series(probs.tolist(), index=images.index)
+            return out
+        if len(images):
+            emb = self.engine.embed_images(list(images.values))
+            out["image_embedding"] = pd.Series(emb.tolist(), index=images.index)
+        texts = model_input.get("text", pd.Series(dtype=object)).dropna()
+        if len(texts):
+            emb = self.engine.embed_texts(list(texts.values))
+            out["text_embedding"] = pd.Series(emb.tolist(), index=texts.index)
         return out
 
 

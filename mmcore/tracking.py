@@ -46,6 +46,7 @@ class NullTracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_dataset(self, source: str, name: str, digest: str, context: str) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
 
 
 class Tracker(NullTracker):
@@ -92,14 +93,20 @@ class Tracker(NullTracker):
 
         mlflow.set_tags(dict(tags))
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        import mlflow
+
+        mlflow.log_text(text, artifact_file)
+
 
 @contextlib.contextmanager
 def start_run(
     cfg: TrackingConfig, run_name: str | None = None, parent_run_id: str | None = None,
-    tags: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None, run_id: str | None = None,
 ) -> Iterator[NullTracker]:  # fmt: skip
     """Open an MLflow run in ``cfg.experiment`` for the ``with`` block (no-op if disabled);
-    with ``parent_run_id``, a child run nested under it (a sweep's trial)."""
+    with ``parent_run_id``, a child run nested under it (a sweep's trial); with ``run_id``,
+    that run again (a restored sweep)."""
     if not cfg.enabled:
         yield NullTracker()
         return
@@ -108,7 +115,10 @@ def start_run(
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(
-        run_name=run_name, parent_run_id=parent_run_id, tags=dict(tags or {})
+        run_id=run_id,
+        run_name=None if run_id else run_name,
+        parent_run_id=parent_run_id,
+        tags=dict(tags or {}),
     ) as run:
         log.info("MLflow run %s in %s (%s)", run.info.run_id, cfg.experiment, tracking_uri())
         yield Tracker(run.info.run_id)
@@ -154,37 +164,81 @@ def log_metrics_to(run_id: str, metrics: Mapping[str, float], step: int, uri: st
     mlflow.MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=batch)
 
 
-def model_info(uri: str) -> dict[str, Any]:
-    """What a model URI names now: ``resolved`` (a URI that stays fixed when an alias moves:
-    ``models:/NAME/VERSION``), name, version, alias, run_id, and the run's ``eval/*`` metrics.
-    A local folder has only its name."""
+MODEL_URI_SCHEMES = ("runs:/", "models:/")
+
+
+@dataclasses.dataclass
+class ModelRef:
+    """A model URI resolved once: the local export folder and what the URI names now."""
+
+    uri: str
+    resolved: str  # fixed when an alias moves: models:/NAME/VERSION; else the URI
+    folder: Path
+    name: str
+    version: str | None = None
+    alias: str | None = None
+    run_id: str | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the run's eval/*
+
+    def info(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "folder"}
+
+
+def resolve_model(uri: str | Path) -> ModelRef:
+    """A model folder, ``runs:/ID/model``, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or
+    ``models:/m-…`` → its ``ModelRef``. An alias is resolved to its version first, and that
+    version is downloaded, so the weights and the version reported agree."""
+    from mmcore.export import check_folder, find_export
+
     text = str(uri)
-    info: dict[str, Any] = {"uri": text, "resolved": text, "name": Path(text).name,
-                            "version": None, "alias": None, "run_id": None,
-                            "metrics": {}}  # fmt: skip
-    if not text.startswith(("models:/", "runs:/")):
-        return info
+    if not text.startswith(MODEL_URI_SCHEMES):
+        check_folder(text)
+        return ModelRef(text, text, Path(text), Path(text).name)
+    ref = _registry_ref(text)
+    ref.folder = find_export(download_artifacts(ref.resolved))
+    return ref
+
+
+def load(uri: str | Path) -> Any:
+    """The ``ImageTextModel`` a model URI or folder names."""
+    from mmcore.export import load_model
+
+    return load_model(resolve_model(uri).folder)
+
+
+def check_model(uri: str | Path) -> None:
+    """``ConfigError`` saying what was not found where, unless ``uri`` names a model. Cheap
+    (downloads nothing), so jobs call it before any work starts."""
+    from mmcore.export import check_folder
+
+    if str(uri).startswith(MODEL_URI_SCHEMES):
+        check_model_uri(str(uri))
+    else:
+        check_folder(uri)
+
+
+def _registry_ref(text: str) -> ModelRef:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri())
+    ref = ModelRef(text, text, Path(), text)
     if text.startswith("runs:/"):
-        info |= {"name": text, "run_id": text.removeprefix("runs:/").split("/")[0]}
+        ref.run_id = text.removeprefix("runs:/").split("/")[0]
     elif "@" in text:  # models:/NAME@ALIAS
-        name, alias = text.removeprefix("models:/").split("@", 1)
-        version = client.get_model_version_by_alias(name, alias)
-        info |= {"name": name, "alias": alias, "version": version.version,
-                 "run_id": version.run_id,
-                 "resolved": f"models:/{name}/{version.version}"}  # fmt: skip
+        ref.name, ref.alias = text.removeprefix("models:/").split("@", 1)
+        version = client.get_model_version_by_alias(ref.name, ref.alias)
+        ref.version, ref.run_id = version.version, version.run_id
+        ref.resolved = f"models:/{ref.name}/{version.version}"
     elif "/" in text.removeprefix("models:/"):  # models:/NAME/VERSION
-        name, number = text.removeprefix("models:/").rsplit("/", 1)
-        version = client.get_model_version(name, number)
-        info |= {"name": name, "version": version.version, "run_id": version.run_id}
+        ref.name, number = text.removeprefix("models:/").rsplit("/", 1)
+        version = client.get_model_version(ref.name, number)
+        ref.version, ref.run_id = version.version, version.run_id
     else:  # models:/m-... (a logged model)
-        info["run_id"] = client.get_logged_model(text.removeprefix("models:/")).source_run_id
-    if info["run_id"]:
-        metrics = client.get_run(info["run_id"]).data.metrics
-        info["metrics"] = {k: v for k, v in sorted(metrics.items()) if k.startswith("eval/")}
-    return info
+        ref.run_id = client.get_logged_model(text.removeprefix("models:/")).source_run_id
+    if ref.run_id:
+        metrics = client.get_run(ref.run_id).data.metrics
+        ref.metrics = {k: v for k, v in sorted(metrics.items()) if k.startswith("eval/")}
+    return ref
 
 
 def check_model_uri(uri: str) -> None:
@@ -200,10 +254,10 @@ def check_model_uri(uri: str) -> None:
             "the store that holds it"
         )
     try:
-        info = model_info(uri)
+        ref = _registry_ref(uri)
         if uri.startswith("runs:/"):
             path = uri.removeprefix("runs:/").partition("/")[2]
-            if not mlflow.MlflowClient(store).list_artifacts(info["run_id"], path or None):
+            if not mlflow.MlflowClient(store).list_artifacts(ref.run_id, path or None):
                 raise ConfigError(f"model {uri}: the run has no artifacts at {path!r} ({store})")
     except MlflowException as e:
         raise ConfigError(
@@ -211,3 +265,81 @@ def check_model_uri(uri: str) -> None:
             f"{'is set' if os.environ.get('MLFLOW_TRACKING_URI') else 'is not set'}): "
             f"{e.message}"
         ) from e
+
+
+def lineage_tags() -> dict[str, str]:
+    """Package versions and the git commit, as run tags."""
+    import subprocess
+    from importlib.metadata import version
+
+    tags = {f"version.{p}": version(p) for p in ("torch", "ray", "deepspeed", "transformers")}
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    tags["git_sha"] = sha.stdout.strip() if sha.returncode == 0 else "unknown"
+    return tags
+
+
+def load_text(uri: str) -> str:
+    """A text artifact, e.g. ``runs:/ID/ablation.md``."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.artifacts.load_text(uri)
+
+
+# --- sweeps and the registry ------------------------------------------------------------------
+
+SWEEP_TAG, TRIAL_TAG, MODEL_TAG = "mmray.sweep", "mmray.trial", "mmray.model_uri"
+
+
+def sweep_models(parent_run_id: str, errored: set[str]) -> dict[str, str]:
+    """Trial id → the model its run logged, for a sweep's child runs. Runs of trials that
+    early stopping interrupted ended as RUNNING or FAILED: they are marked KILLED here."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    models = {}
+    for child in client.search_runs(
+        [client.get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.`{SWEEP_TAG}` = '{parent_run_id}'",
+    ):
+        if MODEL_TAG in child.data.tags:
+            models[child.data.tags[TRIAL_TAG]] = child.data.tags[MODEL_TAG]
+        elif child.data.tags[TRIAL_TAG] not in errored:
+            client.set_tag(child.info.run_id, "mmray.early_stopped", "true")
+            client.set_terminated(child.info.run_id, "KILLED")
+    return models
+
+
+def promote(
+    registered_model: str, model_uri: str, metric: str, value: float, higher_is_better: bool,
+    evaluation: str, tags: Mapping[str, str],
+) -> dict[str, Any]:  # fmt: skip
+    """Register ``model_uri`` as a new version; move alias ``champion`` to it only if its
+    ``metric`` beats the current champion's figure from the same ``evaluation`` (a string
+    naming the metric, data and settings; a figure from another evaluation never counts)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    version = mlflow.register_model(model_uri, registered_model)
+    try:
+        current = client.get_model_version_by_alias(registered_model, "champion")
+    except mlflow.exceptions.MlflowException:  # no champion yet
+        current = None
+    before = None
+    if current is not None and current.tags.get("mmray.eval") == evaluation:
+        before = float(current.tags[f"metric:{metric}"])
+    better = current is None or (
+        before is not None and (value > before if higher_is_better else value < before)
+    )
+    tags = {f"metric:{metric}": str(value), "champion_before": str(before),
+            "mmray.eval": evaluation, **tags}  # fmt: skip
+    for key, tag in tags.items():
+        client.set_model_version_tag(registered_model, version.version, key, tag)
+    if better:
+        client.set_registered_model_alias(registered_model, "champion", version.version)
+    return {
+        "model_uri": f"models:/{registered_model}/{version.version}",
+        "metric": value,
+        "champion_before": before,
+        "champion_moved": better,
+    }

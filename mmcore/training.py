@@ -1,10 +1,13 @@
-"""Training building blocks, plain PyTorch (the Ray Train job composes them).
+"""The training job's config and its building blocks, plain PyTorch (``pipelines/train.py``
+composes them on Ray Train).
 
+    cfg = load_config(TrainConfig, "pipelines/configs/train/tiny.yaml", ["data.path=shards"])
+    cfg.ds_config                                         # the DeepSpeed JSON, built once
     ds_cfg = deepspeed_config(DeepSpeedConfig(stage=2), OptimConfig(), global_batch=64, world=2)
     groups = param_groups(model, weight_decay=0.1)        # no decay on gains, biases, scalars
     factor = cosine_lr(step, max_steps=1000, warmup=50)   # LambdaLR factor
     batch = preprocess(shard_batch, image_size=64, context_length=32, augment=cfg, seed=step)
-    ids, mask = trim_padding(batch_ids, batch_mask)       # drop columns that are all padding
+    model = consolidate(checkpoint_dir, build_model(cfg), stage=2)  # fp32 from every rank
     is_val = held_out(row["__key__"], fraction=0.02)      # a stable validation split by key
     for batch in within(loader, timeout_s=300, stalled=lambda t: f"no batch in {t} s"): ...
 
@@ -16,22 +19,29 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import queue
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from mmcore.data.transforms import TransformConfig, eval_transform, train_transform
-from mmcore.models.towers import tokenize
+from mmcore.data.transforms import TransformConfig, train_transform
+from mmcore.inference import Transforms
+from mmcore.losses.fusion import LossConfig
+from mmcore.models.model import ModelConfig
+from mmcore.tracking import TrackingConfig
 
 T = TypeVar("T")
+# The DeepSpeed checkpoint tag (not "latest": DeepSpeed writes a file of that name).
+CHECKPOINT_TAG = "ckpt"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -105,6 +115,103 @@ def deepspeed_config(
     }
 
 
+# --- the training job's config ----------------------------------------------------------
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    path: str = ""  # folder of curated NNNNN.tar shards
+    val_path: str = ""  # curated shards for validation; empty: hold out val_fraction of path
+    val_fraction: float = 0.02  # held out by a stable hash of each sample's key (0: none)
+    augment: TransformConfig = dataclasses.field(default_factory=TransformConfig)
+    # A locked text tower: each worker keeps the features of up to N distinct captions
+    # (mmcore TextMemo; ~20 KB each for MiniLM). 0: off. Not under ZeRO-3, where every rank
+    # must run the tower to gather its partitioned weights.
+    text_cache: int = 0
+    # A worker that gets no batch for this long stops the run with a diagnosis (0: waits
+    # forever). Covers Ray Data's start-up, so it is generous.
+    stall_timeout_s: float = 300.0
+
+    def validate(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError("data.val_fraction must be in [0, 1)")
+        if self.text_cache < 0 or self.stall_timeout_s < 0:
+            raise ValueError("data.text_cache and data.stall_timeout_s must be >= 0")
+
+
+@dataclasses.dataclass(kw_only=True)
+class EvalConfig:
+    every: int = 100  # steps between evaluations; the last step always evaluates
+    zeroshot: list[str] = dataclasses.field(default_factory=list)  # DIR/<class name>/<images>
+    max_pairs: int = 256  # validation pairs for retrieval (fusion variants score N² pairs)
+
+    def validate(self) -> None:
+        if self.every < 0 or self.max_pairs < 2:
+            raise ValueError("need eval.every >= 0 and eval.max_pairs >= 2")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ScheduleConfig:
+    global_batch: int = 64  # samples per optimizer step, over all workers
+    max_steps: int = 300
+    checkpoint_every: int = 100
+    log_every: int = 10
+    max_failures: int = 1  # worker-group restarts from the last checkpoint
+    seed: int = 0
+
+
+@dataclasses.dataclass(kw_only=True)
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    scaling: ScalingConfig = dataclasses.field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = dataclasses.field(
+        default_factory=lambda: TrackingConfig(experiment="mmray-train")
+    )
+    output: str = ""  # Ray Train storage (checkpoints, the export); empty: ~/ray_results
+
+    def validate(self) -> None:
+        if not self.data.path:
+            raise ValueError("data.path (--data) is required")
+        self.loss.check(self.model.fusion)
+        if self.data.text_cache and not self.model.text.frozen:
+            raise ValueError("data.text_cache needs a locked text tower (model.text.frozen=true)")
+        self.ds_config  # noqa: B018 - built now: a batch that does not split fails here
+
+    @functools.cached_property
+    def ds_config(self) -> dict[str, Any]:
+        """The DeepSpeed JSON config, built once (workers get it with the config)."""
+        return deepspeed_config(
+            self.deepspeed, self.optim, self.schedule.global_batch, self.scaling.num_workers
+        )
+
+
+def consolidate(checkpoint_dir: Path, model: torch.nn.Module, stage: int) -> torch.nn.Module:
+    """Load full fp32 weights into ``model`` from a checkpoint folder of every rank's DeepSpeed
+    files (saved under tag ``CHECKPOINT_TAG`` at ZeRO ``stage``)."""
+    if stage == 0:  # plain data parallel: rank 0 holds the whole model
+        files = sorted((checkpoint_dir / CHECKPOINT_TAG).glob("mp_rank_00_model_states.pt"))
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CHECKPOINT_TAG)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 def cosine_lr(step: int, max_steps: int, warmup: int) -> float:
     """Learning-rate factor: linear warm-up to 1, then cosine decay to 0 at ``max_steps``."""
     if step < warmup:
@@ -139,29 +246,21 @@ def preprocess(
     would repeat the same view of every image every epoch. None: the eval transform.
     """
     image_col = "jpg" if "jpg" in batch else "webp"
-    pixels = []
-    fresh = np.random.default_rng() if seed is None else None
-    for key, data in zip(batch["__key__"], batch[image_col], strict=True):
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        if augment is None:
-            pixels.append(eval_transform(img, image_size))
-        else:
-            rng = fresh or np.random.default_rng([seed, int(str(key)[-12:] or 0)])
-            pixels.append(train_transform(img, augment, rng))
+    transforms = Transforms(image_size, context_length)  # what inference applies
+    images = [Image.open(io.BytesIO(data)).convert("RGB") for data in batch[image_col]]
+    if augment is None:
+        pixels = transforms.pixels(images).numpy()
+    else:
+        fresh = np.random.default_rng() if seed is None else None
+        rngs = [
+            fresh or np.random.default_rng([seed, int(str(k)[-12:] or 0)]) for k in batch["__key__"]
+        ]
+        pixels = np.stack(
+            [train_transform(img, augment, rng) for img, rng in zip(images, rngs, strict=True)]
+        )
     captions = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch["txt"]]
-    tokens = tokenize(captions, context_length)
-    return {
-        "pixels": np.stack(pixels),
-        "input_ids": tokens["input_ids"].numpy(),
-        "attention_mask": tokens["attention_mask"].numpy(),
-    }
-
-
-def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Drop the trailing columns that are padding in every row: the text tower then runs on
-    the batch's longest caption, not the full context length."""
-    length = max(1, int(attention_mask.sum(1).max()))
-    return input_ids[:, :length], attention_mask[:, :length]
+    ids, mask = transforms.tokens(captions, trim=False)  # fixed T: batches stack
+    return {"pixels": pixels, "input_ids": ids.numpy(), "attention_mask": mask.numpy()}
 
 
 def held_out(key: str, fraction: float) -> bool:

@@ -15,7 +15,6 @@ and the result equals that of an uninterrupted run (dedup keeps the smallest key
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -46,7 +45,7 @@ from mmcore.data.shards import (
     write_pieces,
 )
 from mmcore.tracking import TrackingConfig, start_run
-from pipelines import job
+from pipelines import flags, job
 
 log = logging.getLogger(__name__)
 
@@ -305,35 +304,11 @@ def format_table(summary: dict[str, Any]) -> str:
 
 # --- command line -------------------------------------------------------------------------
 
-# img2dataset's flag names → dotted config keys.
-FLAGS = {
-    "--input": ("input.path", str),
-    "--output": ("output.path", str),
-    "--input-format": ("input.format", str),
-    "--url-col": ("input.url_col", str),
-    "--caption-col": ("input.caption_col", str),
-    "--image-size": ("image.image_size", int),
-    "--resize-mode": ("image.resize_mode", str),
-    "--encode-format": ("image.encode_format", str),
-    "--encode-quality": ("image.encode_quality", int),
-    "--samples-per-shard": ("output.samples_per_shard", int),
-    "--timeout": ("fetch.timeout_s", float),
-    "--retries": ("fetch.retries", int),
-    "--threads": ("fetch.threads", int),
-}
-
 
 def parse_args(argv: list[str]) -> CurateConfig:
-    p = argparse.ArgumentParser(prog="mmray curate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML config; flags and key=value overrides win over it")
-    for flag, (key, tp) in FLAGS.items():
-        p.add_argument(flag, type=tp, help=f"sets {key}")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p = flags.parser("mmray curate", __doc__, flags.CURATE, "YAML config (curate*.yaml)")
     args = p.parse_args(argv)
-    values = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _) in FLAGS.items()}
-    # JSON is YAML: a quoted value keeps its type (a path named "123" stays a string).
-    flags = [f"{key}={json.dumps(v)}" for key, v in values.items() if v is not None]
-    return load_config(CurateConfig, args.config, flags + args.overrides)
+    return load_config(CurateConfig, args.config, args.overrides, flags.values(args, flags.CURATE))
 
 
 def check(cfg: CurateConfig) -> None:

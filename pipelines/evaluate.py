@@ -14,9 +14,8 @@ from typing import Any
 from mmcore.config import ConfigError
 from mmcore.eval.run import read_shards, retrieval_eval, zeroshot_eval
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES
-from mmcore.export import check_reference, load_model
+from mmcore.tracking import check_model, load
 from pipelines import job
-from pipelines.train import shard_paths
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -40,17 +39,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def check(args: argparse.Namespace) -> None:
-    check_reference(args.model)
+    check_model(args.model)
     if args.task == "zeroshot":
         job.check_input("--image-folder", args.image_folder)
     elif args.data.endswith(".tar"):  # one shard
         job.check_input("--data", args.data)
     else:  # a folder of shards
-        shard_paths(args.data, "--data")
+        job.shard_paths(args.data, "--data")
 
 
 def work(args: argparse.Namespace) -> dict[str, Any]:
-    model = load_model(args.model)
+    model = load(args.model)
     if args.task == "zeroshot":
         metrics = zeroshot_eval(model, args.image_folder, args.template)
     else:

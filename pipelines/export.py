@@ -10,7 +10,8 @@ import argparse
 import sys
 from typing import Any
 
-from mmcore.export import check_reference, export_hf, load_model, save_model
+from mmcore.export import export_hf, save_model
+from mmcore.tracking import check_model, load
 from pipelines import job
 
 
@@ -23,7 +24,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def work(args: argparse.Namespace) -> dict[str, Any]:
-    model = load_model(args.model)
+    model = load(args.model)
     save = export_hf if args.format == "hf" else save_model
     out = save(model, args.output)
     return {"model": str(args.model), "format": args.format, "output": str(out)}
@@ -31,7 +32,7 @@ def work(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    check = lambda args: check_reference(args.model)  # noqa: E731
+    check = lambda args: check_model(args.model)  # noqa: E731
     return job.main("mmray export", lambda: parse_args(argv), work, check)
 
 

@@ -176,6 +176,16 @@ def check_input(key: str, path: str) -> None:
     raise ConfigError(f"{key}: {Path(path).absolute()} does not exist{hint}")
 
 
+def shard_paths(path: str, key: str = "data.path") -> list[str]:
+    """The curated ``.tar`` shards in folder ``path``; a clear error when there are none."""
+    check_input(key, path)
+    tars = sorted(str(p) for p in Path(path).glob("*.tar"))
+    if not tars:
+        where = Path(path).resolve()
+        raise ConfigError(f"no .tar shards in {where} (on a cluster: a path every node can read)")
+    return tars
+
+
 def check_tracking(cfg: TrackingConfig) -> None:
     """Under a Ray job the embedded MLflow store would vanish with the working directory."""
     if cfg.enabled and in_ray_job() and not os.environ.get("MLFLOW_TRACKING_URI"):

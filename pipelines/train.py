@@ -13,7 +13,6 @@ safetensors, logs the model to MLflow (``runs:/ID/model``) and prints one JSON l
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -26,181 +25,127 @@ from typing import Any
 
 import torch
 
-from mmcore.config import ConfigError, from_dict, load_config, to_dict
+from mmcore.config import ConfigError, load_config, to_dict
 from mmcore.data.transforms import TransformConfig
 from mmcore.eval.run import eval_metrics
 from mmcore.export import save_model
-from mmcore.losses.fusion import LossConfig, compute_losses
-from mmcore.models.model import ModelConfig, build_model
+from mmcore.inference import trim_padding
+from mmcore.losses.fusion import compute_losses
+from mmcore.models.model import build_model
 from mmcore.models.towers import TextMemo
-from mmcore.tracking import TrackingConfig, log_metrics_to, log_model, start_run, tracking_uri
+from mmcore.tracking import (
+    lineage_tags,
+    log_metrics_to,
+    log_model,
+    start_run,
+    tracking_uri,
+)
 from mmcore.training import (
-    DeepSpeedConfig,
-    OptimConfig,
+    CHECKPOINT_TAG,
+    TrainConfig,
+    consolidate,
     cosine_lr,
-    deepspeed_config,
     held_out,
     param_groups,
     preprocess,
-    trim_padding,
     within,
 )
-from pipelines import job
+from pipelines import flags, job
 
 log = logging.getLogger(__name__)
-TAG = "ckpt"  # DeepSpeed checkpoint tag (not "latest": DeepSpeed writes a file of that name)
-
-
-@dataclasses.dataclass(kw_only=True)
-class DataConfig:
-    path: str = ""  # folder of curated NNNNN.tar shards
-    val_path: str = ""  # curated shards for validation; empty: hold out val_fraction of path
-    val_fraction: float = 0.02  # held out by a stable hash of each sample's key (0: none)
-    augment: TransformConfig = dataclasses.field(default_factory=TransformConfig)
-    # A locked text tower: each worker keeps the features of up to N distinct captions
-    # (mmcore TextMemo; ~20 KB each for MiniLM). 0: off. Not under ZeRO-3, where every rank
-    # must run the tower to gather its partitioned weights.
-    text_cache: int = 0
-    # A worker that gets no batch for this long stops the run with a diagnosis (0: waits
-    # forever). Covers Ray Data's start-up, so it is generous.
-    stall_timeout_s: float = 300.0
-
-    def validate(self) -> None:
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError("data.val_fraction must be in [0, 1)")
-        if self.text_cache < 0 or self.stall_timeout_s < 0:
-            raise ValueError("data.text_cache and data.stall_timeout_s must be >= 0")
-
-
-@dataclasses.dataclass(kw_only=True)
-class EvalConfig:
-    every: int = 100  # steps between evaluations; the last step always evaluates
-    zeroshot: list[str] = dataclasses.field(default_factory=list)  # DIR/<class name>/<images>
-    max_pairs: int = 256  # validation pairs for retrieval (fusion variants score N² pairs)
-
-    def validate(self) -> None:
-        if self.every < 0 or self.max_pairs < 2:
-            raise ValueError("need eval.every >= 0 and eval.max_pairs >= 2")
-
-
-@dataclasses.dataclass(kw_only=True)
-class ScheduleConfig:
-    global_batch: int = 64  # samples per optimizer step, over all workers
-    max_steps: int = 300
-    checkpoint_every: int = 100
-    log_every: int = 10
-    max_failures: int = 1  # worker-group restarts from the last checkpoint
-    seed: int = 0
-
-
-@dataclasses.dataclass(kw_only=True)
-class ScalingConfig:
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-
-
-@dataclasses.dataclass(kw_only=True)
-class TrainConfig:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
-    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
-    scaling: ScalingConfig = dataclasses.field(default_factory=ScalingConfig)
-    tracking: TrackingConfig = dataclasses.field(
-        default_factory=lambda: TrackingConfig(experiment="mmray-train")
-    )
-    output: str = ""  # Ray Train storage (checkpoints, the export); empty: ~/ray_results
-
-    def validate(self) -> None:
-        if not self.data.path:
-            raise ValueError("data.path (--data) is required")
-        self.loss.check(self.model.fusion)
-        if self.data.text_cache and not self.model.text.frozen:
-            raise ValueError("data.text_cache needs a locked text tower (model.text.frozen=true)")
-        deepspeed_config(
-            self.deepspeed, self.optim, self.schedule.global_batch, self.scaling.num_workers
-        )
 
 
 # --- per worker ----------------------------------------------------------------------------
 
 
 def train_func(config: dict[str, Any]) -> None:
-    """One Ray Train worker: DeepSpeed engine, the training loop, evaluation, checkpoints."""
+    """One Ray Train worker: the DeepSpeed engine, then steps until ``schedule.max_steps``,
+    with evaluation, logging and checkpoints at step boundaries (``_boundary``)."""
     import ray.train
 
-    cfg = from_dict(TrainConfig, config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    engine, sched = _engine(cfg, world)
-    if cfg.data.text_cache and cfg.deepspeed.stage == 3:
-        log.warning("data.text_cache is off under ZeRO-3: every rank runs the text tower")
-    elif cfg.data.text_cache:
-        engine.module.text_memo = TextMemo(engine.module.text, cfg.data.text_cache)
+    cfg: TrainConfig = config["cfg"]  # validated once, in the driver
+    rank = ray.train.get_context().get_world_rank()
+    engine, sched = _engine(cfg)
     epoch, skip = 0, 0  # the data position: epoch, and micro-batches of it already consumed
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as folder:
-            _, position = engine.load_checkpoint(folder, tag=TAG)
+            _, position = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
         epoch, skip = position["epoch"], position["batches"]
         log.info("rank %d resumed at step %d (epoch %d, batch %d)",
                  rank, engine.global_steps, epoch, skip)  # fmt: skip
     evaluator = Evaluator(cfg, rank, has_val=config["has_val"])
     generator = torch.Generator().manual_seed(cfg.schedule.seed * 1000 + rank)
     shard = ray.train.get_dataset_shard("train")
-    micro = engine.train_micro_batch_size_per_gpu()
-    stalled = functools.partial(_stalled, rank)
-    sch, last = cfg.schedule, cfg.schedule.max_steps
+    micro, last = engine.train_micro_batch_size_per_gpu(), cfg.schedule.max_steps
     mark = time.perf_counter()
     while engine.global_steps < last:
         consumed = 0
         batches = shard.iter_torch_batches(batch_size=micro, drop_last=True)
-        for consumed, batch in enumerate(
-            within(batches, cfg.data.stall_timeout_s, stalled), start=1
-        ):
+        stalled = functools.partial(_stalled, rank)
+        for consumed, batch in enumerate(within(batches, cfg.data.stall_timeout_s, stalled), 1):
             if consumed <= skip:  # seen before the restart
                 mark = time.perf_counter()
                 continue
             waited = time.perf_counter() - mark
-            ids, mask = trim_padding(batch["input_ids"], batch["attention_mask"])
-            total, terms = compute_losses(
-                engine.module, batch["pixels"], ids, mask, cfg.loss.terms, generator
-            )
-            engine.backward(total)
-            engine.step()
-            if not engine.is_gradient_accumulation_boundary():
+            metrics = _step(engine, sched, batch, cfg, generator)
+            if metrics is None:  # inside a gradient-accumulation window
                 continue
-            step = engine.global_steps
             elapsed = time.perf_counter() - mark
-            metrics = {f"train/{k}": v.item() for k, v in terms.items()} | {
-                "train/loss": total.item(),
-                "train/lr": sched.get_last_lr()[0],
-                "train/logit_scale": engine.module.scales()[0].item(),
-                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "train/samples_per_s": micro * world / elapsed,
-                "train/step_time_s": elapsed,
-                "train/data_wait_s": waited,
-                "train/samples_seen": step * sch.global_batch,
-                "train/epoch": epoch,
-            }
-            evaluate = step >= last or (cfg.eval.every and step % cfg.eval.every == 0)
-            if evaluate:
-                metrics |= evaluator(engine)  # every rank takes part (ZeRO-3 gathers weights)
-            if rank == 0 and config["run_id"] and (step % sch.log_every == 0 or evaluate):
-                log_metrics_to(config["run_id"], metrics, step, config["tracking_uri"])
-            if step % sch.checkpoint_every == 0 or step >= last:
-                _report(engine, metrics | {"step": step}, {"epoch": epoch, "batches": consumed})
-            elif evaluate:  # eval metrics reach Ray (and Tune) at every evaluation
-                ray.train.report(metrics | {"step": step})
+            metrics |= {"train/samples_per_s": micro * ray.train.get_context().get_world_size()
+                        / elapsed, "train/step_time_s": elapsed, "train/data_wait_s": waited,
+                        "train/epoch": epoch}  # fmt: skip
+            _boundary(engine, cfg, config, evaluator, metrics, rank, {"epoch": epoch,
+                      "batches": consumed})  # fmt: skip
             mark = time.perf_counter()
-            if step >= last:
+            if engine.global_steps >= last:
                 break
         if consumed <= skip and engine.global_steps < last:
             raise RuntimeError(f"an epoch gave worker {rank} no full batch of {micro} samples")
         epoch, skip = epoch + 1, 0
+
+
+def _step(
+    engine: Any, sched: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig,
+    generator: torch.Generator,
+) -> dict[str, float] | None:  # fmt: skip
+    """Forward, backward and optimizer step on one micro-batch; the step's metrics at a
+    gradient-accumulation boundary, else None."""
+    ids, mask = trim_padding(batch["input_ids"], batch["attention_mask"])
+    total, terms = compute_losses(
+        engine.module, batch["pixels"], ids, mask, cfg.loss.terms, generator
+    )
+    engine.backward(total)
+    engine.step()
+    if not engine.is_gradient_accumulation_boundary():
+        return None
+    return {f"train/{k}": v.item() for k, v in terms.items()} | {
+        "train/loss": total.item(),
+        "train/lr": sched.get_last_lr()[0],
+        "train/logit_scale": engine.module.scales()[0].item(),
+        "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+        "train/samples_seen": engine.global_steps * cfg.schedule.global_batch,
+    }
+
+
+def _boundary(
+    engine: Any, cfg: TrainConfig, config: dict[str, Any], evaluator: Evaluator,
+    metrics: dict[str, float], rank: int, position: dict[str, int],
+) -> None:  # fmt: skip
+    """After an optimizer step: evaluate (every ``eval.every`` and at the end), log to MLflow
+    from rank 0, and report to Ray (with a checkpoint every ``checkpoint_every``)."""
+    import ray.train
+
+    sch, step = cfg.schedule, engine.global_steps
+    last = step >= sch.max_steps
+    evaluate = last or (cfg.eval.every and step % cfg.eval.every == 0)
+    if evaluate:
+        metrics |= evaluator(engine)  # every rank takes part (ZeRO-3 gathers weights)
+    if rank == 0 and config["run_id"] and (step % sch.log_every == 0 or evaluate):
+        log_metrics_to(config["run_id"], metrics, step, config["tracking_uri"])
+    if step % sch.checkpoint_every == 0 or last:
+        _report(engine, metrics | {"step": step}, position)
+    elif evaluate:  # eval metrics reach Ray (and Tune) at every evaluation
+        ray.train.report(metrics | {"step": step})
 
 
 def _stalled(rank: int, waited: float) -> str:
@@ -216,8 +161,9 @@ def _stalled(rank: int, waited: float) -> str:
     )
 
 
-def _engine(cfg: TrainConfig, world: int) -> tuple[Any, Any]:
-    """The DeepSpeed engine (identical initial weights on every rank) and its LR schedule."""
+def _engine(cfg: TrainConfig) -> tuple[Any, Any]:
+    """The DeepSpeed engine (identical initial weights on every rank) and its LR schedule;
+    the text tower's feature memo when ``data.text_cache`` asks for one."""
     import deepspeed
 
     torch.manual_seed(cfg.schedule.seed)
@@ -229,10 +175,13 @@ def _engine(cfg: TrainConfig, world: int) -> tuple[Any, Any]:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cosine_lr(s, cfg.schedule.max_steps, cfg.optim.warmup_steps)
     )
-    ds_config = deepspeed_config(cfg.deepspeed, cfg.optim, cfg.schedule.global_batch, world)
     engine, _, _, sched = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
+        model=model, optimizer=opt, lr_scheduler=sched, config=cfg.ds_config
     )
+    if cfg.data.text_cache and cfg.deepspeed.stage == 3:
+        log.warning("data.text_cache is off under ZeRO-3: every rank runs the text tower")
+    elif cfg.data.text_cache:
+        engine.module.text_memo = TextMemo(engine.module.text, cfg.data.text_cache)
     return engine, sched
 
 
@@ -269,21 +218,11 @@ def _report(engine: Any, metrics: dict[str, float], position: dict[str, int]) ->
     import ray.train
 
     with tempfile.TemporaryDirectory() as folder:
-        engine.save_checkpoint(folder, tag=TAG, client_state=position)
+        engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state=position)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 # --- driver --------------------------------------------------------------------------------
-
-
-def shard_paths(path: str, key: str = "data.path") -> list[str]:
-    """The curated shards to train on; a clear error when there are none."""
-    job.check_input(key, path)
-    tars = sorted(str(p) for p in Path(path).glob("*.tar"))
-    if not tars:
-        where = Path(path).resolve()
-        raise ConfigError(f"no .tar shards in {where} (on a cluster: a path every node can read)")
-    return tars
 
 
 def _datasets(cfg: TrainConfig) -> dict[str, Any]:
@@ -295,7 +234,7 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     def prepared(path: str, augment: TransformConfig | None, keep=None) -> ray.data.Dataset:
-        ds = ray.data.read_webdataset(shard_paths(path), decoder=None)
+        ds = ray.data.read_webdataset(job.shard_paths(path), decoder=None)
         if keep is not None:
             ds = ds.filter(keep)
         kwargs = {
@@ -322,31 +261,6 @@ def _in_split(fraction: float, val: bool, row: dict[str, Any]) -> bool:
     return held_out(row["__key__"], fraction) == val
 
 
-def consolidate(checkpoint_dir: Path, cfg: TrainConfig) -> torch.nn.Module:
-    """Full fp32 weights from a checkpoint of every rank's DeepSpeed shards."""
-    model = build_model(cfg.model)
-    if cfg.deepspeed.stage == 0:  # plain data parallel: rank 0 holds the whole model
-        files = sorted((checkpoint_dir / TAG).glob("mp_rank_00_model_states.pt"))
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=TAG)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def _lineage() -> dict[str, str]:
-    """Package versions and the git commit, as run tags."""
-    import subprocess
-    from importlib.metadata import version
-
-    tags = {f"version.{p}": version(p) for p in ("torch", "ray", "deepspeed", "transformers")}
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-    tags["git_sha"] = sha.stdout.strip() if sha.returncode == 0 else "unknown"
-    return tags
-
-
 def run(
     cfg: TrainConfig, run_name: str = "train", parent_run_id: str | None = None,
     tags: dict[str, str] | None = None, callbacks: list | None = None,
@@ -361,19 +275,16 @@ def run(
     storage = job.output_root(cfg.output)
     with start_run(cfg.tracking, run_name, parent_run_id, tags) as tracker:
         tracker.log_params(to_dict(cfg))
-        tracker.set_tags(_lineage())
+        tracker.set_tags(lineage_tags())
         manifest = Path(cfg.data.path) / "manifest.json"
         if manifest.exists():  # the curated dataset this run trains on
             digest = json.loads(manifest.read_text())["digest"]
             tracker.log_dataset(str(Path(cfg.data.path).resolve()), "train", digest, "training")
-        ds_cfg = deepspeed_config(
-            cfg.deepspeed, cfg.optim, cfg.schedule.global_batch, cfg.scaling.num_workers
-        )
-        tracker.log_dict(ds_cfg, "deepspeed_config.json")
+        tracker.log_dict(cfg.ds_config, "deepspeed_config.json")
         name = f"train-{tracker.run_id or int(time.time())}"
         datasets = _datasets(cfg)
         loop_config = {
-            "cfg": to_dict(cfg),
+            "cfg": cfg,
             "has_val": "val" in datasets,
             "run_id": tracker.run_id,
             "tracking_uri": tracking_uri(),
@@ -397,7 +308,7 @@ def run(
         )  # fmt: skip
         result = trainer.fit()
         with result.checkpoint.as_directory() as folder:
-            model = consolidate(Path(folder), cfg)
+            model = consolidate(Path(folder), build_model(cfg.model), cfg.deepspeed.stage)
         export = save_model(model, storage / name / "model")
         model_uri = log_model(export) if tracker.run_id else str(export)
         tracker.set_tags({"mmray.model_uri": model_uri})  # for a sweep to register
@@ -411,38 +322,17 @@ def run(
 
 
 def parse_args(argv: list[str]) -> TrainConfig:
-    p = argparse.ArgumentParser(prog="mmray train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML config (pipelines/configs/train/*.yaml)")
-    add_data_flags(p)
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p = flags.parser("mmray train", __doc__, flags.TRAIN, "YAML config (configs/train/*.yaml)")
     args = p.parse_args(argv)
-    return load_config(TrainConfig, args.config, data_overrides(args) + args.overrides)
-
-
-def add_data_flags(p: argparse.ArgumentParser) -> None:
-    """--data, --val-data, --zeroshot: shorthands for training config keys."""
-    p.add_argument("--data", help="folder of curated shards (sets data.path)")
-    p.add_argument("--val-data", help="curated shards for validation (sets data.val_path)")
-    p.add_argument("--zeroshot", action="append", default=[], metavar="DIR",
-                   help="zero-shot eval folder DIR/<class name>/<images>; repeatable")  # fmt: skip
-
-
-def data_overrides(args: argparse.Namespace) -> list[str]:
-    """The data flags as key=value overrides of the training config."""
-    flags = [f"data.path={json.dumps(args.data)}"] if args.data else []
-    if args.val_data:
-        flags.append(f"data.val_path={json.dumps(args.val_data)}")
-    if args.zeroshot:
-        flags.append(f"eval.zeroshot={json.dumps(args.zeroshot)}")
-    return flags
+    return load_config(TrainConfig, args.config, args.overrides, flags.values(args, flags.TRAIN))
 
 
 def check(cfg: TrainConfig) -> None:
     """What must resolve before Ray and MLflow start: shards, eval folders, the output path and
     the tracking store."""
-    shard_paths(cfg.data.path)
+    job.shard_paths(cfg.data.path)
     if cfg.data.val_path:
-        shard_paths(cfg.data.val_path, "data.val_path")
+        job.shard_paths(cfg.data.val_path, "data.val_path")
     for folder in cfg.eval.zeroshot:
         job.check_input("eval.zeroshot", folder)
         if not Path(folder).is_dir():

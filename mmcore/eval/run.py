@@ -1,65 +1,21 @@
-"""Evaluation of any model variant: zero-shot classification and retrieval.
-
-Late-fusion models compare embeddings; fusion models score every (image, prompt) pair with
-their ITM head (``hybrid`` re-ranks an ITC shortlist), which costs a fusion pass per pair.
+"""Evaluation of any model variant: zero-shot classification and retrieval, scored through
+``mmcore.inference.Engine`` (dual encoders compare embeddings; pair-scoring variants run
+their ITM head per (image, prompt) pair, hybrid on an ITC shortlist).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from mmcore.config import ConfigError
-from mmcore.data.transforms import eval_transform
 from mmcore.eval.retrieval import recall_at_k
-from mmcore.eval.zeroshot import (
-    DEFAULT_TEMPLATES,
-    accuracy,
-    class_prompts,
-    image_folder,
-    zeroshot_classifier,
-)
+from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder
+from mmcore.inference import Engine
 from mmcore.models.model import ImageTextModel
-from mmcore.models.towers import tokenize
-
-
-def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def pixels_of(images: Sequence[Image.Image], image_size: int) -> torch.Tensor:
-    """PIL images → (B, 3, S, S), the eval transform."""
-    return torch.from_numpy(np.stack([eval_transform(img, image_size) for img in images]))
-
-
-@torch.no_grad()
-def class_scores(
-    model: ImageTextModel, images: Sequence[Image.Image], classnames: Sequence[str],
-    templates: Sequence[str] = DEFAULT_TEMPLATES, batch_size: int = 64,
-) -> torch.Tensor:  # fmt: skip
-    """(N, C) class scores for each image (higher is more likely)."""
-    cfg = model.cfg
-    prompts = class_prompts(classnames, templates)
-    tokens = tokenize(prompts, cfg.text.context_length)
-    rows = []
-    if cfg.fusion == "late":
-        clf = zeroshot_classifier(
-            lambda texts: model.encode_text(**tokenize(texts, cfg.text.context_length)),
-            classnames, templates,
-        )  # fmt: skip
-        for chunk in _batches(images, batch_size):
-            rows.append(model.encode_image(pixels_of(chunk, cfg.vision.image_size)) @ clf.T)
-        return torch.cat(rows)
-    for chunk in _batches(images, batch_size):  # fusion: score every (image, prompt) pair
-        pixels = pixels_of(chunk, cfg.vision.image_size)
-        scores = model.pair_scores(pixels, tokens["input_ids"], tokens["attention_mask"])
-        rows.append(scores.view(len(chunk), len(classnames), len(templates)).mean(-1))
-    return torch.cat(rows)
 
 
 def zeroshot_eval(
@@ -68,32 +24,18 @@ def zeroshot_eval(
     """``folder/<class name>/<images>`` → top1, top5 (and the counts)."""
     paths, labels, classes = image_folder(folder)
     images = [Image.open(p).convert("RGB") for p in paths]
-    scores = class_scores(model, images, classes, templates)
+    scores = Engine(model).class_scores(images, classes, templates)
     metrics = accuracy(scores, torch.tensor(labels))
     return metrics | {"n_images": len(paths), "n_classes": len(classes)}
 
 
-@torch.no_grad()
 def retrieval_eval(
     model: ImageTextModel, images: Sequence[Image.Image], captions: Sequence[str],
     shortlist: int | None = 16,
 ) -> dict[str, float]:  # fmt: skip
     """Recall@1/5/10 both ways over (image i, caption i) pairs."""
-    pixels = pixels_of(images, model.cfg.vision.image_size)
-    tokens = tokenize(list(captions), model.cfg.text.context_length)
-    ids, mask = tokens["input_ids"], tokens["attention_mask"]
-    return retrieval_metrics(model, pixels, ids, mask, shortlist)
-
-
-@torch.no_grad()
-def retrieval_metrics(
-    model: ImageTextModel, pixels: torch.Tensor, input_ids: torch.Tensor,
-    attention_mask: torch.Tensor, shortlist: int | None = 16,
-) -> dict[str, float]:  # fmt: skip
-    """Recall@1/5/10 both ways over model inputs, pair i = (pixels[i], input_ids[i])."""
-    use_shortlist = shortlist if model.cfg.fusion == "hybrid" else None
-    scores = model.pair_scores(pixels, input_ids, attention_mask, use_shortlist)
-    return recall_at_k(scores) | {"n_pairs": len(pixels)}
+    scores = Engine(model).pair_scores(images, captions, shortlist)
+    return recall_at_k(scores) | {"n_pairs": len(images)}
 
 
 def eval_metrics(
@@ -108,7 +50,7 @@ def eval_metrics(
         zs = zeroshot_eval(model, folder)
         metrics |= {f"zeroshot/{Path(folder).name}/{k}": zs[k] for k in ("top1", "top5")}
     if val is not None:
-        recalls = retrieval_metrics(model, *val)
+        recalls = recall_at_k(Engine(model).score_inputs(*val)) | {"n_pairs": len(val[0])}
         metrics |= {f"retrieval/{k.replace('@', '')}": v for k, v in recalls.items()}
     return metrics
 

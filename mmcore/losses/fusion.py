@@ -2,7 +2,8 @@
 registry: every term is a function plus a thin module with one call signature,
 ``module(model, out, input_ids, attention_mask, generator) -> {name: loss}``.
 ``compute_losses`` runs the model once and adds the requested terms
-(``loss.terms: {clip: 1.0, itm: 1.0}``), checking that the variant supports them.
+(``loss.terms: {clip: 1.0, itm: 1.0}``); ``LossConfig.check`` refuses, once, terms that the
+variant cannot train.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcore.losses.contrastive import clip_loss, combine, siglip_loss
-from mmcore.models.model import ITC, OBJECTIVES, ImageTextModel, ModelOutput
+from mmcore.models.model import ITC, VARIANTS, ImageTextModel, ModelOutput
 from mmcore.models.towers import tokenizer
 
 
@@ -38,14 +39,15 @@ class LossConfig:
 
 def check_objectives(fusion: str, terms: dict[str, float]) -> None:
     """Raise ValueError when ``fusion`` cannot train one of ``terms``."""
-    unsupported = sorted(set(terms) - OBJECTIVES[fusion])
+    variant = VARIANTS[fusion]
+    unsupported = sorted(set(terms) - variant.objectives)
     if unsupported:
         raise ValueError(
             f"fusion {fusion!r} does not support loss term(s) {unsupported}; "
-            f"it supports {sorted(OBJECTIVES[fusion])}"
+            f"it supports {sorted(variant.objectives)}"
         )
-    if fusion == "hybrid" and not ITC & set(terms):
-        raise ValueError("fusion 'hybrid' contrasts first: include a clip or siglip term")
+    if variant.has_itc and not ITC & set(terms):  # hybrid: it ranks by ITC, then matches
+        raise ValueError(f"fusion {fusion!r} contrasts first: include a clip or siglip term")
 
 
 def itm_loss(
@@ -60,7 +62,7 @@ def itm_loss(
         raise ValueError("itm needs a batch of at least 2 pairs to draw negatives")
     with torch.no_grad():
         sim = out.image_embeds @ out.text_embeds.T * out.logit_scale  # (B, B)
-        if not OBJECTIVES[model.cfg.fusion] & ITC:
+        if not model.has_itc:
             sim = torch.zeros_like(sim)  # uniform
         no_self = torch.eye(b, dtype=torch.bool, device=sim.device)
         weights = sim.float().softmax(1).masked_fill(no_self, 0) + 1e-9 * ~no_self
@@ -120,7 +122,6 @@ def compute_losses(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """One forward pass, the requested terms, and their weighted sum: (total, terms)."""
-    check_objectives(model.cfg.fusion, weights)
     out = model(pixels, input_ids, attention_mask)
     terms: dict[str, torch.Tensor] = {}
     for name in weights:

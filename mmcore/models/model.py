@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcore.models.fusion import FUSIONS, TOKEN_OBJECTIVES, Fused, FusionConfig
+from mmcore.models.fusion import FUSIONS, Fused, FusionConfig
 from mmcore.models.towers import (
     TextConfig,
     TextMemo,
@@ -38,18 +38,34 @@ from mmcore.models.towers import (
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps the learnt temperature at 1/100
 Fusion = Literal["late", "early", "cross_attention", "gated", "film", "hybrid"]
-ITC = {"clip", "siglip"}  # contrastive terms, on the tower embeddings
-# The loss terms each variant trains. The pure fusion variants learn to match pairs inside
-# the fusion module only; hybrid (ALBEF) contrasts first, then matches, so it needs an ITC
-# term, mines ITM hard negatives from it, and ranks by an ITC shortlist at inference.
-OBJECTIVES: dict[str, set[str]] = {
-    "late": ITC,
-    "early": {"itm", "mlm", "caption"},
-    "cross_attention": {"itm", "mlm", "caption"},
-    "gated": {"itm"},
-    "film": {"itm"},
-    "hybrid": ITC | {"itm", "mlm", "caption"},
+ITC = frozenset({"clip", "siglip"})  # contrastive terms, on the tower embeddings
+PAIR = frozenset({"itm", "mlm", "caption"})  # terms on the fusion module
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What a fusion variant can do, decided here once; code asks the model
+    (``model.has_itc``), never the variant's name."""
+
+    objectives: frozenset[str]  # the loss terms it trains
+    # Trained contrastive embeddings: ranking is one matrix product (and hybrid shortlists).
+    has_itc: bool
+    scores_pairs: bool  # a fusion module whose ITM head scores each (image, text) pair
+    generates: bool  # the fusion module keeps text tokens: an LM head (MLM, captions)
+
+
+# The pure fusion variants learn to match pairs inside the fusion module only; hybrid (ALBEF)
+# contrasts first, then matches, so it needs an ITC term, mines ITM hard negatives from it,
+# and ranks by an ITC shortlist at inference.
+VARIANTS: dict[str, Variant] = {
+    "late": Variant(ITC, has_itc=True, scores_pairs=False, generates=False),
+    "early": Variant(PAIR, has_itc=False, scores_pairs=True, generates=True),
+    "cross_attention": Variant(PAIR, has_itc=False, scores_pairs=True, generates=True),
+    "gated": Variant(frozenset({"itm"}), has_itc=False, scores_pairs=True, generates=False),
+    "film": Variant(frozenset({"itm"}), has_itc=False, scores_pairs=True, generates=False),
+    "hybrid": Variant(ITC | PAIR, has_itc=True, scores_pairs=True, generates=True),
 }
+OBJECTIVES = {name: v.objectives for name, v in VARIANTS.items()}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -84,6 +100,12 @@ class ImageTextModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        variant = VARIANTS[cfg.fusion]
+        self.has_itc, self.scores_pairs, self.generates = (
+            variant.has_itc,
+            variant.scores_pairs,
+            variant.generates,
+        )
         self.vision = VisionTower(cfg.vision)
         self.text = TextTower(cfg.text)
         self.text_memo: TextMemo | None = None  # training's per-caption features (TextMemo)
@@ -91,13 +113,13 @@ class ImageTextModel(nn.Module):
         self.text_projection = nn.Linear(self.text.width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.init_temperature)))
         self.logit_bias = nn.Parameter(torch.full((1,), cfg.init_bias))
-        if cfg.fusion != "late":
+        if self.scores_pairs:
             width = cfg.fusion_module.width
             self.image_to_fusion = nn.Linear(self.vision.width, width)
             self.text_to_fusion = nn.Linear(self.text.width, width)
             self.fusion = FUSIONS[cfg.fusion](cfg.fusion_module)
             self.itm_head = nn.Linear(width, 2)
-        if cfg.fusion in TOKEN_OBJECTIVES:
+        if self.generates:
             self.lm_head = nn.Linear(cfg.fusion_module.width, tokenizer().vocab_size)
             self.positions = nn.Parameter(
                 torch.zeros(cfg.text.context_length, cfg.fusion_module.width)
@@ -169,9 +191,9 @@ class ImageTextModel(nn.Module):
         image by ITC, -inf elsewhere: N·k fusion passes instead of N·M."""
         out = self(pixels, input_ids, attention_mask)
         itc = out.logit_scale * out.image_embeds @ out.text_embeds.T
-        if self.cfg.fusion == "late":
+        if not self.scores_pairs:
             return itc
-        if shortlist is not None and not OBJECTIVES[self.cfg.fusion] & ITC:
+        if shortlist is not None and not self.has_itc:
             raise ValueError(f"{self.cfg.fusion!r} has no trained ITC embeddings to shortlist by")
         k = itc.shape[1] if shortlist is None else min(shortlist, itc.shape[1])
         candidates = itc.topk(k, dim=1).indices  # (N, k)

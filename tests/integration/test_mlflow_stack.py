@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmcore.export import load_model, save_model
+from mmcore.export import save_model
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig, tokenize
-from mmcore.tracking import TrackingConfig, log_model, model_info, start_run
+from mmcore.tracking import TrackingConfig, load, log_model, resolve_model, start_run
 from tests.helpers import MlflowServer, PostgresServer, S3Server
 
 pytestmark = pytest.mark.integration
@@ -34,11 +34,11 @@ def test_models_round_trip_through_postgres_and_s3(tmp_path, monkeypatch) -> Non
             run.log_metrics({"eval/retrieval/i2t_r5": 0.5}, step=1)
             log_model(save_model(model, tmp_path / "export"), registered_name="stack-model")
 
-        loaded = load_model("models:/stack-model/1")
+        loaded = load("models:/stack-model/1")
         tokens = tokenize(["a red circle"], 32)
         with torch.no_grad():
             assert torch.equal(loaded.encode_text(**tokens), model.encode_text(**tokens))
-        info = model_info("models:/stack-model/1")
+        info = resolve_model("models:/stack-model/1").info()
         assert info["metrics"] == {"eval/retrieval/i2t_r5": 0.5}
 
         # The runs and the registry live in PostgreSQL, the files in the bucket.

@@ -11,10 +11,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from mmcore.export import load_model, save_model
+from mmcore.export import save_model
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig, tokenize
-from mmcore.tracking import TrackingConfig, log_model, start_run
+from mmcore.tracking import TrackingConfig, load, log_model, start_run
 
 
 def test_pyfunc_round_trip_and_model_uris(mlflow_server, tmp_path, monkeypatch) -> None:
@@ -44,7 +44,7 @@ def test_pyfunc_round_trip_and_model_uris(mlflow_server, tmp_path, monkeypatch) 
     assert len(probs) == 3 and abs(sum(probs) - 1) < 1e-5
 
     for model_uri in (uri, "models:/test-clip@champion"):
-        loaded = load_model(model_uri)
+        loaded = load(model_uri)
         with torch.no_grad():
             torch.testing.assert_close(
                 loaded.encode_text(**tokenize(["a red circle"], 32))[0], expected

@@ -25,12 +25,14 @@ import yaml
 from PIL import Image
 
 from mmcore.data.sample import _png_header_only
-from mmcore.export import load_model, save_model
+from mmcore.export import save_model
+from mmcore.inference import Engine
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig
-from mmcore.serving import Engine, read_index
-from mmcore.tracking import TrackingConfig, log_model, start_run
-from pipelines.serve import CONFIG, config_from
+from mmcore.serving import read_index
+from mmcore.tracking import TrackingConfig, load, log_model, start_run
+from pipelines.api import config_from
+from pipelines.serve import CONFIG
 from tests.helpers import curated_shards, free_port
 
 pytestmark = pytest.mark.integration
@@ -137,7 +139,7 @@ def test_health_model_info_docs_and_loopback_only(served) -> None:
 
 
 def test_endpoints_give_what_the_model_gives(served, tmp_path) -> None:
-    engine = Engine(load_model(f"models:/{NAME}/1"))
+    engine = Engine(load(f"models:/{NAME}/1"))
     red = Image.open(io.BytesIO(png_bytes())).convert("RGB")
     texts = ["a red circle", "a small blue star"]
 

@@ -21,7 +21,7 @@ import pytest
 import ray
 
 from mmcore.config import load_config
-from mmcore.export import load_model
+from mmcore.tracking import load
 from pipelines import evaluate
 from pipelines.train import TrainConfig, run
 from tests.helpers import curated_shards
@@ -79,7 +79,7 @@ def test_zero_run_finishes_logs_and_exports(
     assert result["metrics"]["step"] == 4
 
     # checkpoint → consolidated export → `mmray eval` gives the metrics the run logged
-    assert load_model(result["model_uri"]).cfg.text.frozen  # runs:/ID/model
+    assert load(result["model_uri"]).cfg.text.frozen  # runs:/ID/model
     uri = result["model_uri"]
     assert evaluate.main(["zeroshot", "--model", uri, "--image-folder", str(colour)]) == 0
     zeroshot = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from mmcore.config import load_config
-from mmcore.export import load_model
+from mmcore.tracking import load
 from pipelines import tune
 from pipelines.tune import SWEEP_TAG, SweepConfig
 from tests.helpers import curated_shards
@@ -37,13 +37,13 @@ def test_sweep_logs_ablation_crowns_champion_and_restores(
     shards, sample_dir, mlflow_server, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    training = [
-        f"data.path={shards}", "scaling.num_workers=1", "schedule.global_batch=16",
-        "schedule.log_every=1", "eval.every=2", "eval.max_pairs=48",
-        f"eval.zeroshot=[{sample_dir / 'zeroshot' / 'colour'}]",
-    ]  # fmt: skip
+    training = {
+        "data.path": str(shards), "scaling.num_workers": 1, "schedule.global_batch": 16,
+        "schedule.log_every": 1, "eval.every": 2, "eval.max_pairs": 48,
+        "eval.zeroshot": [str(sample_dir / "zeroshot" / "colour")],
+    }  # fmt: skip
     sweep = load_config(SweepConfig, "pipelines/configs/tune/tiny.yaml", [
-        "name=test-sweep", f"output={tmp_path}", f"overrides={json.dumps(training)}",
+        "name=test-sweep", f"output={tmp_path}", f"trial={json.dumps(training)}",
         "space.fusion=[late, hybrid]", "space.loss=[{clip: 1.0}, {siglip: 1.0}]",
         "samples_per_trial=96", "max_concurrent_trials=1", "registered_model=test-tune",
         "tracking.experiment=test-tune",
@@ -79,7 +79,7 @@ def test_sweep_logs_ablation_crowns_champion_and_restores(
     assert version.run_id in best and result["champion_moved"]
     assert float(version.tags[f"metric:{sweep.metric}"]) == pytest.approx(top)
     fusion = best[version.run_id].data.params["model.fusion"]
-    assert load_model("models:/test-tune@champion").cfg.fusion == fusion
+    assert load("models:/test-tune@champion").cfg.fusion == fusion
 
     # The same sweep again restores it: no trial reruns, the champion stays (not better).
     again = tune.run(sweep)
@@ -102,9 +102,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     """SIGKILL the sweep's driver (`python -m pipelines.tune` on the running cluster) once
     Tune has recorded its first trial as finished; the same sweep again must keep that trial."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    training = ["scaling.num_workers=1", "schedule.global_batch=16", "eval.every=2",
-                "eval.max_pairs=48"]  # fmt: skip
-    args = ["name=killed-sweep", f"output={tmp_path}", f"overrides={json.dumps(training)}",
+    training = {"scaling.num_workers": 1, "schedule.global_batch": 16, "eval.every": 2,
+                "eval.max_pairs": 48}  # fmt: skip
+    args = ["name=killed-sweep", f"output={tmp_path}", f"trial={json.dumps(training)}",
             "space.fusion=[late]", "space.loss=[{clip: 1.0}, {siglip: 1.0}]",
             "samples_per_trial=64", "asha.enabled=false", "registered_model=test-killed",
             "max_concurrent_trials=1",
@@ -124,8 +124,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     driver.send_signal(signal.SIGKILL)
     driver.wait()
 
-    sweep = load_config(SweepConfig, "pipelines/configs/tune/tiny.yaml", args)
-    sweep.overrides.append(f"data.path={json.dumps(str(shards))}")  # as the CLI sets it
+    sweep = load_config(
+        SweepConfig, "pipelines/configs/tune/tiny.yaml", [*args, f"trial.data.path={shards}"]
+    )  # as --data sets it
     result = tune.run(sweep)
     assert result["trials"] == 2
     client = mlflow.MlflowClient(mlflow_server.url)

@@ -79,8 +79,8 @@ def test_every_shipped_config_loads(path: Path) -> None:
         assert isinstance(cfg, TrainConfig)
         return
     if path.parent.name == "tune":
-        sweep = load_config(SweepConfig, path, ['overrides=["data.path=x"]'])
-        assert sweep.space.cells() and sweep.base().schedule.max_steps > 0
+        sweep = load_config(SweepConfig, path, ["trial.data.path=x"])
+        assert sweep.space.cells() and sweep.base.schedule.max_steps > 0
         return
     if path.stem == "serve":  # a Serve config file: Ray's own schema, then the app's args
         cfg, _ = config_from(path, [])

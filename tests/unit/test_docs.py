@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import cli, curate, demo, evaluate, export, serve, train, tune
+from pipelines import api, cli, curate, demo, evaluate, export, serve, train, tune
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs" / "guides").glob("*.md"))]
@@ -47,7 +47,7 @@ def parse(argv: list[str]) -> object:
             return rest[:1] == ["report"] or tune.parse_args(rest)
         case "serve":
             args = serve.parse_args(rest)
-            return serve.config_from(args.config, args.overrides)
+            return api.config_from(args.config, args.overrides, args.values)
         case "eval" | "evaluate":
             return evaluate.parse_args(rest)
         case "export":

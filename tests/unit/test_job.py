@@ -100,6 +100,6 @@ def test_jobs_ask_for_their_workers_and_room_for_ray_data(monkeypatch) -> None:
     cfg = load_config(train.TrainConfig, "pipelines/configs/train/tiny.yaml", ["data.path=x"])
     assert train.need(cfg) == job.Need(cpus=2, data_cpus=2)  # 2 workers of 1 CPU
     sweep = load_config(tune.SweepConfig, "pipelines/configs/tune/tiny.yaml",
-                        ["max_concurrent_trials=2", "overrides=[data.path=x]"])  # fmt: skip
+                        ["max_concurrent_trials=2", "trial.data.path=x"])  # fmt: skip
     need = tune.need(sweep)  # each trial: its own process, 2 workers, its data tasks
     assert need.cpus == pytest.approx(2 * (tune.DRIVER_CPUS + 2)) and need.data_cpus == 4

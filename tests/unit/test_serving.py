@@ -13,10 +13,12 @@ from PIL import Image
 from mmcore.config import ConfigError, from_dict
 from mmcore.data.sample import _png_header_only
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES
+from mmcore.inference import Engine
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig
-from mmcore.serving import BadInput, Engine, IndexRecords, Limits, decode_image, preview
-from pipelines.serve import CONFIG, ServeConfig, config_from
+from mmcore.serving import BadInput, Limits, decode_image, preview
+from pipelines.api import ServeConfig, config_from
+from pipelines.serve import CONFIG
 
 LIMITS = Limits()
 
@@ -97,9 +99,8 @@ def test_match_and_search(late: Engine, hybrid: Engine) -> None:
         scores, late.embed_texts(["a red square", "a blue star"]) @ late.embed_images(pics[:1])[0],
         atol=1e-5,
     )  # fmt: skip
-    records = IndexRecords([f"k{i}" for i in range(6)], ["c"] * 6, [""] * 6, pics)
     for engine in (late, hybrid):
-        index = engine.index(records)
+        index = engine.index(pics)
         hits, kind = engine.search(index, k=3, image=pics[4])
         assert hits[0][0] == 4 and kind == "cosine" and len(hits) == 3  # itself first
         hits, kind = engine.search(index, k=6, text="a red square")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from mmcore.config import ConfigError, load_config
 from mmcore.data.transforms import TransformConfig
+from mmcore.inference import trim_padding
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig
 from mmcore.training import (
@@ -22,7 +23,6 @@ from mmcore.training import (
     held_out,
     param_groups,
     preprocess,
-    trim_padding,
 )
 
 

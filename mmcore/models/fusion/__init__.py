@@ -17,6 +17,5 @@ FUSIONS: dict[str, type[nn.Module]] = {
     "gated": GatedFusion,
     "film": FiLMFusion,
 }
-TOKEN_OBJECTIVES = {"early", "cross_attention", "hybrid"}  # keep text tokens: mlm, caption
 
-__all__ = ["FUSIONS", "TOKEN_OBJECTIVES", "Fused", "FusionConfig"]
+__all__ = ["FUSIONS", "Fused", "FusionConfig"]

@@ -119,8 +119,8 @@ def test_loss_config_from_yaml_style_overrides() -> None:
 def test_zeroshot_class_scores_for_fusion_models(fusion: str) -> None:
     from PIL import Image
 
-    from mmcore.eval.run import class_scores
+    from mmcore.inference import Engine
 
     images = [Image.new("RGB", (70, 50), c) for c in ("red", "blue", "green")]
-    scores = class_scores(tiny(fusion).eval(), images, ["red", "blue"], ["a {} thing", "{}"])
+    scores = Engine(tiny(fusion)).class_scores(images, ["red", "blue"], ["a {} thing", "{}"])
     assert scores.shape == (3, 2) and torch.isfinite(scores).all()
