@@ -52,7 +52,7 @@ demo: venv
 bench-venv: .venv-img2dataset/bin/img2dataset
 
 bench-curate: venv bench-venv
-	$(BIN)/python bench/curate.py
+	$(BIN)/python -m bench.curate
 
 clean:
 	rm -rf .demo mlruns mlflow.db .pytest_cache

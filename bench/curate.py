@@ -28,12 +28,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from pipelines.local import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 CORES = os.cpu_count() or 1  # every tool gets all of them
 OUT = ROOT / "bench" / "out"
 I2D = ROOT / ".venv-img2dataset" / "bin" / "img2dataset"
-sys.path.insert(0, str(ROOT))
-from tests.helpers import free_port  # noqa: E402
 
 
 def photo(rng: np.random.Generator) -> Image.Image:
@@ -134,7 +134,7 @@ def main() -> None:
     corpus = build_corpus(args.n)
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tests.helpers", str(corpus / "images"), str(port)], cwd=ROOT
+        [sys.executable, "-m", "pipelines.local", str(corpus / "images"), str(port)], cwd=ROOT
     )
     try:
         time.sleep(1.0)

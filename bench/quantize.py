@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,16 +24,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mmcore.data.captions import clean_caption
+from mmcore.data.sample import make_sample_data
+from mmcore.data.transforms import TransformConfig, eval_transform, train_transform
+from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder
+from mmcore.losses.contrastive import clip_loss
+from mmcore.models.model import ModelConfig, build_model
+from mmcore.models.towers import TextConfig, VisionConfig, tokenize
+from mmcore.onnx_export import OnnxEncoders, export_onnx
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from mmcore.data.captions import clean_caption  # noqa: E402
-from mmcore.data.sample import make_sample_data  # noqa: E402
-from mmcore.data.transforms import TransformConfig, eval_transform, train_transform  # noqa: E402
-from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder  # noqa: E402
-from mmcore.losses.contrastive import clip_loss  # noqa: E402
-from mmcore.models.model import ModelConfig, build_model  # noqa: E402
-from mmcore.models.towers import TextConfig, VisionConfig, tokenize  # noqa: E402
-from mmcore.onnx_export import OnnxEncoders, export_onnx  # noqa: E402
 
 
 def train(data: Path, steps: int) -> torch.nn.Module:

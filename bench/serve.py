@@ -20,7 +20,6 @@ import asyncio
 import base64
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,14 +28,14 @@ import aiohttp
 import numpy as np
 import torch
 
+from mmcore.config import load_config
+from mmcore.data.sample import make_sample_data
+from mmcore.export import save_model
+from mmcore.models.model import build_model
+from pipelines.serve import CONFIG, build, config_from
+from pipelines.train import TrainConfig
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from mmcore.config import load_config  # noqa: E402
-from mmcore.data.sample import make_sample_data  # noqa: E402
-from mmcore.export import save_model  # noqa: E402
-from mmcore.models.model import build_model  # noqa: E402
-from pipelines.serve import CONFIG, build, config_from  # noqa: E402
-from pipelines.train import TrainConfig  # noqa: E402
 
 VARIANTS = {  # name: (backend, max_batch_size)
     "batched": ("torch", 32),

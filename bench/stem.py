@@ -15,24 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import OUT, shards  # noqa: E402
-
-from mmcore.data.sample import BACKGROUNDS, COLOURS, SHAPES, heldout, render  # noqa: E402
-from mmcore.data.transforms import TransformConfig, train_transform  # noqa: E402
-from mmcore.eval.run import class_scores, read_shards, zeroshot_eval  # noqa: E402
-from mmcore.eval.zeroshot import accuracy  # noqa: E402
-from mmcore.models.model import ModelConfig, build_model  # noqa: E402
-from mmcore.models.towers import TextConfig, VisionConfig, tokenize  # noqa: E402
-from mmcore.training import cosine_lr, held_out, param_groups  # noqa: E402
+from bench.train import OUT, shards
+from mmcore.data.sample import BACKGROUNDS, COLOURS, SHAPES, heldout, render
+from mmcore.data.transforms import TransformConfig, train_transform
+from mmcore.eval.run import read_shards, zeroshot_eval
+from mmcore.eval.zeroshot import accuracy
+from mmcore.inference import Engine
+from mmcore.models.model import ModelConfig, build_model
+from mmcore.models.towers import TextConfig, VisionConfig, tokenize
+from mmcore.training import cosine_lr, held_out, param_groups
 
 
 def seen_shapes(rng: np.random.Generator, per_shape: int) -> tuple[list, torch.Tensor]:
@@ -100,7 +97,7 @@ def main() -> None:
         sched.step()
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
-            seen = accuracy(class_scores(model, seen_images, list(SHAPES)), seen_labels)
+            seen = accuracy(Engine(model).class_scores(seen_images, list(SHAPES)), seen_labels)
             row = {"stem": args.stem, "channels": args.channels, "n": args.n, "step": step,
                    "seconds": round(time.perf_counter() - start),
                    "shape_heldout": zeroshot_eval(model, zeroshot / "shape")["top1"],

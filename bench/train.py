@@ -26,7 +26,6 @@ import gc
 import json
 import os
 import statistics
-import sys
 import tarfile
 import tempfile
 import time
@@ -34,16 +33,17 @@ from pathlib import Path
 
 import torch
 
+from mmcore.config import load_config
+from mmcore.inference import trim_padding
+from mmcore.losses.fusion import compute_losses
+from mmcore.models.model import build_model
+from mmcore.models.towers import TextMemo
+from mmcore.training import cosine_lr, param_groups, preprocess
+from pipelines.local import curated_shards
+from pipelines.train import TrainConfig, run
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
-sys.path.insert(0, str(ROOT))
-from mmcore.config import load_config  # noqa: E402
-from mmcore.losses.fusion import compute_losses  # noqa: E402
-from mmcore.models.model import build_model  # noqa: E402
-from mmcore.models.towers import TextMemo  # noqa: E402
-from mmcore.training import cosine_lr, param_groups, preprocess, trim_padding  # noqa: E402
-from pipelines.train import TrainConfig, run  # noqa: E402
-from tests.helpers import curated_shards  # noqa: E402
 
 WARMUP = 10  # steps left out of the medians
 
@@ -123,12 +123,10 @@ def memory_func(config: dict) -> None:
     """A Ray Train worker: two ZeRO steps on random inputs, then its live tensor bytes."""
     import ray.train
 
-    from mmcore.config import from_dict
     from pipelines.train import _engine
 
-    cfg = from_dict(TrainConfig, config["cfg"])
-    world = ray.train.get_context().get_world_size()
-    engine, _ = _engine(cfg, world)
+    cfg = config["cfg"]  # a TrainConfig, as the training job passes it
+    engine, _ = _engine(cfg)
     micro = engine.train_micro_batch_size_per_gpu()
     size, length = cfg.model.vision.image_size, cfg.model.text.context_length
     for step in range(2):  # measured after the second backward: weights, grads, Adam state
@@ -159,13 +157,11 @@ def memory_by_stage(overrides: list[str], storage: Path) -> dict[int, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from mmcore.config import to_dict
-
     out = {}
     for stage in (0, 1, 2, 3):
         cfg = load_config(TrainConfig, None, [*overrides, f"deepspeed.stage={stage}"])
         trainer = TorchTrainer(
-            memory_func, train_loop_config={"cfg": to_dict(cfg)},
+            memory_func, train_loop_config={"cfg": cfg},
             torch_config=TorchConfig(backend="gloo"),
             scaling_config=ScalingConfig(num_workers=2),
             run_config=RunConfig(name=f"zero-memory-{stage}-{int(time.time())}",

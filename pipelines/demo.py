@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import requests
 
+from pipelines.local import mlflow_server
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CLUSTER = ROOT / "cluster" / "local.sh"
 STATE = "services.json"
@@ -39,17 +41,6 @@ class StageFailed(RuntimeError):
 
 def say(text: str) -> None:
     print(text, flush=True)
-
-
-def mlflow_server(port: int, backend: str, artifacts: str) -> tuple[list[str], dict[str, str]]:
-    """The command and environment of a lean ``mlflow server`` on 127.0.0.1: one worker and
-    no job runner (~0.5 GB instead of ~3 GB); the demo's and the tests'."""
-    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1", "--backend-store-uri", backend,
-               "--artifacts-destination", artifacts]  # fmt: skip
-    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                        "MLFLOW_DISABLE_TELEMETRY": "true"}  # fmt: skip
-    return command, env
 
 
 def start_mlflow(workdir: Path, port: int) -> tuple[int, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mmcore.data.sample import make_sample_data
-from tests.helpers import ImageServer, MlflowServer
+from pipelines.local import ImageServer, MlflowServer
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

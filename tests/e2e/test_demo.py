@@ -16,7 +16,7 @@ import requests
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipelines.demo import last_json
-from tests.helpers import free_port
+from pipelines.local import free_port
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]

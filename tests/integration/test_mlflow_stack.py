@@ -11,7 +11,8 @@ from mmcore.export import save_model
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig, tokenize
 from mmcore.tracking import TrackingConfig, load, log_model, resolve_model, start_run
-from tests.helpers import MlflowServer, PostgresServer, S3Server
+from pipelines.local import MlflowServer
+from tests.helpers import PostgresServer, S3Server
 
 pytestmark = pytest.mark.integration
 

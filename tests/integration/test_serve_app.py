@@ -32,8 +32,8 @@ from mmcore.models.towers import TextConfig
 from mmcore.serving import read_index
 from mmcore.tracking import TrackingConfig, load, log_model, start_run
 from pipelines.api import config_from
+from pipelines.local import curated_shards, free_port
 from pipelines.serve import CONFIG
-from tests.helpers import curated_shards, free_port
 
 pytestmark = pytest.mark.integration
 NAME = "serve-test"

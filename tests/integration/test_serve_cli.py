@@ -17,7 +17,7 @@ import torch
 from mmcore.export import save_model
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig
-from tests.helpers import free_port
+from pipelines.local import free_port
 
 pytestmark = pytest.mark.integration
 MMRAY = str(Path(sys.executable).with_name("mmray"))

@@ -23,8 +23,8 @@ import ray
 from mmcore.config import load_config
 from mmcore.tracking import load
 from pipelines import evaluate
+from pipelines.local import curated_shards
 from pipelines.train import TrainConfig, run
-from tests.helpers import curated_shards
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,8 @@ import ray
 from mmcore.config import load_config
 from mmcore.tracking import load
 from pipelines import tune
+from pipelines.local import curated_shards
 from pipelines.tune import SWEEP_TAG, SweepConfig
-from tests.helpers import curated_shards
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import pytest
 
 from mmcore.data.fetch import FetchConfig, fetch, fetch_many
 from mmcore.data.images import Rejected
-from tests.helpers import ImageServer
+from pipelines.local import ImageServer
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_redirects_are_followed_up_to_a_limit(server: ImageServer) -> None:
 
 
 def test_connection_refused_is_retried_then_reported() -> None:
-    from tests.helpers import free_port
+    from pipelines.local import free_port
 
     status, message = reason(
         f"http://127.0.0.1:{free_port()}/x.jpg", FetchConfig(retries=1, backoff_s=0.01)

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mmcore.losses.contrastive import clip_loss, combine, siglip_loss
-from tests.helpers import free_port
+from pipelines.local import free_port
 
 
 def features(n: int = 6, e: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
