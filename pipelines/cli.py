@@ -67,8 +67,13 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
+        from pipelines.flags import usage
+
         names = ", ".join(COMMANDS)
-        print(f"usage: mmray {{{names}}} ...\n\n{__doc__}", file=sys.stderr)
+        text = (
+            f"usage: mmray {{{names}}} ...\n\n{__doc__}\nFlags (each sets a config key):\n{usage()}"
+        )
+        print(text, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])
 

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from mmcore.config import ConfigError
+import yaml
+
+from mmcore.config import ConfigError, to_dict
 from mmcore.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ def main(
             check(cfg)
         except ValueError as e:  # ConfigError, or a check of the values (a bad config)
             return _refuse(prog, e)
+        if dataclasses.is_dataclass(cfg):
+            log.info("%s, resolved config:\n%s", prog, config_yaml(cfg).rstrip())
         try:
             if (needed := need(cfg)) is not None:
                 init_ray(needed, address, log_to_driver)
@@ -72,6 +76,18 @@ def main(
             return _refuse(prog, e)
         print(json.dumps(result), file=out, flush=True)
     return 0
+
+
+def config_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def write_config(cfg: Any, folder: Path) -> Path:
+    """The resolved config as ``folder/config.yaml``, beside a job's outputs (where MLflow
+    keeps it as the run's params when tracking is on); it loads back with ``--config``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (path := folder / "config.yaml").write_text(config_yaml(cfg))
+    return path
 
 
 def _result_stream(stack: contextlib.ExitStack) -> TextIO:

@@ -310,6 +310,7 @@ def run(
         with result.checkpoint.as_directory() as folder:
             model = consolidate(Path(folder), build_model(cfg.model), cfg.deepspeed.stage)
         export = save_model(model, storage / name / "model")
+        job.write_config(cfg, storage / name)
         model_uri = log_model(export) if tracker.run_id else str(export)
         tracker.set_tags({"mmray.model_uri": model_uri})  # for a sweep to register
         final = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}

@@ -241,6 +241,7 @@ def run(sweep: SweepConfig) -> dict[str, Any]:
         parent_run_id = tracker.run_id
         path.mkdir(parents=True, exist_ok=True)
         state.write_text(json.dumps({"parent_run_id": parent_run_id}))
+        job.write_config(sweep, path)
         if not restoring:  # a restored sweep keeps the configuration it started with
             tracker.log_params(to_dict(sweep))
             tracker.log_dict(to_dict(sweep.space) | {"cells": sweep.space.cells()},
