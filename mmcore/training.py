@@ -111,6 +111,9 @@ def deepspeed_config(
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16"},
         "zero_allow_untested_optimizer": True,  # our client optimizer is torch's AdamW
+        # Offloaded, torch's AdamW steps on the CPU; DeepSpeed would insist on its own CPU
+        # Adam, a C++ op compiled at start-up (a compiler on every node, minutes per start).
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,  # we log ourselves
     }
 
@@ -131,6 +134,10 @@ class DataConfig:
     # A worker that gets no batch for this long stops the run with a diagnosis (0: waits
     # forever). Covers Ray Data's start-up, so it is generous.
     stall_timeout_s: float = 300.0
+    # Batches in the same order, each image's crop a function of (schedule.seed, its key):
+    # the same config and seed give the same loss curve (with one worker; several take the
+    # split's blocks as they ask). Crops then repeat every epoch, and the read keeps order.
+    deterministic: bool = False
 
     def validate(self) -> None:
         if not 0 <= self.val_fraction < 1:

@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 import threading
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,7 @@ class Model:
         self.limits = from_dict(Limits, limits)
         self.templates = templates
         self.loaded: _Loaded | None = None
+        self.batch_sizes: Counter[int] = Counter()  # forward passes by batch size, in /v1/model
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the model that ``user_config`` (a ModelSpec) names beside the current one,
@@ -123,6 +124,7 @@ class Model:
         for i, (loaded, kind, _) in enumerate(items):
             groups[id(loaded), kind].append(i)
         out: list = [None] * len(items)
+        self.batch_sizes[len(items)] += 1
         for rows in groups.values():
             loaded, kind, _ = items[rows[0]]
             encode = loaded.engine.embed_texts if kind == "text" else loaded.engine.embed_images
@@ -152,7 +154,8 @@ class Model:
 
     @api.get("/v1/model")
     async def model_info(self) -> dict[str, Any]:
-        return self.loaded.info
+        """The model, and this replica's dynamic batches so far (size → how many)."""
+        return self.loaded.info | {"batch_sizes": dict(sorted(self.batch_sizes.items()))}
 
     @api.post("/v1/embed", openapi_extra=body_doc(EmbedRequest))
     async def embed(self, request: Request) -> dict[str, Any]:

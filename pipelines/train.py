@@ -231,7 +231,10 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
 
     # Progress bars drawn from the split coordinator and the workers reach the driver's
     # stderr as thousands of re-drawn lines; the training loop reports progress itself.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.execution_options.preserve_order = cfg.data.deterministic
+    seed = cfg.schedule.seed if cfg.data.deterministic else None
 
     def prepared(path: str, augment: TransformConfig | None, keep=None) -> ray.data.Dataset:
         ds = ray.data.read_webdataset(job.shard_paths(path), decoder=None)
@@ -240,7 +243,8 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
         kwargs = {
             "image_size": cfg.model.vision.image_size,
             "context_length": cfg.model.text.context_length,
-            "augment": augment,  # crops drawn afresh each epoch (see preprocess)
+            "augment": augment,  # crops drawn afresh each epoch unless seeded (preprocess)
+            "seed": seed,
         }
         return ds.map_batches(preprocess, fn_kwargs=kwargs, batch_size=64, batch_format="numpy")
 

@@ -1,14 +1,17 @@
-"""Shared fixtures: sample data, a loopback image host, a real MLflow server."""
+"""Shared fixtures: sample data, a loopback image host, a real MLflow server, and one real
+local Ray cluster with one set of curated shards for the whole session (Ray's start-up and a
+curation are the suite's largest fixed costs)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 
 from mmcore.data.sample import make_sample_data
-from pipelines.local import ImageServer, MlflowServer
+from pipelines.local import ImageServer, MlflowServer, curated_shards, free_port
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -32,3 +35,31 @@ def image_server(sample_dir: Path):
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
         yield server
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    address: str  # the GCS address: RAY_ADDRESS for drivers in other processes
+    dashboard: str  # http://127.0.0.1:PORT, the job and Serve REST APIs
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for every test that needs one: 4 logical CPUs (2 training workers with
+    Ray Data's tasks beside them), a small object store, the dashboard on loopback (Ray
+    Train's placement-group cleaner and `serve deploy` use its API)."""
+    import ray
+
+    port = free_port()
+    ray.init(num_cpus=4, object_store_memory=400 << 20, include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False)  # fmt: skip
+    try:
+        yield Cluster(ray.get_runtime_context().gcs_address, f"http://127.0.0.1:{port}")
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shards(ray_cluster, sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample crawl curated into 64 px shards once, for training, tuning and serving."""
+    return curated_shards(sample_dir, tmp_path_factory.mktemp("curated") / "shards")

@@ -1,6 +1,6 @@
 """The curation job end to end: real Ray, real HTTP on 127.0.0.1, a real MLflow server.
 
-One local Ray cluster serves the module. The sample crawl is served over HTTP with broken
+The session's local Ray cluster runs it. The sample crawl is served over HTTP with broken
 endpoints mixed in (404, 500, a slow answer, a drip feed); every invariant of the output
 layout is checked, the shards are read back with both readers, and a run killed with SIGKILL
 is resumed to the same bytes as an uninterrupted run.
@@ -35,12 +35,8 @@ BROKEN = {"/status/500": "HTTP 500", "/slow/20": "timed out", "/drip": "timeout"
 
 
 @pytest.fixture(scope="module")
-def ray_address():
-    ray.init(
-        num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False
-    )
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+def ray_address(ray_cluster) -> str:
+    return ray_cluster.address
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +204,8 @@ def test_sigkill_midway_then_resume_gives_the_same_shards(
     ref = json.loads((out_ref / "manifest.json").read_text())
     got = json.loads((out / "manifest.json").read_text())
     assert got["digest"] == ref["digest"] and got["shards"] == ref["shards"]
+    # Every input row's record (status, reason, sizes, hashes) too, not only the tars.
+    assert read_all_parquet(out) == read_all_parquet(out_ref)
     assert not (out / "_work").exists() and not list(out.glob(".*"))
 
 

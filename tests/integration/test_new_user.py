@@ -1,6 +1,7 @@
-"""A new user's conditions, not ours: no Ray running (each job starts its own), a Ray with only
-2 CPUs, no MLflow variables, a model URI the store does not know. A job either finishes with
-one JSON line on stdout or fails at once with a message that says what to change."""
+"""A new user's conditions, not ours: no Ray running (each job starts its own), a Ray too
+small for the job, no MLflow variables, a model URI the store does not know. A job either
+finishes with one JSON line on stdout or fails at once with a message that says what to
+change."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 
 from mmcore.config import load_config
-from pipelines import serve, train
+from pipelines import train
 
 pytestmark = pytest.mark.integration
 MMRAY = str(Path(sys.executable).with_name("mmray"))
@@ -25,11 +25,13 @@ SHORT = ["schedule.max_steps=2", "schedule.global_batch=16", "schedule.checkpoin
          "eval.every=0", "tracking.enabled=false"]  # fmt: skip
 
 
-def bare(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """``mmray ARGS`` as a user runs it: no RAY_ADDRESS, no MLflow variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
-    return subprocess.run([MMRAY, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+def bare(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``mmray ARGS`` as a user runs it: no RAY_ADDRESS, no MLflow variables (unless ``env``
+    sets them). A Ray started by this test process is not found: only `ray start` leaves its
+    address for other processes."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
+    return subprocess.run([MMRAY, *args], cwd=cwd, env=clean | (env or {}), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
 
 
 def one_json_line(run: subprocess.CompletedProcess) -> dict:
@@ -39,25 +41,14 @@ def one_json_line(run: subprocess.CompletedProcess) -> dict:
     return json.loads(lines[0])
 
 
-@pytest.fixture(scope="module")
-def shards(sample_dir, tmp_path_factory) -> Path:
-    """Curated by `mmray curate` with its own Ray (none runs in this process yet)."""
-    assert not ray.is_initialized()
-    work = tmp_path_factory.mktemp("curate")
-    run = bare(work, "curate", "--config", str(ROOT / "pipelines/configs/curate_tiny.yaml"),
+def test_curate_starts_its_own_ray_and_prints_one_json_line(sample_dir, tmp_path) -> None:
+    run = bare(tmp_path, "curate", "--config", str(ROOT / "pipelines/configs/curate_tiny.yaml"),
                "--input", str(sample_dir / "metadata.parquet"), "--output", "shards",
-               "tracking.enabled=false")  # fmt: skip
+               "output.samples_per_shard=64", "tracking.enabled=false")  # fmt: skip
     summary = one_json_line(run)
     assert summary["n_input"] == 300 and "success" in run.stderr  # the table went to stderr
-    return work / "shards"
-
-
-@pytest.fixture(scope="module")
-def two_cpus(shards):
-    ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False,
-             log_to_driver=False)  # fmt: skip
-    yield
-    ray.shutdown()
+    assert "starting a local Ray for this job" in run.stderr
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar"))[0] == "00000.tar"
 
 
 def test_train_starts_a_ray_sized_for_itself_and_finishes(shards, tmp_path) -> None:
@@ -65,43 +56,51 @@ def test_train_starts_a_ray_sized_for_itself_and_finishes(shards, tmp_path) -> N
     result = one_json_line(run)
     cpus = max(os.cpu_count() or 1, 4)  # 2 workers + 2 CPUs for Ray Data's tasks
     assert f"starting a local Ray for this job: {cpus} logical CPUs" in run.stderr
+    assert "resolved config:" in run.stderr and "stall_timeout_s: 300.0" in run.stderr
     assert result["metrics"]["step"] == 2
-    assert Path(result["export"]).is_relative_to(tmp_path / "out")
+    export = Path(result["export"])
+    assert export.is_relative_to(tmp_path / "out")
+    # Tracking is off: the resolved config lies beside the export, and loads back.
+    saved = load_config(train.TrainConfig, export.parent / "config.yaml")
+    assert saved.schedule.max_steps == 2 and saved.data.path == str(shards)
 
 
-def test_an_unknown_model_fails_before_ray_or_serve_start(mlflow_server, monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)  # another, empty store
+def test_an_unknown_model_fails_before_ray_or_serve_start(mlflow_server, tmp_path) -> None:
     for uri in ("models:/m-0123456789abcdef", "models:/mmray-tiny@champion",
                 "runs:/0123456789abcdef/model"):  # fmt: skip
         t0 = time.monotonic()
-        assert serve.main(["--model", uri]) == 2
-        err = capsys.readouterr().err
-        assert f"model {uri} was not found in the MLflow store {mlflow_server.url}" in err
-        assert time.monotonic() - t0 < 30 and not ray.is_initialized()
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert serve.main(["--model", "models:/mmray-tiny@champion"]) == 2
-    assert "there is no MLflow store at sqlite:///" in capsys.readouterr().err
-    assert serve.main(["--model", "no/such/folder"]) == 2
-    assert "no/such/folder holds no config.json" in capsys.readouterr().err
+        run = bare(
+            tmp_path, "serve", "--model", uri, env={"MLFLOW_TRACKING_URI": mlflow_server.url}
+        )
+        assert run.returncode == 2 and not run.stdout
+        assert f"model {uri} was not found in the MLflow store {mlflow_server.url}" in run.stderr
+        assert time.monotonic() - t0 < 30 and "local Ray" not in run.stderr  # none started
+    run = bare(tmp_path, "serve", "--model", "models:/mmray-tiny@champion")
+    assert run.returncode == 2 and "there is no MLflow store at sqlite:///" in run.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # looking did not create one
+    run = bare(tmp_path, "serve", "--model", "no/such/folder")
+    assert run.returncode == 2 and "no/such/folder holds no config.json" in run.stderr
 
 
-def test_on_a_cluster_too_small_the_job_fails_before_work(shards, two_cpus, tmp_path, capsys):
-    args = ["--config", TINY, "--data", str(shards), *SHORT, f"output={tmp_path}"]
+def test_on_a_cluster_too_small_the_job_fails_before_work(shards, tmp_path, capsys) -> None:
+    # The session's cluster has 4 CPUs: 4 workers leave none for Ray Data.
+    args = ["--config", TINY, "--data", str(shards), *SHORT, f"output={tmp_path}",
+            "scaling.num_workers=4"]  # fmt: skip
     assert train.main(args) == 2
     err = capsys.readouterr().err
-    assert "the Ray cluster has 2 CPU and 0 GPU; this job needs 2 CPU + at least 1 more" in err
+    assert "the Ray cluster has 4 CPU and 0 GPU; this job needs 4 CPU + at least 1 more" in err
     assert not any(tmp_path.iterdir())  # nothing was started
 
 
-def test_a_training_loop_without_data_stops_with_a_diagnosis(shards, two_cpus, tmp_path):
-    # Past the driver's check (run() directly): the workers take both CPUs, so Ray Data's
-    # tasks can never run; the loop must not wait forever.
-    overrides = [f"data.path={shards}", *SHORT, f"output={tmp_path}",
+def test_a_training_loop_without_data_stops_with_a_diagnosis(shards, tmp_path) -> None:
+    # Past the driver's check (run() directly): the 2 workers of 2 CPUs take all 4, so Ray
+    # Data's tasks can never run; the loop must not wait forever.
+    overrides = [f"data.path={shards}", *SHORT, f"output={tmp_path}", "scaling.cpus_per_worker=2",
                  "data.stall_timeout_s=10", "schedule.max_failures=0"]  # fmt: skip
     cfg = load_config(train.TrainConfig, TINY, overrides)
     t0 = time.monotonic()
     with pytest.raises(Exception) as e:
         train.run(cfg)
     assert "received no batch from Ray Data in 10 s" in str(e.value)
-    assert "the cluster has 2 CPU" in str(e.value)
+    assert "the cluster has 4 CPU" in str(e.value)
     assert time.monotonic() - t0 < 240

@@ -12,13 +12,13 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import psutil
 import pytest
-import ray
 import requests
 import torch
 import yaml
@@ -32,7 +32,7 @@ from mmcore.models.towers import TextConfig
 from mmcore.serving import read_index
 from mmcore.tracking import TrackingConfig, load, log_model, start_run
 from pipelines.api import config_from
-from pipelines.local import curated_shards, free_port
+from pipelines.local import free_port
 from pipelines.serve import CONFIG
 
 pytestmark = pytest.mark.integration
@@ -73,13 +73,9 @@ def late_model(seed: int, fusion: str = "late"):
 
 
 @pytest.fixture(scope="module")
-def served(sample_dir, mlflow_server, tmp_path_factory):
+def served(ray_cluster, shards, mlflow_server, tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.url
     workdir = tmp_path_factory.mktemp("serve")
-    dash_port = free_port()
-    ray.init(num_cpus=4, object_store_memory=300 << 20, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=dash_port, log_to_driver=False)  # fmt: skip
-    shards = curated_shards(sample_dir, workdir / "shards")
     # Version 1: a late-fusion model, the champion. Version 2: a hybrid (ITM) model.
     for version, (seed, fusion) in enumerate([(0, "late"), (1, "hybrid")], start=1):
         export = save_model(late_model(seed, fusion), workdir / f"model{version}")
@@ -88,7 +84,7 @@ def served(sample_dir, mlflow_server, tmp_path_factory):
             log_model(export, registered_name=NAME)
     mlflow.MlflowClient(mlflow_server.url).set_registered_model_alias(NAME, "champion", "1")
 
-    served = Served(workdir, f"http://127.0.0.1:{dash_port}", free_port(), shards)
+    served = Served(workdir, ray_cluster.dashboard, free_port(), shards)
     served.deploy()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -100,12 +96,13 @@ def served(sample_dir, mlflow_server, tmp_path_factory):
         time.sleep(1)
     else:
         raise RuntimeError("the Serve app did not become healthy in 180 s")
-    yield served
-    from ray import serve
+    try:
+        yield served
+    finally:
+        from ray import serve
 
-    serve.shutdown()
-    ray.shutdown()
-    os.environ.pop("MLFLOW_TRACKING_URI")
+        serve.shutdown()  # the session's Ray stays up for the next modules
+        os.environ.pop("MLFLOW_TRACKING_URI")
 
 
 def png_bytes(colour=(220, 30, 30), size=(80, 64)) -> bytes:
@@ -174,19 +171,46 @@ def test_endpoints_give_what_the_model_gives(served, tmp_path) -> None:
     )
 
 
-def test_multipart_uploads(served) -> None:
-    files = [("images", ("a.png", png_bytes(), "image/png")),
-             ("images", ("b.png", png_bytes((0, 0, 255)), "image/png"))]  # fmt: skip
-    out = served.post("/v1/embed", files=files, data={"texts": ["one", "two", "three"]}).json()
-    assert len(out["image_embeddings"]) == 2 and len(out["text_embeddings"]) == 3
+def test_multipart_answers_equal_the_json_answers(served) -> None:
+    blue = png_bytes((0, 0, 255))
+    files = [
+        ("images", ("a.png", png_bytes(), "image/png")),
+        ("images", ("b.png", blue, "image/png")),
+    ]
+    texts = ["one", "two", "three"]
+    out = served.post("/v1/embed", files=files, data={"texts": texts}).json()
+    ref = served.post("/v1/embed", json={"images": [b64(png_bytes()), b64(blue)], "texts": texts})
+    np.testing.assert_allclose(out["image_embeddings"], ref.json()["image_embeddings"], atol=1e-6)
+    np.testing.assert_allclose(out["text_embeddings"], ref.json()["text_embeddings"], atol=1e-6)
+    form = {"labels": ["red", "blue"], "templates": ["a {} shape."]}
     got = served.post(
-        "/v1/classify", files={"image": ("a.png", png_bytes(), "image/png")},
-        data={"labels": ["red", "blue"], "templates": ["a {} shape."]},
-    ).json()  # fmt: skip
-    assert {p["label"] for p in got["labels"]} == {"red", "blue"}
+        "/v1/classify", files={"image": ("a.png", png_bytes(), "image/png")}, data=form
+    )
+    ref = served.post("/v1/classify", json={"image": b64(png_bytes())} | form)
+    assert _same_labels(got.json(), ref.json())
     got = served.post("/v1/search", files={"image": ("a.png", png_bytes(), "image/png")},
                       data={"k": "2"}).json()  # fmt: skip
-    assert len(got["hits"]) == 2
+    ref = served.post("/v1/search", json={"image": b64(png_bytes()), "k": 2}).json()
+    assert [h["key"] for h in got["hits"]] == [h["key"] for h in ref["hits"]] and len(
+        ref["hits"]
+    ) == 2
+
+
+def _same_labels(a: dict, b: dict) -> bool:
+    prob = lambda d: {p["label"]: p["probability"] for p in d["labels"]}  # noqa: E731
+    return prob(a) == pytest.approx(prob(b), abs=1e-6)
+
+
+def test_dynamic_batching_batches_concurrent_requests(served) -> None:
+    before = served.get("/v1/model").json()["batch_sizes"]
+    texts = [f"a red circle number {i}" for i in range(48)]
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        answers = list(pool.map(lambda t: served.post("/v1/embed", json={"texts": [t]}), texts))
+    assert all(a.ok for a in answers)
+    after = served.get("/v1/model").json()["batch_sizes"]
+    grew = {int(k): n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+    assert sum(k * n for k, n in grew.items()) == 48  # every text went through one batch
+    assert max(grew) > 1, grew  # and some batches held more than one request's text
 
 
 BOMB = io.BytesIO()
@@ -223,6 +247,20 @@ BAD = [
     ("wrong item type", "/v1/match", {"json": {"image": b64(png_bytes()), "texts": [1, 2]}}, 422),
     ("unknown field", "/v1/embed", {"json": {"text": ["a"]}}, 422),
     ("nothing to embed", "/v1/embed", {"json": {}}, 422),
+    ("too many images", "/v1/embed", {"json": {"images": [b64(png_bytes())] * 17}}, 413),
+    ("neither query", "/v1/search", {"json": {"k": 3}}, 422),
+    (
+        "duplicate labels",
+        "/v1/classify",
+        {"json": {"image": b64(png_bytes()), "labels": ["a", "a"]}},
+        422,
+    ),
+    (
+        "over-size multipart body",
+        "/v1/embed",
+        {"files": {"images": ("big.png", b"\0" * (9 << 20), "image/png")}},
+        413,
+    ),  # fmt: skip
     ("both queries", "/v1/search", {"json": {"text": "a", "image": b64(png_bytes())}}, 422),
     ("k out of range", "/v1/search", {"json": {"text": "a", "k": 0}}, 422),
     ("overlong text", "/v1/embed", {"json": {"texts": ["a" * 2001]}}, 400),

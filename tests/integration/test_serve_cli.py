@@ -40,6 +40,8 @@ def test_mmray_serve_answers_and_stops_on_sigterm(tmp_path) -> None:
         assert requests.get(f"{url}/v1/model", timeout=30).json()["name"] == model.name
         out = requests.post(f"{url}/v1/embed", json={"texts": ["a red circle"]}, timeout=30)
         assert len(out.json()["text_embeddings"][0]) == 128
+        no_index = requests.post(f"{url}/v1/search", json={"text": "a"}, timeout=30)
+        assert no_index.status_code == 404 and "--index" in no_index.json()["error"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0
     finally:

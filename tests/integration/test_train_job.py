@@ -18,30 +18,20 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
-import ray
 
 from mmcore.config import load_config
+from mmcore.eval.run import zeroshot_eval
 from mmcore.tracking import load
 from pipelines import evaluate
-from pipelines.local import curated_shards
 from pipelines.train import TrainConfig, run
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def shards(sample_dir, tmp_path_factory):
-    ray.init(
-        num_cpus=4, object_store_memory=300 << 20, include_dashboard=False, log_to_driver=False
-    )
-    yield curated_shards(sample_dir, tmp_path_factory.mktemp("shards"))
-    ray.shutdown()
-
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_run_finishes_logs_and_exports(
-    stage, shards, sample_dir, mlflow_server, tmp_path, monkeypatch, capsys
+def test_zero2_run_finishes_logs_and_exports(
+    shards, sample_dir, mlflow_server, tmp_path, monkeypatch, capsys
 ):
+    stage = 2
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     colour = sample_dir / "zeroshot" / "colour"
     cfg = load_config(TrainConfig, "pipelines/configs/train/tiny.yaml", [
@@ -91,15 +81,18 @@ def test_zero_run_finishes_logs_and_exports(
     assert retrieval["t2i_r@1"] == pytest.approx(logged["eval/retrieval/t2i_r1"], abs=1e-6)
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint(
-    shards, mlflow_server, tmp_path, monkeypatch
+def test_a_killed_zero3_worker_resumes_from_its_partitioned_checkpoint(
+    shards, sample_dir, mlflow_server, tmp_path, monkeypatch
 ):
-    """SIGKILL a real training worker after the first checkpoint: the run must finish, having
-    resumed from a checkpoint rather than from step 0."""
+    """ZeRO-3 with optimizer offload and 2 micro-batches per step, evaluating as it goes:
+    SIGKILL a real training worker after the first checkpoint; the run must finish, having
+    resumed from the ranks' partitioned checkpoint rather than from step 0."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     cfg = load_config(TrainConfig, "pipelines/configs/train/tiny.yaml", [
-        f"data.path={shards}", "schedule.max_steps=80", "schedule.checkpoint_every=5",
+        f"data.path={shards}", "schedule.max_steps=40", "schedule.checkpoint_every=5",
         "schedule.log_every=1", "schedule.global_batch=16", "schedule.max_failures=1",
+        "deepspeed.stage=3", "deepspeed.grad_accum=2", "deepspeed.offload_optimizer=true",
+        "eval.every=20", f"eval.zeroshot=[{sample_dir / 'zeroshot' / 'colour'}]",
         f"output={tmp_path}", "tracking.experiment=test-train-failure",
     ])  # fmt: skip
     box: dict = {}
@@ -118,11 +111,18 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
     thread.join(timeout=600)
     assert killed is not None, "no checkpoint and worker to kill before the run ended"
     result = box["result"]
-    assert result["metrics"]["step"] == 80
+    assert result["metrics"]["step"] == 40
     client = mlflow.MlflowClient(mlflow_server.url)
     history = client.get_metric_history(result["run_id"], "train/loss")
     steps = [m.step for m in history]
-    assert max(steps) == 80 and steps.count(1) == 1  # resumed from a checkpoint, not step 0
+    assert max(steps) == 40 and steps.count(1) == 1  # resumed from a checkpoint, not step 0
+    params = client.get_run(result["run_id"]).data.params
+    assert (params["deepspeed.stage"], params["deepspeed.grad_accum"]) == ("3", "2")
+    # The export consolidated from the partitioned checkpoint scores as the run's last
+    # evaluation (the weights ZeRO-3 gathered then) did.
+    zs = zeroshot_eval(load(result["model_uri"]), sample_dir / "zeroshot" / "colour")
+    logged = client.get_metric_history(result["run_id"], "eval/zeroshot/colour/top1")
+    assert zs["top1"] == pytest.approx(max(logged, key=lambda m: m.step).value, abs=1e-6)
     assert not psutil.pid_exists(killed)
     # The resumed run continued the epoch where the checkpoint left it: the epoch of every
     # logged step, before and after the restart, is that of one uninterrupted pass.
@@ -144,17 +144,34 @@ def _registered_checkpoints(storage) -> int:
     return 0
 
 
-def test_python_dash_m_driver_joins_the_cluster(shards, tmp_path) -> None:
+def test_python_dash_m_driver_reproduces_the_loss_curve(
+    ray_cluster, shards, mlflow_server, tmp_path, monkeypatch
+) -> None:
     """The user's path (`python -m pipelines.train`, as under `ray job submit`): a separate
-    driver process on the running cluster. Its config classes live in __main__ there, which
-    once broke the workers' unpickling."""
-    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-                        "PYTHONPATH": str(Path.cwd())}  # fmt: skip
+    driver process on the running cluster (its config classes live in __main__ there, which
+    once broke the workers' unpickling). With the same config and seed it gives the loss curve
+    of the same run made in this process: a golden check, as torchtitan's loss-curve tests."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    overrides = [f"data.path={shards}", "data.deterministic=true", "scaling.num_workers=1",
+                 "schedule.max_steps=6", "schedule.checkpoint_every=6", "schedule.log_every=1",
+                 "schedule.global_batch=16", "eval.every=0", f"output={tmp_path}",
+                 "tracking.experiment=test-train-golden", "schedule.seed=7"]  # fmt: skip
+    here = run(load_config(TrainConfig, "pipelines/configs/train/tiny.yaml", overrides))
+
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(Path.cwd())}
     cmd = [sys.executable, "-m", "pipelines.train", "--config", "pipelines/configs/train/tiny.yaml",
-           "--data", str(shards), "schedule.max_steps=2", "schedule.checkpoint_every=2",
-           "schedule.global_batch=16", f"output={tmp_path}", "tracking.enabled=false"]  # fmt: skip
+           *overrides]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["metrics"]["step"] == 2
-    assert (Path(result["export"]) / "model.safetensors").exists()
+    there = json.loads(proc.stdout)  # the one line on stdout
+    assert there["metrics"]["step"] == 6
+    assert (Path(there["export"]) / "model.safetensors").exists()
+
+    client = mlflow.MlflowClient(mlflow_server.url)
+    curves = [
+        [m.value for m in sorted(client.get_metric_history(r["run_id"], "train/loss"),
+                                 key=lambda m: m.step)]
+        for r in (here, there)
+    ]  # fmt: skip
+    assert len(curves[0]) == 6 and curves[0][0] != curves[0][-1]
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4)

@@ -1,5 +1,7 @@
-"""The sweep job: Ray Tune over fusion × loss, each trial a Ray Train run, on a real local Ray
-and a real MLflow server on 127.0.0.1."""
+"""The sweep job: Ray Tune over fusion × loss, each trial a Ray Train run, on the session's
+real local Ray (its dashboard serves the State API that Ray Train's placement-group cleaner
+polls: without it, a finished trial's placement group can outlive the trial and starve the
+next) and a real MLflow server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,24 +15,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import ray
 
 from mmcore.config import load_config
 from mmcore.tracking import load
 from pipelines import tune
-from pipelines.local import curated_shards
 from pipelines.tune import SWEEP_TAG, SweepConfig
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def shards(sample_dir, tmp_path_factory):
-    # The dashboard serves the State API that Ray Train's placement-group cleaner polls; without
-    # it, a finished trial's worker placement group can outlive the trial and starve the next.
-    ray.init(num_cpus=4, object_store_memory=300 << 20, include_dashboard=True, log_to_driver=False)
-    yield curated_shards(sample_dir, tmp_path_factory.mktemp("shards"))
-    ray.shutdown()
 
 
 def test_sweep_logs_ablation_crowns_champion_and_restores(
@@ -97,7 +88,7 @@ def test_sweep_logs_ablation_crowns_champion_and_restores(
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
-    shards, mlflow_server, tmp_path, monkeypatch
+    ray_cluster, shards, mlflow_server, tmp_path, monkeypatch
 ):
     """SIGKILL the sweep's driver (`python -m pipelines.tune` on the running cluster) once
     Tune has recorded its first trial as finished; the same sweep again must keep that trial."""
@@ -109,7 +100,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
             "samples_per_trial=64", "asha.enabled=false", "registered_model=test-killed",
             "max_concurrent_trials=1",
             "tracking.experiment=test-tune-killed"]  # fmt: skip
-    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.address,
                         "PYTHONPATH": str(Path.cwd())}  # fmt: skip
     cmd = [sys.executable, "-m", "pipelines.tune", "--config", "pipelines/configs/tune/tiny.yaml",
            "--data", str(shards), *args]  # fmt: skip
