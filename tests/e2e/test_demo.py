@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from ray.job_submission import JobStatus, JobSubmissionClient
@@ -22,6 +23,7 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.timeout(1500)  # the whole user path: a cluster, MLflow, four jobs, Serve
 def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
     ports = {name: free_port() for name in ("mlflow", "dashboard", "gcs", "serve")}
     flags = ["--workdir", str(tmp_path / "demo"), "--quick"] + [
@@ -49,6 +51,15 @@ def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
                         for s in ("curate", "train", "tune", "serve")}  # fmt: skip
         nodes = requests.get(f"{dashboard}/nodes?view=summary", timeout=10).json()
         assert len(nodes["data"]["summary"]) == 2
+        # A development cluster without auth: its dashboard and job server, the MLflow server
+        # and the app answer on the loopback interface only.
+        for port in (ports["dashboard"], ports["mlflow"], ports["serve"]):
+            listening = {
+                c.laddr.ip
+                for c in psutil.net_connections("tcp")
+                if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+            }
+            assert listening == {"127.0.0.1"}, (port, listening)  # fmt: skip
 
         # The plain CLI works against the local cluster (no auth variables), and a failing
         # job is reported as such with a non-zero exit code.

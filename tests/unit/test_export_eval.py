@@ -15,7 +15,8 @@ from transformers import CLIPModel, CLIPProcessor
 
 from mmcore.eval.run import zeroshot_eval
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder
-from mmcore.export import export_hf, save_model
+from mmcore.export import export_hf, load_model, save_model
+from mmcore.inference import Engine
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig, VisionConfig
 from pipelines import evaluate, export
@@ -56,10 +57,16 @@ def test_hf_export_gives_the_same_embeddings_and_zeroshot_accuracy(
         )
     clf = F.normalize(txt.view(len(classes), len(DEFAULT_TEMPLATES), -1).mean(1), dim=-1)
     theirs = accuracy(img @ clf.T, torch.tensor(labels))
-    from mmcore.export import load_model
-
-    ours = zeroshot_eval(load_model(model_dir), folder)
+    model = load_model(model_dir)
+    ours = zeroshot_eval(model, folder)
     assert ours["top1"] == theirs["top1"] and ours["top5"] == theirs["top5"]
+
+    # The same pixels and the same embeddings, input by input.
+    engine = Engine(model)
+    hf_pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(engine.transforms.pixels(images), hf_pixels)
+    np.testing.assert_allclose(engine.embed_images(images), img.numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(engine.embed_texts(prompts), txt.numpy(), rtol=0, atol=2e-6)
 
 
 def test_hf_export_refuses_non_clip_towers(tmp_path) -> None:

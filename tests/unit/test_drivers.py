@@ -1,0 +1,104 @@
+"""The drivers' Ray-free parts: the flag table, the sweep's trial configs and ablation table,
+and the Serve API's request checks."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from mmcore.config import ConfigError, load_config, merge, replace
+from mmcore.serving import BadInput, Limits
+from mmcore.training import TrainConfig
+from pipelines import ablation, api, curate, flags, train, tune
+
+TINY = "pipelines/configs/train/tiny.yaml"
+
+
+def test_flags_set_typed_values_that_overrides_then_win(monkeypatch) -> None:
+    monkeypatch.chdir(flags.__file__.rsplit("/pipelines/", 1)[0])
+    cfg = train.parse_args(["--config", TINY, "--data", "123", "--zeroshot", "a", "--zeroshot",
+                            "b", "data.val_fraction=0.1"])  # fmt: skip
+    assert cfg.data.path == "123" and cfg.eval.zeroshot == ["a", "b"]  # a string, a list
+    assert train.parse_args(["--config", TINY, "--data", "x", "data.path=y"]).data.path == "y"
+    cfg = curate.parse_args(["--input", "m.parquet", "--output", "o", "--image-size", "32"])
+    assert cfg.image.image_size == 32
+    with pytest.raises(SystemExit):  # argparse: an int flag given a word
+        curate.parse_args(["--input", "m", "--output", "o", "--image-size", "big"])
+    assert "--samples-per-shard" in flags.usage() and "trial.data.path" in flags.usage()
+
+
+def test_merge_sets_dotted_keys_and_replaces_mappings() -> None:
+    data = {"loss": {"terms": {"clip": 1.0}}, "optim": {"lr": 1.0}}
+    out = merge(data, {"loss.terms": {"siglip": 1.0}, "optim.lr": 2.0, "new.key": 3})
+    assert out == {"loss": {"terms": {"siglip": 1.0}}, "optim": {"lr": 2.0}, "new": {"key": 3}}
+    assert data["optim"]["lr"] == 1.0  # a copy
+    with pytest.raises(ConfigError, match="is not a section"):
+        merge(data, {"optim.lr.x": 1})
+    cfg = load_config(TrainConfig, TINY, ["data.path=x"])
+    assert replace(cfg, {"optim.lr": 5e-4}).optim.lr == 5e-4
+    with pytest.raises(ConfigError, match="not divisible"):  # validated again
+        replace(cfg, {"schedule.global_batch": 15})
+
+
+def test_a_sweep_builds_its_base_once_and_trials_from_it(monkeypatch) -> None:
+    monkeypatch.chdir(flags.__file__.rsplit("/pipelines/", 1)[0])
+    sweep = tune.parse_args(["--config", "pipelines/configs/tune/tiny.yaml", "--data", "s",
+                             "trial.schedule.global_batch=32"])  # fmt: skip
+    assert sweep.base is sweep.base  # built once
+    assert sweep.base.schedule.max_steps == 19_200 // 32 and sweep.base.data.path.endswith("/s")
+    config = {
+        "base": sweep.base,
+        "cell": {"model.fusion": "hybrid", "loss.terms": {"clip": 1.0}},
+        "seed": 3,
+        "sample": {"schedule.global_batch": 64},
+        "samples_per_trial": 6400,
+    }
+    trial = tune.trial_config(config)  # fmt: skip
+    assert (trial.model.fusion, trial.loss.terms, trial.schedule.seed) == (
+        "hybrid",
+        {"clip": 1.0},
+        3,
+    )
+    assert trial.schedule.max_steps == 100  # the budget in samples stays fixed
+    assert sweep.base.model.fusion == "late"  # the base is not changed by a trial
+
+
+def test_ablation_rows_rank_trials_and_count_the_compute_saved(tmp_path) -> None:
+    def trial(name, fusion, value, step, batch=None):
+        sample = {"schedule.global_batch": batch} if batch else {}
+        history = pd.DataFrame({"step": [2, step], "eval/m": [value / 2, value]})
+        config = {"cell": {"model.fusion": fusion, "loss.terms": {"clip": 1.0, "itm": 1.0}},
+                  "seed": 0, "sample": sample}  # fmt: skip
+        return ablation.Trial(name, config, {"step": step, "eval/m": value}, history)
+
+    trials = [trial("a", "late", 0.2, 6), trial("b", "hybrid", 0.5, 2, batch=32),
+              ablation.Trial("c", trial("c", "late", 0, 0).config, {})]  # fmt: skip
+    rows = ablation.ablation_rows(trials, "eval/m", "max", 96, 16, {"a": "runs:/a/model"})
+    assert [r["trial"] for r in rows] == ["b", "a", "c"]  # best first, unscored last
+    assert rows[0]["loss"] == "clip+itm" and rows[0]["status"] == "stopped early"
+    assert rows[0]["samples_seen"] == 64 and rows[0]["steps_saved"] == 96 // 32 - 2
+    assert rows[1]["status"] == "finished" and rows[1]["steps_saved"] == 0
+    assert ablation.markdown(rows).splitlines()[2].startswith("| b | hybrid | clip+itm | 0 |")
+    assert ablation.to_csv(rows).splitlines()[0].startswith("trial,fusion,loss,seed")
+    plots = ablation.plots(trials, rows, "eval/m", tmp_path)
+    assert all(p.stat().st_size > 1000 for p in plots)
+
+
+def test_request_checks_refuse_with_a_status_and_a_message() -> None:
+    limits = Limits(max_images=2, max_labels=3)
+    with pytest.raises(BadInput, match="distinct") as e:
+        api.check_classify(api.ClassifyRequest(image="x", labels=["a", "a"]), limits, ["{}"])
+    assert e.value.status == 422
+    with pytest.raises(BadInput, match="at most 3") as e:
+        api.check_classify(api.ClassifyRequest(image="x", labels=list("abcd")), limits, ["{}"])
+    assert e.value.status == 413
+    req = api.ClassifyRequest(image="x", labels=["a"], templates=["a {}."])
+    assert api.check_classify(req, limits, ["{}"]) == ["a {}."]
+    with pytest.raises(BadInput, match="exactly one of text or image"):
+        api.check_search(api.SearchRequest(), limits)
+    with pytest.raises(BadInput, match="at most 2"):
+        api.check_embed(api.EmbedRequest(images=["x"] * 3), limits)
+    with pytest.raises(BadInput, match="send texts and/or images"):
+        api.check_embed(api.EmbedRequest(), limits)
+    with pytest.raises(BadInput, match="at least 1"):
+        api.check_match(api.MatchRequest(image="x", texts=[]), limits)
