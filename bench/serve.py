@@ -32,7 +32,8 @@ from mmcore.config import load_config
 from mmcore.data.sample import make_sample_data
 from mmcore.export import save_model
 from mmcore.models.model import build_model
-from pipelines.serve import CONFIG, build, config_from
+from pipelines.api import config_from
+from pipelines.serve import CONFIG, build
 from pipelines.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -123,10 +123,10 @@ def memory_func(config: dict) -> None:
     """A Ray Train worker: two ZeRO steps on random inputs, then its live tensor bytes."""
     import ray.train
 
-    from pipelines.train import _engine
+    from mmcore.engine import build_engine
 
     cfg = config["cfg"]  # a TrainConfig, as the training job passes it
-    engine, _ = _engine(cfg)
+    engine, _ = build_engine(cfg)
     micro = engine.train_micro_batch_size_per_gpu()
     size, length = cfg.model.vision.image_size, cfg.model.text.context_length
     for step in range(2):  # measured after the second backward: weights, grads, Adam state

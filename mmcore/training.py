@@ -7,7 +7,6 @@ composes them on Ray Train).
     groups = param_groups(model, weight_decay=0.1)        # no decay on gains, biases, scalars
     factor = cosine_lr(step, max_steps=1000, warmup=50)   # LambdaLR factor
     batch = preprocess(shard_batch, image_size=64, context_length=32, augment=cfg, seed=step)
-    model = consolidate(checkpoint_dir, build_model(cfg), stage=2)  # fp32 from every rank
     is_val = held_out(row["__key__"], fraction=0.02)      # a stable validation split by key
     for batch in within(loader, timeout_s=300, stalled=lambda t: f"no batch in {t} s"): ...
 
@@ -26,7 +25,6 @@ import queue
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -40,8 +38,6 @@ from mmcore.models.model import ModelConfig
 from mmcore.tracking import TrackingConfig
 
 T = TypeVar("T")
-# The DeepSpeed checkpoint tag (not "latest": DeepSpeed writes a file of that name).
-CHECKPOINT_TAG = "ckpt"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -203,20 +199,6 @@ class TrainConfig:
         return deepspeed_config(
             self.deepspeed, self.optim, self.schedule.global_batch, self.scaling.num_workers
         )
-
-
-def consolidate(checkpoint_dir: Path, model: torch.nn.Module, stage: int) -> torch.nn.Module:
-    """Load full fp32 weights into ``model`` from a checkpoint folder of every rank's DeepSpeed
-    files (saved under tag ``CHECKPOINT_TAG`` at ZeRO ``stage``)."""
-    if stage == 0:  # plain data parallel: rank 0 holds the whole model
-        files = sorted((checkpoint_dir / CHECKPOINT_TAG).glob("mp_rank_00_model_states.pt"))
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CHECKPOINT_TAG)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
 
 
 def cosine_lr(step: int, max_steps: int, warmup: int) -> float:

@@ -1,7 +1,7 @@
 """The Serve application's config and its HTTP requests, without Ray: the config dataclasses
 (``args`` and ``user_config`` of serve.yaml), request schemas, JSON or multipart parsing, and
 the checks that turn bad input into a 4xx with a message (``BadInput``).
-``pipelines/serve.py`` puts its routes on ``api``; tests reach all of this without a cluster.
+``pipelines/serve.py`` puts its routes on ``routes``; tests reach all of this without a cluster.
 """
 
 # No ``from __future__ import annotations``: FastAPI and pydantic read these annotations.
@@ -102,7 +102,7 @@ def config_from(
 
 # --- the HTTP API --------------------------------------------------------------------------
 
-api = FastAPI(
+routes = FastAPI(
     title="mmray",
     description="Image-text embeddings, zero-shot classification, search and matching.",
     version="1",
@@ -154,12 +154,12 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-@api.exception_handler(BadInput)
+@routes.exception_handler(BadInput)
 async def _bad_input(request: Request, exc: BadInput) -> JSONResponse:
     return _error(exc.status, str(exc))
 
 
-@api.exception_handler(HTTPException)
+@routes.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return _error(exc.status_code, str(exc.detail))
 

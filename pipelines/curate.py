@@ -26,12 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from mmcore.config import ConfigError, load_config, to_dict
-from mmcore.data.captions import CaptionConfig
-from mmcore.data.curate import clean_captions, fetch_and_process
-from mmcore.data.dedup import DedupConfig, find_duplicates
-from mmcore.data.fetch import FetchConfig
-from mmcore.data.images import ImageConfig
-from mmcore.data.metadata import InputConfig, check_input, plan_shards, read_parts
+from mmcore.data.curate import (
+    CurateConfig,
+    clean_captions,
+    fetch_and_process,
+    format_table,
+    summary,
+)
+from mmcore.data.dedup import find_duplicates
+from mmcore.data.metadata import check_input, plan_shards, read_parts
 from mmcore.data.shards import (
     MANIFEST,
     build_manifest,
@@ -44,54 +47,10 @@ from mmcore.data.shards import (
     write_json,
     write_pieces,
 )
-from mmcore.tracking import TrackingConfig, start_run
+from mmcore.tracking import start_run
 from pipelines import flags, job
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(kw_only=True)
-class OutputConfig:
-    path: str = ""  # output folder
-    samples_per_shard: int = 10_000  # input rows per shard (img2dataset's default)
-
-
-@dataclasses.dataclass(kw_only=True)
-class ComputeConfig:
-    """How the work is spread over Ray; changes speed, never the result."""
-
-    rows_per_task: int = 256  # input rows per task; fetch.threads download within it
-    num_cpus: float = 1.0  # CPUs reserved per processing task
-    process_threads: int = 1  # image-processing threads per task (~1 core each)
-    concurrency: int | None = None  # max processing tasks at once (None: as CPUs allow)
-
-
-@dataclasses.dataclass(kw_only=True)
-class CurateConfig:
-    input: InputConfig = dataclasses.field(default_factory=InputConfig)
-    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
-    captions: CaptionConfig = dataclasses.field(default_factory=CaptionConfig)
-    fetch: FetchConfig = dataclasses.field(default_factory=FetchConfig)
-    image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
-    dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
-    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
-    tracking: TrackingConfig = dataclasses.field(
-        default_factory=lambda: TrackingConfig(experiment="mmray-curate")
-    )
-
-    def validate(self) -> None:
-        if not self.input.path or not self.output.path:
-            raise ValueError("input.path (--input) and output.path (--output) are required")
-        if self.output.samples_per_shard < 1 or self.compute.rows_per_task < 1:
-            raise ValueError("samples_per_shard and rows_per_task must be >= 1")
-
-    def identity(self) -> dict[str, Any]:
-        """The settings that determine the output; a resumed run must match them."""
-        d = to_dict(self)
-        for section in ("compute", "tracking"):
-            d.pop(section)
-        d["fetch"].pop("threads")  # speed only
-        return d
 
 
 # --- Ray wrappers: thin, each maps an mmcore function over the dataset ---------------------
@@ -165,7 +124,7 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
         _check_same(manifest["config"], identity, manifest_path)
         log.info("%s is complete already; nothing to do", out)
-        return _summary(manifest, processed=0, elapsed=0.0, run_id=None)
+        return summary(manifest, processed=0, elapsed=0.0, run_id=None)
 
     t0 = time.perf_counter()
     if out.exists() and (n := remove_partial_files(out)):
@@ -198,7 +157,7 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
     shutil.rmtree(work)
     elapsed = time.perf_counter() - t0
     run_id = _track(cfg, manifest, processed, elapsed)
-    return _summary(manifest, processed, elapsed, run_id)
+    return summary(manifest, processed, elapsed, run_id)
 
 
 def _stage_missing(cfg: CurateConfig, plan: dict[str, Any], pieces: Path) -> int:
@@ -275,33 +234,6 @@ def _track(cfg: CurateConfig, manifest: dict, processed: int, elapsed: float) ->
         return tracker.run_id
 
 
-def _summary(manifest: dict, processed: int, elapsed: float, run_id: str | None) -> dict[str, Any]:
-    return {
-        "n_input": manifest["n_input"],
-        "n_samples": manifest["n_samples"],
-        "n_shards": len(manifest["shards"]),
-        "status_counts": manifest["status_counts"],
-        "processed": processed,
-        "elapsed_s": round(elapsed, 3),
-        "samples_per_s": round(processed / elapsed, 2) if elapsed else None,
-        "digest": manifest["digest"],
-        "run_id": run_id,
-    }
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """The final summary table: counts by status, then throughput."""
-    n = summary["n_input"] or 1
-    lines = [f"{'status':<22}{'rows':>10}{'share':>9}", "-" * 41]
-    for status, count in sorted(summary["status_counts"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"{status:<22}{count:>10}{count / n:>9.1%}")
-    lines += ["-" * 41, f"{'input rows':<22}{summary['n_input']:>10}"]
-    lines.append(f"{'samples in tars':<22}{summary['n_samples']:>10}")
-    if summary["samples_per_s"]:
-        lines.append(f"{'samples/s':<22}{summary['samples_per_s']:>10.1f}")
-    return "\n".join(lines)
-
-
 # --- command line -------------------------------------------------------------------------
 
 
@@ -320,9 +252,9 @@ def check(cfg: CurateConfig) -> None:
 
 
 def work(cfg: CurateConfig) -> dict[str, Any]:
-    summary = run(cfg)
-    print(format_table(summary), file=sys.stderr)
-    return summary
+    result = run(cfg)
+    print(format_table(result), file=sys.stderr)
+    return result
 
 
 def need(cfg: CurateConfig) -> job.Need:

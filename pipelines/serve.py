@@ -38,23 +38,7 @@ from mmcore.eval.zeroshot import class_prompts
 from mmcore.inference import Engine, Index
 from mmcore.serving import BadInput, IndexRecords, Limits, decode_image, read_index
 from mmcore.tracking import check_model
-from pipelines import flags, job
-from pipelines.api import (
-    ClassifyRequest,
-    EmbedRequest,
-    MatchRequest,
-    ModelSpec,
-    SearchRequest,
-    ServeConfig,
-    api,
-    body_doc,
-    check_classify,
-    check_embed,
-    check_match,
-    check_search,
-    config_from,
-    read_request,
-)
+from pipelines import api, flags, job
 
 log = logging.getLogger(__name__)
 CONFIG = Path(__file__).parent / "configs" / "serve.yaml"
@@ -72,7 +56,7 @@ class _Loaded:
     prompts: OrderedDict = dataclasses.field(default_factory=OrderedDict)  # text → (E,)
 
 
-def _load(spec: ModelSpec, records: IndexRecords | None) -> _Loaded:
+def _load(spec: api.ModelSpec, records: IndexRecords | None) -> _Loaded:
     from mmcore.export import load_model
     from mmcore.tracking import resolve_model
 
@@ -90,7 +74,7 @@ def _load(spec: ModelSpec, records: IndexRecords | None) -> _Loaded:
 
 
 @serve.deployment
-@serve.ingress(api)
+@serve.ingress(api.routes)
 class Model:
     """The model and its HTTP API in one deployment: one hop from Serve's proxy to the model
     (a second deployment behind a handle halved the QPS on CPU; docs/BENCHMARKS.md). Texts
@@ -107,9 +91,9 @@ class Model:
         self.batch_sizes: Counter[int] = Counter()  # forward passes by batch size, in /v1/model
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load the model that ``user_config`` (a ModelSpec) names beside the current one,
+        """Load the model that ``user_config`` (an api.ModelSpec) names beside the current one,
         then swap: requests keep being answered by the old one while the new one loads."""
-        spec = from_dict(ModelSpec, dict(user_config))
+        spec = from_dict(api.ModelSpec, dict(user_config))
         loaded = await asyncio.to_thread(_load, spec, self.records)
         self._encode.set_max_batch_size(spec.max_batch_size)
         self._encode.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
@@ -148,19 +132,19 @@ class Model:
     def _image(self, value: str | bytes) -> Image.Image:
         return decode_image(value, self.limits)
 
-    @api.get("/healthz")
+    @api.routes.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.loaded.info["resolved"]}
 
-    @api.get("/v1/model")
+    @api.routes.get("/v1/model")
     async def model_info(self) -> dict[str, Any]:
         """The model, and this replica's dynamic batches so far (size → how many)."""
         return self.loaded.info | {"batch_sizes": dict(sorted(self.batch_sizes.items()))}
 
-    @api.post("/v1/embed", openapi_extra=body_doc(EmbedRequest))
+    @api.routes.post("/v1/embed", openapi_extra=api.body_doc(api.EmbedRequest))
     async def embed(self, request: Request) -> dict[str, Any]:
-        req = await read_request(request, EmbedRequest, self.limits)
-        check_embed(req, self.limits)
+        req = await api.read_request(request, api.EmbedRequest, self.limits)
+        api.check_embed(req, self.limits)
         images = [self._image(v) for v in req.images]
         loaded = self.loaded
         texts, images = await asyncio.gather(
@@ -172,10 +156,10 @@ class Model:
             "dim": loaded.info["embed_dim"],
         }
 
-    @api.post("/v1/classify", openapi_extra=body_doc(ClassifyRequest))
+    @api.routes.post("/v1/classify", openapi_extra=api.body_doc(api.ClassifyRequest))
     async def classify(self, request: Request) -> dict[str, Any]:
-        req = await read_request(request, ClassifyRequest, self.limits)
-        labels, templates = req.labels, check_classify(req, self.limits, self.templates)
+        req = await api.read_request(request, api.ClassifyRequest, self.limits)
+        labels, templates = req.labels, api.check_classify(req, self.limits, self.templates)
         image = self._image(req.image)
         loaded = self.loaded
         engine = loaded.engine
@@ -188,10 +172,10 @@ class Model:
         ranked = sorted(zip(labels, probs[0].tolist(), strict=True), key=lambda p: -p[1])
         return {"labels": [{"label": label, "probability": p} for label, p in ranked]}
 
-    @api.post("/v1/search", openapi_extra=body_doc(SearchRequest))
+    @api.routes.post("/v1/search", openapi_extra=api.body_doc(api.SearchRequest))
     async def search(self, request: Request) -> dict[str, Any]:
-        req = await read_request(request, SearchRequest, self.limits)
-        check_search(req, self.limits)
+        req = await api.read_request(request, api.SearchRequest, self.limits)
+        api.check_search(req, self.limits)
         image = None if req.image is None else self._image(req.image)
         loaded = self.loaded
         if loaded.index is None:
@@ -209,15 +193,15 @@ class Model:
             "score": kind,
         }  # fmt: skip
 
-    @api.post("/v1/match", openapi_extra=body_doc(MatchRequest))
+    @api.routes.post("/v1/match", openapi_extra=api.body_doc(api.MatchRequest))
     async def match(self, request: Request) -> dict[str, Any]:
-        req = await read_request(request, MatchRequest, self.limits)
-        check_match(req, self.limits)
+        req = await api.read_request(request, api.MatchRequest, self.limits)
+        api.check_match(req, self.limits)
         image = self._image(req.image)
         scores, kind = await asyncio.to_thread(self.loaded.engine.match, image, req.texts)
         return {"scores": scores.tolist(), "score": kind}
 
-    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @api.routes.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> str:
         return PAGE.read_text()
 
@@ -225,7 +209,7 @@ class Model:
 # --- building and running ----------------------------------------------------------------------
 
 
-def build(cfg: ServeConfig):
+def build(cfg: api.ServeConfig):
     """The Serve application for ``cfg``."""
     r = cfg.replicas
     return Model.options(
@@ -239,13 +223,13 @@ def build(cfg: ServeConfig):
 
 def app(args: dict[str, Any]):
     """Serve's application builder: ``import_path: pipelines.serve:app`` with ``args``."""
-    cfg = from_dict(ServeConfig, dict(args))
+    cfg = from_dict(api.ServeConfig, dict(args))
     if cfg.index:  # `serve run` builds the app here: a bad index stops it before deploying
         job.shard_paths(cfg.index, "index")  # (the model comes later, in the user_config)
     return build(cfg)
 
 
-def check(cfg: ServeConfig) -> None:
+def check(cfg: api.ServeConfig) -> None:
     """The model and the index must resolve here, before Ray and Serve start: a replica that
     cannot load its model only says "Failed to update the deployments"."""
     check_model(cfg.model.uri)
@@ -253,7 +237,7 @@ def check(cfg: ServeConfig) -> None:
         job.shard_paths(cfg.index, "index")
 
 
-def need(cfg: ServeConfig) -> job.Need:
+def need(cfg: api.ServeConfig) -> job.Need:
     return job.Need(cpus=cfg.replicas.min_replicas * cfg.replicas.num_cpus)
 
 
@@ -276,12 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     http: dict[str, Any] = {}
 
-    def parse() -> ServeConfig:
-        cfg, options = config_from(args.config, args.overrides, args.values)
+    def parse() -> api.ServeConfig:
+        cfg, options = api.config_from(args.config, args.overrides, args.values)
         http.update(options)
         return cfg
 
-    def deploy(cfg: ServeConfig) -> dict[str, Any]:
+    def deploy(cfg: api.ServeConfig) -> dict[str, Any]:
         host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
         serve.start(http_options={"host": host, "port": port})
         serve.run(build(cfg), name="mmray", route_prefix="/")

@@ -27,12 +27,11 @@ import torch
 
 from mmcore.config import ConfigError, load_config, to_dict
 from mmcore.data.transforms import TransformConfig
+from mmcore.engine import CHECKPOINT_TAG, build_engine, consolidate, train_step
 from mmcore.eval.run import eval_metrics
 from mmcore.export import save_model
 from mmcore.inference import trim_padding
-from mmcore.losses.fusion import compute_losses
 from mmcore.models.model import build_model
-from mmcore.models.towers import TextMemo
 from mmcore.tracking import (
     lineage_tags,
     log_metrics_to,
@@ -41,12 +40,8 @@ from mmcore.tracking import (
     tracking_uri,
 )
 from mmcore.training import (
-    CHECKPOINT_TAG,
     TrainConfig,
-    consolidate,
-    cosine_lr,
     held_out,
-    param_groups,
     preprocess,
     within,
 )
@@ -65,7 +60,7 @@ def train_func(config: dict[str, Any]) -> None:
 
     cfg: TrainConfig = config["cfg"]  # validated once, in the driver
     rank = ray.train.get_context().get_world_rank()
-    engine, sched = _engine(cfg)
+    engine, sched = build_engine(cfg)
     epoch, skip = 0, 0  # the data position: epoch, and micro-batches of it already consumed
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as folder:
@@ -87,44 +82,22 @@ def train_func(config: dict[str, Any]) -> None:
                 mark = time.perf_counter()
                 continue
             waited = time.perf_counter() - mark
-            metrics = _step(engine, sched, batch, cfg, generator)
+            metrics = train_step(engine, sched, batch, cfg, generator)
             if metrics is None:  # inside a gradient-accumulation window
                 continue
-            elapsed = time.perf_counter() - mark
-            metrics |= {"train/samples_per_s": micro * ray.train.get_context().get_world_size()
-                        / elapsed, "train/step_time_s": elapsed, "train/data_wait_s": waited,
-                        "train/epoch": epoch}  # fmt: skip
-            _boundary(engine, cfg, config, evaluator, metrics, rank, {"epoch": epoch,
-                      "batches": consumed})  # fmt: skip
+            elapsed = time.perf_counter() - mark  # the step's micro-batches, all ranks
+            metrics |= {
+                "train/samples_per_s": cfg.schedule.global_batch / elapsed,
+                "train/step_time_s": elapsed, "train/data_wait_s": waited, "train/epoch": epoch,
+            }  # fmt: skip
+            position = {"epoch": epoch, "batches": consumed}
+            _boundary(engine, cfg, config, evaluator, metrics, rank, position)
             mark = time.perf_counter()
             if engine.global_steps >= last:
                 break
         if consumed <= skip and engine.global_steps < last:
             raise RuntimeError(f"an epoch gave worker {rank} no full batch of {micro} samples")
         epoch, skip = epoch + 1, 0
-
-
-def _step(
-    engine: Any, sched: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig,
-    generator: torch.Generator,
-) -> dict[str, float] | None:  # fmt: skip
-    """Forward, backward and optimizer step on one micro-batch; the step's metrics at a
-    gradient-accumulation boundary, else None."""
-    ids, mask = trim_padding(batch["input_ids"], batch["attention_mask"])
-    total, terms = compute_losses(
-        engine.module, batch["pixels"], ids, mask, cfg.loss.terms, generator
-    )
-    engine.backward(total)
-    engine.step()
-    if not engine.is_gradient_accumulation_boundary():
-        return None
-    return {f"train/{k}": v.item() for k, v in terms.items()} | {
-        "train/loss": total.item(),
-        "train/lr": sched.get_last_lr()[0],
-        "train/logit_scale": engine.module.scales()[0].item(),
-        "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-        "train/samples_seen": engine.global_steps * cfg.schedule.global_batch,
-    }
 
 
 def _boundary(
@@ -159,30 +132,6 @@ def _stalled(rank: int, waited: float) -> str:
         "give Ray more CPUs than scaling.num_workers x scaling.cpus_per_worker, or use fewer "
         "workers. Also check that every node can read data.path"
     )
-
-
-def _engine(cfg: TrainConfig) -> tuple[Any, Any]:
-    """The DeepSpeed engine (identical initial weights on every rank) and its LR schedule;
-    the text tower's feature memo when ``data.text_cache`` asks for one."""
-    import deepspeed
-
-    torch.manual_seed(cfg.schedule.seed)
-    model = build_model(cfg.model)
-    opt = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-    )  # fmt: skip
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_lr(s, cfg.schedule.max_steps, cfg.optim.warmup_steps)
-    )
-    engine, _, _, sched = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=cfg.ds_config
-    )
-    if cfg.data.text_cache and cfg.deepspeed.stage == 3:
-        log.warning("data.text_cache is off under ZeRO-3: every rank runs the text tower")
-    elif cfg.data.text_cache:
-        engine.module.text_memo = TextMemo(engine.module.text, cfg.data.text_cache)
-    return engine, sched
 
 
 class Evaluator:

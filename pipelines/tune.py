@@ -24,19 +24,11 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from mmcore import tracking
 from mmcore.config import flatten, load_config, replace, to_dict
 from mmcore.losses.fusion import check_objectives
 from mmcore.models.model import OBJECTIVES
-from mmcore.tracking import (
-    SWEEP_TAG,
-    TRIAL_TAG,
-    TrackingConfig,
-    load_text,
-    promote,
-    start_run,
-    sweep_models,
-    tracking_uri,
-)
+from mmcore.tracking import TrackingConfig
 from pipelines import flags, job
 from pipelines import train as training
 from pipelines.ablation import Trial, ablation_rows, markdown, plots, to_csv
@@ -149,11 +141,11 @@ def trial_fn(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]  # cwd is the trial's folder
+    os.environ["MLFLOW_TRACKING_URI"] = config["tracking.tracking_uri"]  # cwd is the trial's folder
     trial_id = ray.tune.get_context().get_trial_id()
     parent = config["parent_run_id"]
     training.run(trial_config(config), run_name=f"trial-{trial_id}", parent_run_id=parent,
-                 tags={SWEEP_TAG: parent, TRIAL_TAG: trial_id},
+                 tags={tracking.SWEEP_TAG: parent, tracking.TRIAL_TAG: trial_id},
                  callbacks=[TuneReportCallback()])  # fmt: skip
 
 
@@ -174,7 +166,7 @@ def param_space(sweep: SweepConfig, parent_run_id: str) -> dict:
         "base": sweep.base,  # the typed config: trials never re-read the YAML
         "samples_per_trial": sweep.samples_per_trial,
         "parent_run_id": parent_run_id,
-        "tracking_uri": tracking_uri(),
+        "tracking.tracking_uri": tracking.tracking_uri(),
     }
 
 
@@ -227,9 +219,9 @@ def crown(sweep: SweepConfig, rows: list[dict], parent_run_id: str) -> dict[str,
     data, evals = sweep.base.data, sweep.base.eval
     evaluation = json.dumps([sweep.metric, data.path, data.val_path, data.val_fraction,
                              evals.zeroshot, evals.max_pairs])  # fmt: skip
-    return promote(sweep.registered_model, best["model_uri"], sweep.metric,
+    return tracking.promote(sweep.registered_model, best["model_uri"], sweep.metric,
                    float(best[sweep.metric]), sweep.mode == "max", evaluation,
-                   {SWEEP_TAG: parent_run_id, "trial": best["trial"]})  # fmt: skip
+                   {tracking.SWEEP_TAG: parent_run_id, "trial": best["trial"]})  # fmt: skip
 
 
 def run(sweep: SweepConfig) -> dict[str, Any]:
@@ -237,7 +229,7 @@ def run(sweep: SweepConfig) -> dict[str, Any]:
     state = path / "mmray_sweep.json"  # the parent run id, for a restored sweep
     restoring = state.exists()
     parent_run_id = json.loads(state.read_text())["parent_run_id"] if restoring else None
-    with start_run(sweep.tracking, sweep.name, run_id=parent_run_id) as tracker:
+    with tracking.start_run(sweep.tracking, sweep.name, run_id=parent_run_id) as tracker:
         parent_run_id = tracker.run_id
         path.mkdir(parents=True, exist_ok=True)
         state.write_text(json.dumps({"parent_run_id": parent_run_id}))
@@ -248,7 +240,7 @@ def run(sweep: SweepConfig) -> dict[str, Any]:
                              "search_space.json")  # fmt: skip
         start = time.perf_counter()
         trials = _trials(_tuner(sweep, path, param_space(sweep, parent_run_id)).fit())
-        models = sweep_models(parent_run_id, {t.id for t in trials if t.errored})
+        models = tracking.sweep_models(parent_run_id, {t.id for t in trials if t.errored})
         rows = ablation_rows(trials, sweep.metric, sweep.mode, sweep.samples_per_trial,
                              sweep.base.schedule.global_batch, models)  # fmt: skip
         saved = sum(r["steps_saved"] for r in rows)
@@ -290,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["report"]:
         p = argparse.ArgumentParser(prog="mmray tune report")
         p.add_argument("sweep", help="the sweep's parent MLflow run id")
-        print(load_text(f"runs:/{p.parse_args(argv[1:]).sweep}/ablation.md"), end="")
+        print(tracking.load_text(f"runs:/{p.parse_args(argv[1:]).sweep}/ablation.md"), end="")
         return 0
     return job.main("mmray tune", lambda: parse_args(argv), run, check, need)
 

@@ -7,18 +7,26 @@ The Ray job (``pipelines/curate.py``) maps these over a Ray Dataset; tests call 
     batch = clean_captions(batch, CaptionConfig())       # + caption, status, error_message
     batch = fetch_and_process(batch, FetchConfig(), ImageConfig())
     # + image (resized, encoded), sha256, phash, thumb, width, height, original_*
+
+``CurateConfig`` is the job's config; ``summary`` and ``format_table`` its final report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Any
 
 import numpy as np
 
+from mmcore.config import to_dict
 from mmcore.data.captions import CaptionConfig, caption_status, clean_caption
+from mmcore.data.dedup import DedupConfig
 from mmcore.data.fetch import FetchConfig, fetch_many
 from mmcore.data.images import ImageConfig, ProcessedImage, Rejected, process_image, sha256
+from mmcore.data.metadata import InputConfig
 from mmcore.data.shards import SUCCESS
+from mmcore.tracking import TrackingConfig
 
 Batch = dict[str, np.ndarray]
 SIZES = ("width", "height", "original_width", "original_height")
@@ -85,3 +93,77 @@ def _process(data: bytes, cfg: ImageConfig) -> tuple[str, ProcessedImage]:
     except Exception as e:  # noqa: BLE001 - one odd image must not stop the job
         log.warning("unexpected error processing an image", exc_info=True)
         raise Rejected("failed_to_process", repr(e)) from e
+
+
+# --- the curation job's config and summary ---------------------------------------------
+
+
+@dataclasses.dataclass(kw_only=True)
+class OutputConfig:
+    path: str = ""  # output folder
+    samples_per_shard: int = 10_000  # input rows per shard (img2dataset's default)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ComputeConfig:
+    """How the work is spread over Ray; changes speed, never the result."""
+
+    rows_per_task: int = 256  # input rows per task; fetch.threads download within it
+    num_cpus: float = 1.0  # CPUs reserved per processing task
+    process_threads: int = 1  # image-processing threads per task (~1 core each)
+    concurrency: int | None = None  # max processing tasks at once (None: as CPUs allow)
+
+
+@dataclasses.dataclass(kw_only=True)
+class CurateConfig:
+    input: InputConfig = dataclasses.field(default_factory=InputConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    captions: CaptionConfig = dataclasses.field(default_factory=CaptionConfig)
+    fetch: FetchConfig = dataclasses.field(default_factory=FetchConfig)
+    image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
+    dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
+    tracking: TrackingConfig = dataclasses.field(
+        default_factory=lambda: TrackingConfig(experiment="mmray-curate")
+    )
+
+    def validate(self) -> None:
+        if not self.input.path or not self.output.path:
+            raise ValueError("input.path (--input) and output.path (--output) are required")
+        if self.output.samples_per_shard < 1 or self.compute.rows_per_task < 1:
+            raise ValueError("samples_per_shard and rows_per_task must be >= 1")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the output; a resumed run must match them."""
+        d = to_dict(self)
+        for section in ("compute", "tracking"):
+            d.pop(section)
+        d["fetch"].pop("threads")  # speed only
+        return d
+
+
+def summary(manifest: dict, processed: int, elapsed: float, run_id: str | None) -> dict[str, Any]:
+    return {
+        "n_input": manifest["n_input"],
+        "n_samples": manifest["n_samples"],
+        "n_shards": len(manifest["shards"]),
+        "status_counts": manifest["status_counts"],
+        "processed": processed,
+        "elapsed_s": round(elapsed, 3),
+        "samples_per_s": round(processed / elapsed, 2) if elapsed else None,
+        "digest": manifest["digest"],
+        "run_id": run_id,
+    }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The final summary table: counts by status, then throughput."""
+    n = summary["n_input"] or 1
+    lines = [f"{'status':<22}{'rows':>10}{'share':>9}", "-" * 41]
+    for status, count in sorted(summary["status_counts"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"{status:<22}{count:>10}{count / n:>9.1%}")
+    lines += ["-" * 41, f"{'input rows':<22}{summary['n_input']:>10}"]
+    lines.append(f"{'samples in tars':<22}{summary['n_samples']:>10}")
+    if summary["samples_per_s"]:
+        lines.append(f"{'samples/s':<22}{summary['samples_per_s']:>10.1f}")
+    return "\n".join(lines)

@@ -11,8 +11,8 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from mmcore.config import ConfigError, flatten, load_config, to_dict
+from pipelines.api import ServeConfig, config_from
 from pipelines.curate import CurateConfig
-from pipelines.serve import ServeConfig, config_from
 from pipelines.train import TrainConfig
 from pipelines.tune import SweepConfig
 

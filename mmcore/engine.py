@@ -1,0 +1,87 @@
+"""The DeepSpeed side of training, without Ray: the engine a worker trains, one step, and
+full weights back from a checkpoint of every rank's files.
+
+    engine, sched = build_engine(cfg)            # the same initial weights on every rank
+    metrics = train_step(engine, sched, batch, cfg, generator)  # None inside accumulation
+    engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
+    model = consolidate(folder, build_model(cfg.model), cfg.deepspeed.stage)  # fp32
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmcore.inference import trim_padding
+from mmcore.losses.fusion import compute_losses
+from mmcore.models.model import build_model
+from mmcore.models.towers import TextMemo
+from mmcore.training import TrainConfig, cosine_lr, param_groups
+
+log = logging.getLogger(__name__)
+# The DeepSpeed checkpoint tag (not "latest": DeepSpeed writes a file of that name).
+CHECKPOINT_TAG = "ckpt"
+
+
+def build_engine(cfg: TrainConfig) -> tuple[Any, Any]:
+    """The DeepSpeed engine (identical initial weights on every rank) and its LR schedule;
+    the text tower's feature memo when ``data.text_cache`` asks for one."""
+    import deepspeed
+
+    torch.manual_seed(cfg.schedule.seed)
+    model = build_model(cfg.model)
+    opt = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+    )  # fmt: skip
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_lr(s, cfg.schedule.max_steps, cfg.optim.warmup_steps)
+    )
+    engine, _, _, sched = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=cfg.ds_config
+    )
+    if cfg.data.text_cache and cfg.deepspeed.stage == 3:
+        log.warning("data.text_cache is off under ZeRO-3: every rank runs the text tower")
+    elif cfg.data.text_cache:
+        engine.module.text_memo = TextMemo(engine.module.text, cfg.data.text_cache)
+    return engine, sched
+
+
+def train_step(
+    engine: Any, sched: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig,
+    generator: torch.Generator,
+) -> dict[str, float] | None:  # fmt: skip
+    """Forward, backward and optimizer step on one micro-batch; the step's metrics at a
+    gradient-accumulation boundary, else None."""
+    ids, mask = trim_padding(batch["input_ids"], batch["attention_mask"])
+    total, terms = compute_losses(
+        engine.module, batch["pixels"], ids, mask, cfg.loss.terms, generator
+    )
+    engine.backward(total)
+    engine.step()
+    if not engine.is_gradient_accumulation_boundary():
+        return None
+    return {f"train/{k}": v.item() for k, v in terms.items()} | {
+        "train/loss": total.item(),
+        "train/lr": sched.get_last_lr()[0],
+        "train/logit_scale": engine.module.scales()[0].item(),
+        "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+        "train/samples_seen": engine.global_steps * cfg.schedule.global_batch,
+    }
+
+
+def consolidate(checkpoint_dir: Path, model: torch.nn.Module, stage: int) -> torch.nn.Module:
+    """Load full fp32 weights into ``model`` from a checkpoint folder of every rank's DeepSpeed
+    files (saved under tag ``CHECKPOINT_TAG`` at ZeRO ``stage``)."""
+    if stage == 0:  # plain data parallel: rank 0 holds the whole model
+        files = sorted((checkpoint_dir / CHECKPOINT_TAG).glob("mp_rank_00_model_states.pt"))
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CHECKPOINT_TAG)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
