@@ -95,7 +95,7 @@ def run_job(client, stage: str, entrypoint: str, workdir: Path, env: dict[str, s
     t0, last = time.monotonic(), ""
     while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
                                                          JobStatus.STOPPED):  # fmt: skip
-        time.sleep(5)
+        time.sleep(2)
         lines = [ln for ln in ANSI.sub("", client.get_job_logs(job)).splitlines() if ln.strip()]
         # The driver's own lines (Tune's trial status, results) over Ray actors' "(pid=...)".
         driver = [ln for ln in lines if not ln.startswith("(") and " INFO " not in ln]

@@ -141,7 +141,7 @@ def trial_fn(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    os.environ["MLFLOW_TRACKING_URI"] = config["tracking.tracking_uri"]  # cwd is the trial's folder
+    os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]  # cwd is the trial's folder
     trial_id = ray.tune.get_context().get_trial_id()
     parent = config["parent_run_id"]
     training.run(trial_config(config), run_name=f"trial-{trial_id}", parent_run_id=parent,
@@ -166,7 +166,7 @@ def param_space(sweep: SweepConfig, parent_run_id: str) -> dict:
         "base": sweep.base,  # the typed config: trials never re-read the YAML
         "samples_per_trial": sweep.samples_per_trial,
         "parent_run_id": parent_run_id,
-        "tracking.tracking_uri": tracking.tracking_uri(),
+        "tracking_uri": tracking.tracking_uri(),
     }
 
 

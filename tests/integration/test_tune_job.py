@@ -28,9 +28,12 @@ def test_sweep_logs_ablation_crowns_champion_and_restores(
     shards, sample_dir, mlflow_server, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    # One worker with deterministic data: every trial's curve, and so ASHA's decisions, are
+    # the same on every run. 30 % held out: 48 validation pairs, a metric with room to differ.
     training = {
         "data.path": str(shards), "scaling.num_workers": 1, "schedule.global_batch": 16,
         "schedule.log_every": 1, "eval.every": 2, "eval.max_pairs": 48,
+        "data.val_fraction": 0.3, "data.deterministic": True, "optim.warmup_steps": 0,
         "eval.zeroshot": [str(sample_dir / "zeroshot" / "colour")],
     }  # fmt: skip
     sweep = load_config(SweepConfig, "pipelines/configs/tune/tiny.yaml", [
@@ -59,9 +62,15 @@ def test_sweep_logs_ablation_crowns_champion_and_restores(
     assert {"ablation.md", "ablation.csv", "search_space.json", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(result["run_id"], "plots")}
     assert plots == {"plots/metric_by_fusion_loss.png", "plots/learning_curves_top.png"}
-    stopped = len(children) - len(finished)
+    stopped = [c for c in children if c.info.status == "KILLED"]
+    assert stopped and all(c.data.tags["mmray.early_stopped"] == "true" for c in stopped)
     saved = parent.data.metrics["trial_steps_saved_by_early_stopping"]
-    assert (saved > 0) == (stopped > 0)
+    table = mlflow.artifacts.load_text(f"runs:/{result['run_id']}/ablation.csv").splitlines()
+    rows = [dict(zip(table[0].split(","), line.split(","), strict=True)) for line in table[1:]]
+    early = [r for r in rows if r["status"] == "stopped early"]
+    assert len(early) == len(stopped) and all(int(r["steps"]) < 6 for r in early)
+    assert saved == sum(int(r["steps_saved"]) for r in rows) > 0  # budget: 96 / 16 = 6 steps
+    assert (tmp_path / "test-sweep" / "config.yaml").exists()  # the resolved sweep config
 
     # The champion is the best trial that finished its budget, and loads by alias.
     top = max(c.data.metrics[sweep.metric] for c in finished)

@@ -17,6 +17,7 @@ from mmcore.config import ConfigError, load_config
 from mmcore.data.transforms import eval_transform
 from mmcore.eval.retrieval import recall_at_k
 from mmcore.export import load_model, save_model
+from mmcore.inference import trim_padding
 from mmcore.losses.contrastive import clip_loss, siglip_loss
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import (
@@ -154,7 +155,8 @@ def test_tiny_model_overfits_64_pairs(sample_dir: Path) -> None:
             pairs.append(r)
     pairs = pairs[:64]
     pixels = torch.from_numpy(np.stack([eval_transform(Image.open(r["url"]), 64) for r in pairs]))
-    tokens = tokenize([r["caption"] for r in pairs], 32)
+    ids, mask = trim_padding(**tokenize([r["caption"] for r in pairs], 32))  # as training does
+    tokens = {"input_ids": ids, "attention_mask": mask}
     torch.manual_seed(0)
     model = build_model(TINY)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
