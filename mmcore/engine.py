@@ -5,16 +5,19 @@ full weights back from a checkpoint of every rank's files.
     metrics = train_step(engine, sched, batch, cfg, generator)  # None inside accumulation
     engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
     model = consolidate(folder, build_model(cfg.model), cfg.deepspeed.stage)  # fp32
+    metrics = Evaluator(cfg, rank, val)(engine)   # eval/*, on rank 0; every rank calls it
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmcore.eval.run import eval_metrics
 from mmcore.inference import trim_padding
 from mmcore.losses.fusion import compute_losses
 from mmcore.models.model import build_model
@@ -85,3 +88,29 @@ def consolidate(checkpoint_dir: Path, model: torch.nn.Module, stage: int) -> tor
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CHECKPOINT_TAG)
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+class Evaluator:
+    """Evaluation during training: rank 0 scores a plain copy of the current weights
+    (zero-shot folders; retrieval over the first ``eval.max_pairs`` validation pairs, which
+    ``val()`` returns as a batch). Every rank must call it: under ZeRO-3 the partitioned
+    weights are gathered collectively first."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, val: Callable[[], dict] | None) -> None:
+        self.cfg, self.load_val = cfg, val
+        self.model = build_model(cfg.model).eval() if rank == 0 else None
+        self.val: tuple[torch.Tensor, ...] | None = None
+
+    def __call__(self, engine: Any) -> dict[str, float]:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            if self.model is not None:
+                self.model.load_state_dict(engine.module.state_dict())
+        if self.model is None:
+            return {}
+        if self.val is None and self.load_val is not None:  # read once, kept
+            batch = self.load_val()
+            self.val = (batch["pixels"], *trim_padding(batch["input_ids"], batch["attention_mask"]))
+        metrics = eval_metrics(self.model, self.cfg.eval.zeroshot, self.val)
+        return {f"eval/{k}": v for k, v in metrics.items()}

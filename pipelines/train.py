@@ -27,10 +27,8 @@ import torch
 
 from mmcore.config import ConfigError, load_config, to_dict
 from mmcore.data.transforms import TransformConfig
-from mmcore.engine import CHECKPOINT_TAG, build_engine, consolidate, train_step
-from mmcore.eval.run import eval_metrics
+from mmcore.engine import CHECKPOINT_TAG, Evaluator, build_engine, consolidate, train_step
 from mmcore.export import save_model
-from mmcore.inference import trim_padding
 from mmcore.models.model import build_model
 from mmcore.tracking import (
     lineage_tags,
@@ -68,7 +66,8 @@ def train_func(config: dict[str, Any]) -> None:
         epoch, skip = position["epoch"], position["batches"]
         log.info("rank %d resumed at step %d (epoch %d, batch %d)",
                  rank, engine.global_steps, epoch, skip)  # fmt: skip
-    evaluator = Evaluator(cfg, rank, has_val=config["has_val"])
+    val = functools.partial(_first_val_batch, cfg.eval.max_pairs) if config["has_val"] else None
+    evaluator = Evaluator(cfg, rank, val)
     generator = torch.Generator().manual_seed(cfg.schedule.seed * 1000 + rank)
     shard = ray.train.get_dataset_shard("train")
     micro, last = engine.train_micro_batch_size_per_gpu(), cfg.schedule.max_steps
@@ -134,31 +133,11 @@ def _stalled(rank: int, waited: float) -> str:
     )
 
 
-class Evaluator:
-    """Evaluation during training: rank 0 scores a plain copy of the current weights
-    (zero-shot folders, retrieval over validation pairs). Every rank must call it: under
-    ZeRO-3 the partitioned weights are gathered collectively first."""
+def _first_val_batch(max_pairs: int) -> dict[str, Any]:
+    import ray.train
 
-    def __init__(self, cfg: TrainConfig, rank: int, has_val: bool) -> None:
-        self.cfg, self.rank, self.has_val = cfg, rank, has_val
-        self.model = build_model(cfg.model).eval() if rank == 0 else None
-        self.val: tuple[torch.Tensor, ...] | None = None
-
-    def __call__(self, engine: Any) -> dict[str, float]:
-        import deepspeed
-        import ray.train
-
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            if self.model is not None:
-                self.model.load_state_dict(engine.module.state_dict())
-        if self.model is None:
-            return {}
-        if self.val is None and self.has_val:  # the first max_pairs validation pairs, kept
-            val = ray.train.get_dataset_shard("val")
-            batch = next(iter(val.iter_torch_batches(batch_size=self.cfg.eval.max_pairs)))
-            self.val = (batch["pixels"], *trim_padding(batch["input_ids"], batch["attention_mask"]))
-        metrics = eval_metrics(self.model, self.cfg.eval.zeroshot, self.val)
-        return {f"eval/{k}": v for k, v in metrics.items()}
+    val = ray.train.get_dataset_shard("val")
+    return next(iter(val.iter_torch_batches(batch_size=max_pairs)))
 
 
 def _report(engine: Any, metrics: dict[str, float], position: dict[str, int]) -> None:
