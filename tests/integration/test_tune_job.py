@@ -17,9 +17,9 @@ import mlflow
 import pytest
 
 from mmcore.config import load_config
-from mmcore.tracking import load
+from mmcore.tracking import SWEEP_TAG, load
 from pipelines import tune
-from pipelines.tune import SWEEP_TAG, SweepConfig
+from pipelines.tune import SweepConfig
 
 pytestmark = pytest.mark.integration
 
