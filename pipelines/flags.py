@@ -64,7 +64,9 @@ def parser(
     p.add_argument("--config", default=config, help=config_help)
     for f in flags:
         action = "append" if f.repeat else "store"
-        p.add_argument(f.name, dest=f.key, type=f.type, action=action, help=f"{f.help} ({f.key})")
+        metavar = f.name.lstrip("-").replace("-", "_").upper()
+        p.add_argument(f.name, dest=f.key, type=f.type, action=action, metavar=metavar,
+                       help=f"{f.help} (sets {f.key})")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="any config key")
     return p
 
