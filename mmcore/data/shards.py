@@ -1,6 +1,6 @@
 """Shard output: staged pieces → ``NNNNN.tar`` + ``NNNNN.parquet`` + ``NNNNN_stats.json``.
 
-Layout of an output folder (DESIGN.md):
+Layout of an output folder (also in README.md):
   NNNNN.tar           KEY.jpg|KEY.webp, KEY.txt, KEY.json for every kept sample, in key order
   NNNNN.parquet       one row for EVERY input row of the shard: key, url, caption, status,
                       error_message, sizes, hashes, duplicate_of, the input's extra columns
