@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import io
 import math
+import re
 import warnings
 from typing import Literal
 
@@ -117,7 +118,10 @@ def open_checked(data: bytes, cfg: ImageConfig) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise Rejected("image_too_large", str(e)) from e
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for junk bytes
-        raise Rejected("failed_to_decode", f"{type(e).__name__}: {e}") from e
+        # Without object addresses ("<_io.BytesIO object at 0x...>"): a row's record is the
+        # same in every run, so a resumed curation equals an uninterrupted one, parquet too.
+        reason = re.sub(r" at 0x[0-9a-f]+", "", f"{type(e).__name__}: {e}")
+        raise Rejected("failed_to_decode", reason) from e
     w, h = img.size
     if w * h > cfg.max_pixels:
         raise Rejected("image_too_large", f"{w}x{h} is over {cfg.max_pixels} pixels")
