@@ -2,7 +2,7 @@
 full weights back from a checkpoint of every rank's files.
 
     engine, sched = build_engine(cfg)            # the same initial weights on every rank
-    metrics = train_step(engine, sched, batch, cfg, generator)  # None inside accumulation
+    metrics = train_step(engine, sched, batch, cfg, generator, pending=[])  # None mid-window
     engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
     model = consolidate(folder, build_model(cfg.model), cfg.deepspeed.stage)  # fp32
     metrics = Evaluator(cfg, rank, val)(engine)   # eval/*, on rank 0; every rank calls it
@@ -55,20 +55,27 @@ def build_engine(cfg: TrainConfig) -> tuple[Any, Any]:
 
 def train_step(
     engine: Any, sched: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig,
-    generator: torch.Generator,
+    generator: torch.Generator, pending: list[dict[str, float]],
 ) -> dict[str, float] | None:  # fmt: skip
-    """Forward, backward and optimizer step on one micro-batch; the step's metrics at a
-    gradient-accumulation boundary, else None."""
+    """Forward and backward on one micro-batch, and the optimizer step when it closes a
+    gradient-accumulation window: then that step's metrics (loss terms averaged over the
+    window's micro-batches, kept in ``pending`` meanwhile), else None."""
+    # Asked before step(): afterwards DeepSpeed already answers for the next micro-batch.
+    boundary = engine.is_gradient_accumulation_boundary()
     ids, mask = trim_padding(batch["input_ids"], batch["attention_mask"])
     total, terms = compute_losses(
         engine.module, batch["pixels"], ids, mask, cfg.loss.terms, generator
     )
     engine.backward(total)
     engine.step()
-    if not engine.is_gradient_accumulation_boundary():
+    pending.append(
+        {f"train/{k}": v.item() for k, v in terms.items()} | {"train/loss": total.item()}
+    )
+    if not boundary:
         return None
-    return {f"train/{k}": v.item() for k, v in terms.items()} | {
-        "train/loss": total.item(),
+    losses = {k: sum(p[k] for p in pending) / len(pending) for k in pending[0]}
+    pending.clear()
+    return losses | {
         "train/lr": sched.get_last_lr()[0],
         "train/logit_scale": engine.module.scales()[0].item(),
         "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),

@@ -71,6 +71,7 @@ def train_func(config: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(cfg.schedule.seed * 1000 + rank)
     shard = ray.train.get_dataset_shard("train")
     micro, last = engine.train_micro_batch_size_per_gpu(), cfg.schedule.max_steps
+    pending: list[dict[str, float]] = []  # the accumulation window's micro-batch losses
     mark = time.perf_counter()
     while engine.global_steps < last:
         consumed = 0
@@ -81,7 +82,7 @@ def train_func(config: dict[str, Any]) -> None:
                 mark = time.perf_counter()
                 continue
             waited = time.perf_counter() - mark
-            metrics = train_step(engine, sched, batch, cfg, generator)
+            metrics = train_step(engine, sched, batch, cfg, generator, pending)
             if metrics is None:  # inside a gradient-accumulation window
                 continue
             elapsed = time.perf_counter() - mark  # the step's micro-batches, all ranks

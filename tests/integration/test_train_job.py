@@ -116,6 +116,7 @@ def test_a_killed_zero3_worker_resumes_from_its_partitioned_checkpoint(
     history = client.get_metric_history(result["run_id"], "train/loss")
     steps = [m.step for m in history]
     assert max(steps) == 40 and steps.count(1) == 1  # resumed from a checkpoint, not step 0
+    assert set(steps) == set(range(1, 41))  # one optimizer step per 2 micro-batches, each logged
     params = client.get_run(result["run_id"]).data.params
     assert (params["deepspeed.stage"], params["deepspeed.grad_accum"]) == ("3", "2")
     # The export consolidated from the partitioned checkpoint scores as the run's last
