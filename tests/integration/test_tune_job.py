@@ -102,9 +102,13 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     """SIGKILL the sweep's driver (`python -m pipelines.tune` on the running cluster) once
     Tune has recorded its first trial as finished; the same sweep again must keep that trial."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    training = {"scaling.num_workers": 1, "schedule.global_batch": 16, "eval.every": 2,
-                "eval.max_pairs": 48}  # fmt: skip
-    args = ["name=killed-sweep", f"output={tmp_path}", f"trial={json.dumps(training)}",
+    training = [
+        "trial.scaling.num_workers=1",
+        "trial.schedule.global_batch=16",
+        "trial.eval.every=2",
+        "trial.eval.max_pairs=48",
+    ]  # beside --data's trial key
+    args = ["name=killed-sweep", f"output={tmp_path}", *training,
             "space.fusion=[late]", "space.loss=[{clip: 1.0}, {siglip: 1.0}]",
             "samples_per_trial=64", "asha.enabled=false", "registered_model=test-killed",
             "max_concurrent_trials=1",
@@ -113,14 +117,15 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
                         "PYTHONPATH": str(Path.cwd())}  # fmt: skip
     cmd = [sys.executable, "-m", "pipelines.tune", "--config", "pipelines/configs/tune/tiny.yaml",
            "--data", str(shards), *args]  # fmt: skip
-    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - lives with the process
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 400
     while driver.poll() is None and time.monotonic() < deadline:
         states = list((tmp_path / "killed-sweep").glob("experiment_state-*.json"))
         if states and "TERMINATED" in states[0].read_text():
             break
         time.sleep(0.2)
-    assert driver.poll() is None, "the sweep ended before it could be interrupted"
+    assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
     driver.send_signal(signal.SIGKILL)
     driver.wait()
 
