@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mmcore.config import load_config
-from pipelines import train
+from pipelines import serve, train
 
 pytestmark = pytest.mark.integration
 MMRAY = str(Path(sys.executable).with_name("mmray"))
@@ -65,21 +65,29 @@ def test_train_starts_a_ray_sized_for_itself_and_finishes(shards, tmp_path) -> N
     assert saved.schedule.max_steps == 2 and saved.data.path == str(shards)
 
 
-def test_an_unknown_model_fails_before_ray_or_serve_start(mlflow_server, tmp_path) -> None:
-    for uri in ("models:/m-0123456789abcdef", "models:/mmray-tiny@champion",
-                "runs:/0123456789abcdef/model"):  # fmt: skip
-        t0 = time.monotonic()
-        run = bare(
-            tmp_path, "serve", "--model", uri, env={"MLFLOW_TRACKING_URI": mlflow_server.url}
-        )
-        assert run.returncode == 2 and not run.stdout
-        assert f"model {uri} was not found in the MLflow store {mlflow_server.url}" in run.stderr
-        assert time.monotonic() - t0 < 30 and "local Ray" not in run.stderr  # none started
-    run = bare(tmp_path, "serve", "--model", "models:/mmray-tiny@champion")
-    assert run.returncode == 2 and "there is no MLflow store at sqlite:///" in run.stderr
-    assert not (tmp_path / "mlflow.db").exists()  # looking did not create one
-    run = bare(tmp_path, "serve", "--model", "no/such/folder")
-    assert run.returncode == 2 and "no/such/folder holds no config.json" in run.stderr
+def test_an_unknown_model_fails_before_ray_or_serve_start(mlflow_server, tmp_path, capsys):
+    # As a user runs it: a real process, which starts no Ray and says what was not found.
+    store = {"MLFLOW_TRACKING_URI": mlflow_server.url}
+    t0 = time.monotonic()
+    run = bare(tmp_path, "serve", "--model", "models:/mmray-tiny@champion", env=store)
+    assert run.returncode == 2 and not run.stdout and time.monotonic() - t0 < 30
+    assert "local Ray" not in run.stderr  # none was started
+    assert f"model models:/mmray-tiny@champion was not found in the MLflow store " \
+           f"{mlflow_server.url}" in run.stderr  # fmt: skip
+    # The other kinds of URI, through the same check in this process.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+        for uri in ("models:/m-0123456789abcdef", "runs:/0123456789abcdef/model"):
+            assert serve.main(["--model", uri]) == 2
+            assert f"model {uri} was not found in the MLflow store" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        env.chdir(tmp_path)
+        assert serve.main(["--model", "models:/mmray-tiny@champion"]) == 2
+        assert "there is no MLflow store at sqlite:///" in capsys.readouterr().err
+        assert not (tmp_path / "mlflow.db").exists()  # looking did not create one
+        assert serve.main(["--model", "no/such/folder"]) == 2
+        assert "no/such/folder holds no config.json" in capsys.readouterr().err
 
 
 def test_on_a_cluster_too_small_the_job_fails_before_work(shards, tmp_path, capsys) -> None:

@@ -89,10 +89,10 @@ def test_a_killed_zero3_worker_resumes_from_its_partitioned_checkpoint(
     resumed from the ranks' partitioned checkpoint rather than from step 0."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     cfg = load_config(TrainConfig, "pipelines/configs/train/tiny.yaml", [
-        f"data.path={shards}", "schedule.max_steps=40", "schedule.checkpoint_every=5",
+        f"data.path={shards}", "schedule.max_steps=30", "schedule.checkpoint_every=5",
         "schedule.log_every=1", "schedule.global_batch=16", "schedule.max_failures=1",
         "deepspeed.stage=3", "deepspeed.grad_accum=2", "deepspeed.offload_optimizer=true",
-        "eval.every=20", f"eval.zeroshot=[{sample_dir / 'zeroshot' / 'colour'}]",
+        "eval.every=15", f"eval.zeroshot=[{sample_dir / 'zeroshot' / 'colour'}]",
         f"output={tmp_path}", "tracking.experiment=test-train-failure",
     ])  # fmt: skip
     box: dict = {}
@@ -111,12 +111,12 @@ def test_a_killed_zero3_worker_resumes_from_its_partitioned_checkpoint(
     thread.join(timeout=600)
     assert killed is not None, "no checkpoint and worker to kill before the run ended"
     result = box["result"]
-    assert result["metrics"]["step"] == 40
+    assert result["metrics"]["step"] == 30
     client = mlflow.MlflowClient(mlflow_server.url)
     history = client.get_metric_history(result["run_id"], "train/loss")
     steps = [m.step for m in history]
-    assert max(steps) == 40 and steps.count(1) == 1  # resumed from a checkpoint, not step 0
-    assert set(steps) == set(range(1, 41))  # one optimizer step per 2 micro-batches, each logged
+    assert max(steps) == 30 and steps.count(1) == 1  # resumed from a checkpoint, not step 0
+    assert set(steps) == set(range(1, 31))  # one optimizer step per 2 micro-batches, each logged
     params = client.get_run(result["run_id"]).data.params
     assert (params["deepspeed.stage"], params["deepspeed.grad_accum"]) == ("3", "2")
     # The export consolidated from the partitioned checkpoint scores as the run's last
@@ -129,7 +129,7 @@ def test_a_killed_zero3_worker_resumes_from_its_partitioned_checkpoint(
     # logged step, before and after the restart, is that of one uninterrupted pass.
     epochs = {(m.step, m.value) for m in client.get_metric_history(result["run_id"], "train/epoch")}
     per_epoch = min(step for step, epoch in epochs if epoch == 1) - 1  # optimizer steps
-    assert per_epoch > 5 and max(epoch for _, epoch in epochs) >= 2
+    assert per_epoch > 5 and max(epoch for _, epoch in epochs) >= 1  # an epoch boundary crossed
     assert all(epoch == (step - 1) // per_epoch for step, epoch in epochs)
 
 
