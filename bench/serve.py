@@ -102,7 +102,7 @@ def engine_costs(model_dir: Path, threads: int = 1) -> list[dict]:
     from PIL import Image
 
     from mmcore.export import load_model
-    from mmcore.serving import Engine
+    from mmcore.inference import Engine
 
     torch.set_num_threads(threads)
     engine = Engine(load_model(model_dir))
