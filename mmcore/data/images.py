@@ -38,6 +38,9 @@ class Rejected(Exception):
     """A sample that is dropped for a recorded reason (``status``) with a message."""
 
     def __init__(self, status: str, message: str) -> None:
+        # Without object addresses ("<_io.BytesIO object at 0x...>"): a row's record is the
+        # same in every run, so a resumed curation equals an uninterrupted one, parquet too.
+        message = re.sub(r" at 0x[0-9a-f]+", "", message)
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
@@ -118,10 +121,7 @@ def open_checked(data: bytes, cfg: ImageConfig) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise Rejected("image_too_large", str(e)) from e
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for junk bytes
-        # Without object addresses ("<_io.BytesIO object at 0x...>"): a row's record is the
-        # same in every run, so a resumed curation equals an uninterrupted one, parquet too.
-        reason = re.sub(r" at 0x[0-9a-f]+", "", f"{type(e).__name__}: {e}")
-        raise Rejected("failed_to_decode", reason) from e
+        raise Rejected("failed_to_decode", f"{type(e).__name__}: {e}") from e
     w, h = img.size
     if w * h > cfg.max_pixels:
         raise Rejected("image_too_large", f"{w}x{h} is over {cfg.max_pixels} pixels")
