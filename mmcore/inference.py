@@ -28,11 +28,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from mmcore.data.transforms import eval_transform
-from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, class_prompts
+from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, class_prompts, zeroshot_classifier
 from mmcore.models.model import ImageTextModel, ModelConfig
 from mmcore.models.towers import tokenize
 
@@ -119,8 +118,7 @@ class Engine:
     ) -> torch.Tensor:
         """Image (N, E) and class-major prompt (C·T, E) embeddings → (N, C) logits over the
         C labels (open_clip's classifier: the renormalised mean prompt per class)."""
-        prompts = torch.from_numpy(prompt_embeds).view(n_labels, -1, prompt_embeds.shape[-1])
-        classifier = F.normalize(prompts.mean(1), dim=-1)  # (C, E)
+        classifier = zeroshot_classifier(torch.from_numpy(prompt_embeds), n_labels)  # (C, E)
         return self.logit_scale() * torch.from_numpy(image_embeds) @ classifier.T
 
     def probs_from_embeddings(

@@ -1,12 +1,13 @@
 """Zero-shot classification: class names × prompt templates → averaged text embeddings.
 
-classifier = zeroshot_classifier(encode_texts, ["red", "green"], DEFAULT_TEMPLATES)
+prompts = class_prompts(["red", "green"], DEFAULT_TEMPLATES)     # class-major
+classifier = zeroshot_classifier(encode_texts(prompts), n_classes=2)  # (C, E)
 metrics = accuracy(image_embeds @ classifier.T, labels)   # {"top1": ..., "top5": ...}
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -29,18 +30,11 @@ def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[s
     return [t.format(name) for name in classnames for t in templates]
 
 
-@torch.no_grad()
-def zeroshot_classifier(
-    encode_texts: Callable[[list[str]], torch.Tensor],
-    classnames: Sequence[str],
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
-) -> torch.Tensor:
-    """(C, E): per class, the renormalised mean embedding of its prompts (open_clip's recipe)."""
-    rows = []
-    for name in classnames:
-        embeds = encode_texts([t.format(name) for t in templates])  # (T, E), unit norm
-        rows.append(F.normalize(embeds.mean(0), dim=-1))
-    return torch.stack(rows)
+def zeroshot_classifier(prompt_embeds: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Class-major prompt embeddings (C·T, E), unit norm → (C, E): per class, the
+    renormalised mean embedding of its prompts (open_clip's recipe)."""
+    per_class = prompt_embeds.view(n_classes, -1, prompt_embeds.shape[-1])  # (C, T, E)
+    return F.normalize(per_class.mean(1), dim=-1)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict:

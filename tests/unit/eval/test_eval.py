@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmcore.eval.retrieval import recall_at_k
-from mmcore.eval.zeroshot import accuracy, image_folder, zeroshot_classifier
+from mmcore.eval.zeroshot import accuracy, class_prompts, image_folder, zeroshot_classifier
 
 
 def test_recall_at_k_counts_ranks_both_ways() -> None:
@@ -34,7 +34,8 @@ def test_zeroshot_classifier_averages_templates_and_accuracy() -> None:
     def encode(texts: list[str]) -> torch.Tensor:
         return F.normalize(torch.tensor([vocab[t] for t in texts]), dim=-1)
 
-    clf = zeroshot_classifier(encode, ["red", "blue"], ["a {}.", "the {}."])
+    prompts = class_prompts(["red", "blue"], ["a {}.", "the {}."])
+    clf = zeroshot_classifier(encode(prompts), n_classes=2)
     assert clf.shape == (2, 3) and torch.allclose(clf.norm(dim=1), torch.ones(2))
     images = F.normalize(torch.tensor([[1.0, 0.1, 0], [0.1, 1.0, 0], [0.9, 0.0, 0.1]]), dim=-1)
     metrics = accuracy(images @ clf.T, torch.tensor([0, 1, 1]))
