@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.train import OUT, shards
+from mmcore.data.inputs import held_out
 from mmcore.data.sample import BACKGROUNDS, COLOURS, SHAPES, heldout, render
 from mmcore.data.transforms import TransformConfig, train_transform
 from mmcore.eval.run import read_shards, zeroshot_eval
@@ -29,7 +30,7 @@ from mmcore.eval.zeroshot import accuracy
 from mmcore.inference import Engine
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig, VisionConfig, tokenize
-from mmcore.training import cosine_lr, held_out, param_groups
+from mmcore.training import cosine_lr, param_groups
 
 
 def seen_shapes(rng: np.random.Generator, per_shape: int) -> tuple[list, torch.Tensor]:

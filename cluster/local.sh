@@ -31,6 +31,9 @@ fi
 # The job driver runs `python` from the PATH of the node that starts it: the project's.
 export PATH="$(dirname "$RAY"):$PATH"
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+# Idle worker processes stay 10 minutes (Ray's default past num_cpus: 1 s), so a job's
+# datasets and evaluations reuse them instead of starting new ones (pipelines/job.py).
+export RAY_idle_worker_killing_time_threshold_ms=${RAY_idle_worker_killing_time_threshold_ms:-600000}
 dashboard=http://127.0.0.1:$DASHBOARD_PORT
 
 nodes_alive() {

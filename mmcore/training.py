@@ -6,33 +6,24 @@ composes them on Ray Train).
     ds_cfg = deepspeed_config(DeepSpeedConfig(stage=2), OptimConfig(), global_batch=64, world=2)
     groups = param_groups(model, weight_decay=0.1)        # no decay on gains, biases, scalars
     factor = cosine_lr(step, max_steps=1000, warmup=50)   # LambdaLR factor
-    batch = preprocess(shard_batch, image_size=64, context_length=32, augment=cfg, seed=step)
-    is_val = held_out(row["__key__"], fraction=0.02)      # a stable validation split by key
     for batch in within(loader, timeout_s=300, stalled=lambda t: f"no batch in {t} s"): ...
 
-``preprocess`` is the CPU step that Ray Data maps over WebDataset shards read with
-``ray.data.read_webdataset(..., decoder=None)``: encoded image bytes and caption bytes in,
-``pixels`` (B, 3, S, S) float32 and ``input_ids``/``attention_mask`` (B, T) int64 out.
+The CPU step Ray Data maps over the shards is ``mmcore.data.inputs.preprocess``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import math
 import queue
 import threading
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal, TypeVar
 
-import numpy as np
 import torch
-from PIL import Image
 
-from mmcore.data.transforms import TransformConfig, train_transform
-from mmcore.inference import Transforms
+from mmcore.data.transforms import TransformConfig
 from mmcore.losses.fusion import LossConfig
 from mmcore.models.model import ModelConfig
 from mmcore.tracking import TrackingConfig
@@ -221,41 +212,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def preprocess(
-    batch: dict[str, np.ndarray], image_size: int, context_length: int,
-    augment: TransformConfig | None = None, seed: int | None = None,
-) -> dict[str, np.ndarray]:  # fmt: skip
-    """Shard rows (encoded ``jpg``/``webp`` bytes, ``txt`` bytes) → model inputs.
-
-    ``augment`` set: training transforms. With ``seed``, each row's crop is a function of
-    (seed, key), the same on every call; without it, fresh crops on every call, which is
-    what the training job wants: Ray Data re-runs this step each epoch, and a seeded crop
-    would repeat the same view of every image every epoch. None: the eval transform.
-    """
-    image_col = "jpg" if "jpg" in batch else "webp"
-    transforms = Transforms(image_size, context_length)  # what inference applies
-    images = [Image.open(io.BytesIO(data)).convert("RGB") for data in batch[image_col]]
-    if augment is None:
-        pixels = transforms.pixels(images).numpy()
-    else:
-        fresh = np.random.default_rng() if seed is None else None
-        rngs = [
-            fresh or np.random.default_rng([seed, int(str(k)[-12:] or 0)]) for k in batch["__key__"]
-        ]
-        pixels = np.stack(
-            [train_transform(img, augment, rng) for img, rng in zip(images, rngs, strict=True)]
-        )
-    captions = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch["txt"]]
-    ids, mask = transforms.tokens(captions, trim=False)  # fixed T: batches stack
-    return {"pixels": pixels, "input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-
-
-def held_out(key: str, fraction: float) -> bool:
-    """Whether the sample with this key is in the validation split: a stable hash of the key,
-    so the split is the same on every run, resume and machine."""
-    return zlib.crc32(str(key).encode()) % 10_000 < fraction * 10_000
 
 
 class DataStalled(RuntimeError):

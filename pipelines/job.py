@@ -32,6 +32,11 @@ from mmcore.tracking import TrackingConfig
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Ray keeps an idle worker process past num_cpus for 1 s only. A training job's actors
+# (controller, workers, Ray Data's coordinators) are already past it, so every dataset and
+# every evaluation started fresh task processes: 20-30 s of a short run on 2 cores. Idle
+# workers of a local Ray stay 10 minutes (cluster/local.sh sets the same).
+RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +133,7 @@ def init_ray(need: Need, address: str | None = None, log_to_driver: bool = True)
             # workers with Ray Data's tasks beside them (with exactly 2 the read never ran).
             cpus = max(os.cpu_count() or 1, math.ceil(need.cpus + need.data_cpus))
             log.info("starting a local Ray for this job: %d logical CPUs", cpus)
-            ray.init(num_cpus=cpus, log_to_driver=log_to_driver)
+            ray.init(num_cpus=cpus, log_to_driver=log_to_driver, _system_config=RAY_SYSTEM_CONFIG)
     fits(need, capacity())
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from mmcore.config import ConfigError, load_config, to_dict
+from mmcore.data.inputs import in_split, preprocess
 from mmcore.data.transforms import TransformConfig
 from mmcore.engine import CHECKPOINT_TAG, Evaluator, build_engine, consolidate, train_step
 from mmcore.export import save_model
@@ -37,12 +38,7 @@ from mmcore.tracking import (
     start_run,
     tracking_uri,
 )
-from mmcore.training import (
-    TrainConfig,
-    held_out,
-    preprocess,
-    within,
-)
+from mmcore.training import TrainConfig, within
 from pipelines import flags, job
 
 log = logging.getLogger(__name__)
@@ -185,13 +181,9 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
             datasets["val"] = prepared(cfg.data.val_path, None)
         return datasets
     return {
-        "train": prepared(cfg.data.path, augment, functools.partial(_in_split, fraction, False)),
-        "val": prepared(cfg.data.path, None, functools.partial(_in_split, fraction, True)),
+        "train": prepared(cfg.data.path, augment, functools.partial(in_split, fraction, False)),
+        "val": prepared(cfg.data.path, None, functools.partial(in_split, fraction, True)),
     }
-
-
-def _in_split(fraction: float, val: bool, row: dict[str, Any]) -> bool:
-    return held_out(row["__key__"], fraction) == val
 
 
 def run(

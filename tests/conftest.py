@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mmcore.data.sample import make_sample_data
+from pipelines.job import RAY_SYSTEM_CONFIG
 from pipelines.local import ImageServer, MlflowServer, curated_shards, free_port
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -52,7 +53,8 @@ def ray_cluster():
 
     port = free_port()
     ray.init(num_cpus=4, object_store_memory=400 << 20, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False)  # fmt: skip
+             dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False,
+             _system_config=RAY_SYSTEM_CONFIG)  # fmt: skip
     try:
         yield Cluster(ray.get_runtime_context().gcs_address, f"http://127.0.0.1:{port}")
     finally:

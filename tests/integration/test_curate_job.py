@@ -240,8 +240,8 @@ def test_bad_input_fails_before_any_work(tmp_path: Path, capsys) -> None:
 
 def test_shards_feed_the_training_input_pipeline(first_run) -> None:
     """Curated shards → Ray Data read_webdataset → preprocess (map_batches) → torch batches."""
+    from mmcore.data.inputs import preprocess
     from mmcore.data.transforms import TransformConfig
-    from mmcore.training import preprocess
 
     out, summary, _ = first_run
     ds = ray.data.read_webdataset(sorted(str(p) for p in out.glob("*.tar")), decoder=None)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mmcore.config import ConfigError, load_config
-from mmcore.data.transforms import TransformConfig
 from mmcore.inference import trim_padding
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig
@@ -20,9 +16,7 @@ from mmcore.training import (
     OptimConfig,
     cosine_lr,
     deepspeed_config,
-    held_out,
     param_groups,
-    preprocess,
 )
 
 
@@ -71,34 +65,6 @@ def test_param_groups_exempt_gains_biases_and_scalars() -> None:
     assert total == sum(1 for p in model.parameters() if p.requires_grad)
 
 
-def test_preprocess_decodes_transforms_and_tokenizes() -> None:
-    def jpeg(colour: str, size: tuple[int, int]) -> bytes:
-        buf = io.BytesIO()
-        Image.new("RGB", size, colour).save(buf, "JPEG")
-        return buf.getvalue()
-
-    batch = {
-        "__key__": np.array(["000000000", "000000001"]),
-        "jpg": np.array([jpeg("red", (90, 60)), jpeg("blue", (64, 64))], dtype=object),
-        "txt": np.array([b"a red square", "a blue square"], dtype=object),  # bytes or str
-    }
-    out = preprocess(batch, image_size=32, context_length=16)
-    assert out["pixels"].shape == (2, 3, 32, 32) and out["pixels"].dtype == np.float32
-    assert out["input_ids"].shape == out["attention_mask"].shape == (2, 16)
-    assert out["pixels"][0, 0].mean() > out["pixels"][1, 0].mean()  # red channel
-    aug = TransformConfig(image_size=32)
-    a = preprocess(batch, 32, 16, augment=aug, seed=3)["pixels"]
-    assert np.array_equal(a, preprocess(batch, 32, 16, augment=aug, seed=3)["pixels"])
-    assert torch.is_tensor(torch.from_numpy(a))
-    ramp = np.tile(np.arange(0, 256, 2, dtype=np.uint8), (128, 1))  # a crop shows where it is
-    buf = io.BytesIO()
-    Image.fromarray(np.stack([ramp] * 3, -1)).save(buf, "PNG")
-    one = {"__key__": np.array(["000000002"]), "jpg": np.array([buf.getvalue()], dtype=object),
-           "txt": np.array([b"a ramp"], dtype=object)}  # fmt: skip
-    crops = [preprocess(one, 32, 16, augment=aug)["pixels"] for _ in range(4)]
-    assert not all(np.array_equal(crops[0], c) for c in crops[1:])  # fresh crops unseeded
-
-
 def test_train_command_refuses_bad_input_before_any_work(tmp_path, capsys) -> None:
     from pipelines.train import main
 
@@ -117,14 +83,6 @@ def test_train_command_refuses_bad_input_before_any_work(tmp_path, capsys) -> No
     assert "val_fraction must be in [0, 1)" in capsys.readouterr().err
     assert main(["--data", str(tmp_path), "data.text_cache=100"]) == 2  # a trainable tower
     assert "text_cache needs a locked text tower" in capsys.readouterr().err
-
-
-def test_validation_split_is_stable_and_near_the_fraction() -> None:
-    keys = [f"{i:09d}" for i in range(20_000)]
-    held = [k for k in keys if held_out(k, 0.05)]
-    assert 0.045 < len(held) / len(keys) < 0.055
-    assert held == [k for k in keys if held_out(k, 0.05)]  # a pure function of the key
-    assert not any(held_out(k, 0.0) for k in keys)
 
 
 def test_trim_padding_keeps_the_longest_caption() -> None:
