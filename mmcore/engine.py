@@ -11,6 +11,7 @@ full weights back from a checkpoint of every rank's files.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,15 @@ def build_engine(cfg: TrainConfig) -> tuple[Any, Any]:
     """The DeepSpeed engine (identical initial weights on every rank) and its LR schedule;
     the text tower's feature memo when ``data.text_cache`` asks for one."""
     import deepspeed
+    import ninja
 
+    # DeepSpeed compiles its CPU communication op with the first `ninja` on PATH. Ninja 1.12+
+    # hashes build commands differently from older ones, so a worker started from a shell
+    # with the venv on PATH and one without (the system's ninja) recompiled the op in turn,
+    # about 75 s on 2 cores each time. Always the ninja installed beside the packages.
+    path = os.environ.get("PATH", "")
+    if not path.startswith(ninja.BIN_DIR + os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
     torch.manual_seed(cfg.schedule.seed)
     model = build_model(cfg.model)
     opt = torch.optim.AdamW(

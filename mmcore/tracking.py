@@ -293,18 +293,28 @@ SWEEP_TAG, TRIAL_TAG, MODEL_TAG = "mmray.sweep", "mmray.trial", "mmray.model_uri
 
 def sweep_models(parent_run_id: str, errored: set[str]) -> dict[str, str]:
     """Trial id → the model its run logged, for a sweep's child runs. Runs of trials that
-    early stopping interrupted ended as RUNNING or FAILED: they are marked KILLED here."""
+    early stopping interrupted ended as RUNNING or FAILED: they are marked KILLED here. A
+    trial that a restored sweep ran again has one run per attempt: the earlier ones, left
+    RUNNING by the driver that died, are marked KILLED and ``mmray.superseded``."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri())
-    models = {}
-    for child in client.search_runs(
+    children = client.search_runs(
         [client.get_run(parent_run_id).info.experiment_id],
         filter_string=f"tags.`{SWEEP_TAG}` = '{parent_run_id}'",
-    ):
-        if MODEL_TAG in child.data.tags:
-            models[child.data.tags[TRIAL_TAG]] = child.data.tags[MODEL_TAG]
-        elif child.data.tags[TRIAL_TAG] not in errored:
+        order_by=["attributes.start_time ASC"],
+    )
+    last = {child.data.tags[TRIAL_TAG]: child.info.run_id for child in children}
+    models = {}
+    for child in children:
+        trial, tags = child.data.tags[TRIAL_TAG], child.data.tags
+        if child.info.run_id != last[trial]:
+            if child.info.status == "RUNNING":
+                client.set_tag(child.info.run_id, "mmray.superseded", "true")
+                client.set_terminated(child.info.run_id, "KILLED")
+        elif MODEL_TAG in tags:
+            models[trial] = tags[MODEL_TAG]
+        elif trial not in errored:
             client.set_tag(child.info.run_id, "mmray.early_stopped", "true")
             client.set_terminated(child.info.run_id, "KILLED")
     return models

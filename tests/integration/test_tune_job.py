@@ -24,9 +24,12 @@ from pipelines.tune import SweepConfig
 pytestmark = pytest.mark.integration
 
 
-def test_sweep_logs_ablation_crowns_champion_and_restores(
-    shards, sample_dir, mlflow_server, tmp_path, monkeypatch, capsys
+def test_a_killed_sweep_restores_logs_the_ablation_and_crowns_a_champion(
+    ray_cluster, shards, sample_dir, mlflow_server, tmp_path, monkeypatch, capsys
 ):
+    """The user's path (`python -m pipelines.tune` on the running cluster), SIGKILLed once
+    Tune has recorded its first trial as finished. The same sweep again restores it: that
+    trial is kept, the others run, ASHA stops the weak ones, the champion is crowned."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     # One worker with deterministic data: every trial's curve, and so ASHA's decisions, are
     # the same on every run. 30 % held out: 48 validation pairs, a metric with room to differ.
@@ -36,21 +39,44 @@ def test_sweep_logs_ablation_crowns_champion_and_restores(
         "data.val_fraction": 0.3, "data.deterministic": True, "optim.warmup_steps": 0,
         "eval.zeroshot": [str(sample_dir / "zeroshot" / "colour")],
     }  # fmt: skip
-    sweep = load_config(SweepConfig, "pipelines/configs/tune/tiny.yaml", [
-        "name=test-sweep", f"output={tmp_path}", f"trial={json.dumps(training)}",
-        "space.fusion=[late, hybrid]", "space.loss=[{clip: 1.0}, {siglip: 1.0}]",
-        "samples_per_trial=96", "max_concurrent_trials=1", "registered_model=test-tune",
-        "tracking.experiment=test-tune",
-    ])  # fmt: skip
+    args = ["name=test-sweep", f"output={tmp_path}", f"trial={json.dumps(training)}",
+            "space.fusion=[late, hybrid]", "space.loss=[{clip: 1.0}, {siglip: 1.0}]",
+            "samples_per_trial=96", "max_concurrent_trials=1", "registered_model=test-tune",
+            "tracking.experiment=test-tune"]  # fmt: skip
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(Path.cwd())}
+    cmd = [sys.executable, "-m", "pipelines.tune", "--config", "pipelines/configs/tune/tiny.yaml",
+           *args]  # fmt: skip
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - lives with the process
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 400
+    while driver.poll() is None and time.monotonic() < deadline:
+        states = list((tmp_path / "test-sweep").glob("experiment_state-*.json"))
+        if states and "TERMINATED" in states[0].read_text():
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+
+    sweep = load_config(SweepConfig, "pipelines/configs/tune/tiny.yaml", args)
     result = tune.run(sweep)
     assert result["trials"] == 4
 
     client = mlflow.MlflowClient(mlflow_server.url)
     parent = client.get_run(result["run_id"])
-    children = client.search_runs(
+    every = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{result['run_id']}'"
     )
-    assert len(children) == 4
+    # The attempt the kill interrupted (if a trial was running then) is superseded, not left
+    # RUNNING; the trial that had finished was not run again.
+    superseded = [c for c in every if c.data.tags.get("mmray.superseded") == "true"]
+    assert all(c.info.status == "KILLED" for c in superseded) and len(superseded) <= 1
+    children = [c for c in every if c not in superseded]
+    assert sorted(c.data.tags["mmray.trial"][-5:] for c in children) == [
+        f"0000{i}" for i in range(4)
+    ]
+    (first,) = [c for c in every if c.data.tags["mmray.trial"].endswith("_00000")]
+    assert first.info.status == "FINISHED" and "mmray.model_uri" in first.data.tags
     assert all(c.data.tags["mlflow.parentRunId"] == result["run_id"] for c in children)
     assert {c.data.params["model.fusion"] for c in children} == {"late", "hybrid"}
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
@@ -87,65 +113,13 @@ def test_sweep_logs_ablation_crowns_champion_and_restores(
     rerun = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{result['run_id']}'"
     )
-    assert len(rerun) == 4 and not again["champion_moved"]
+    assert len(rerun) == len(every) and not again["champion_moved"]
     assert client.get_model_version_by_alias("test-tune", "champion").version == version.version
 
     capsys.readouterr()
     assert tune.main(["report", result["run_id"]]) == 0
     table = capsys.readouterr().out
     assert table.startswith("| trial | fusion | loss |") and table.count("\n") == 6
-
-
-def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
-    ray_cluster, shards, mlflow_server, tmp_path, monkeypatch
-):
-    """SIGKILL the sweep's driver (`python -m pipelines.tune` on the running cluster) once
-    Tune has recorded its first trial as finished; the same sweep again must keep that trial."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    training = [
-        "trial.scaling.num_workers=1",
-        "trial.schedule.global_batch=16",
-        "trial.eval.every=2",
-        "trial.eval.max_pairs=48",
-    ]  # beside --data's trial key
-    args = ["name=killed-sweep", f"output={tmp_path}", *training,
-            "space.fusion=[late]", "space.loss=[{clip: 1.0}, {siglip: 1.0}]",
-            "samples_per_trial=64", "asha.enabled=false", "registered_model=test-killed",
-            "max_concurrent_trials=1",
-            "tracking.experiment=test-tune-killed"]  # fmt: skip
-    env = os.environ | {"RAY_ADDRESS": ray_cluster.address,
-                        "PYTHONPATH": str(Path.cwd())}  # fmt: skip
-    cmd = [sys.executable, "-m", "pipelines.tune", "--config", "pipelines/configs/tune/tiny.yaml",
-           "--data", str(shards), *args]  # fmt: skip
-    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - lives with the process
-    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 400
-    while driver.poll() is None and time.monotonic() < deadline:
-        states = list((tmp_path / "killed-sweep").glob("experiment_state-*.json"))
-        if states and "TERMINATED" in states[0].read_text():
-            break
-        time.sleep(0.2)
-    assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-
-    sweep = load_config(
-        SweepConfig, "pipelines/configs/tune/tiny.yaml", [*args, f"trial.data.path={shards}"]
-    )  # as --data sets it
-    result = tune.run(sweep)
-    assert result["trials"] == 2
-    client = mlflow.MlflowClient(mlflow_server.url)
-    children = client.search_runs(
-        [client.get_run(result["run_id"]).info.experiment_id],
-        filter_string=f"tags.`{SWEEP_TAG}` = '{result['run_id']}'",
-    )
-    per_trial = {}
-    for child in children:
-        per_trial.setdefault(child.data.tags["mmray.trial"], []).append(child)
-    assert len(per_trial) == 2
-    # One trial at a time: the first finished before the kill, and restoring did not rerun it.
-    (first,) = [runs for trial, runs in per_trial.items() if trial.endswith("_00000")]
-    assert len(first) == 1 and "mmray.model_uri" in first[0].data.tags
 
 
 def test_bad_sweep_config_fails_before_any_work(tmp_path, capsys) -> None:
