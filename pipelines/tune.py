@@ -177,7 +177,10 @@ def _tuner(sweep: SweepConfig, path: Path, space: dict) -> Any:
     trainable = tune.with_resources(trial_fn, {"CPU": DRIVER_CPUS})
     if tune.Tuner.can_restore(str(path)):
         log.info("restoring sweep %s: finished trials are kept", path)
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        # The space again: Tune keeps its objects (the base config) in the object store, and
+        # a new driver's trials not yet generated would get the dead driver's placeholders.
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True,
+                                  param_space=space)  # fmt: skip
     scheduler = FIFOScheduler()
     if sweep.asha.enabled:
         base = sweep.base
