@@ -34,11 +34,12 @@ from pathlib import Path
 import torch
 
 from mmcore.config import load_config
+from mmcore.data.inputs import preprocess
 from mmcore.inference import trim_padding
 from mmcore.losses.fusion import compute_losses
 from mmcore.models.model import build_model
 from mmcore.models.towers import TextMemo
-from mmcore.training import cosine_lr, param_groups, preprocess
+from mmcore.training import cosine_lr, param_groups
 from pipelines.local import curated_shards
 from pipelines.train import TrainConfig, run
 

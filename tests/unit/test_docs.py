@@ -1,8 +1,10 @@
 """Every command line that README.md and docs/guides/ show parses, and its config loads (the
-command is not run): a documented flag or key that the code lost fails here."""
+command is not run): a documented flag or key that the code lost fails here. Every benchmark
+(`python -m bench.NAME`, docs/BENCHMARKS.md) imports."""
 
 from __future__ import annotations
 
+import importlib
 import re
 import shlex
 from pathlib import Path
@@ -69,3 +71,8 @@ def test_documented_command_parses(where: str, argv: list[str], monkeypatch) -> 
         assert parse(argv)
     except SystemExit as e:  # argparse's exit for an unknown or bad flag
         pytest.fail(f"{where}: argparse exited {e.code}")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "bench").glob("[!_]*.py")))
+def test_every_benchmark_imports(name: str) -> None:
+    importlib.import_module(f"bench.{name}")  # a name the code moved fails here
