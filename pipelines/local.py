@@ -18,6 +18,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 import requests
 
@@ -61,6 +62,7 @@ class ImageServer:
     /drip               sends one byte every 0.2 s for up to 30 s (never a full body)
     /flaky/NAME         503 on the first request for NAME, then the file
     /redirect/NAME      302 to /images/NAME; /loop redirects to itself
+    /robots/TAG/NAME    the file with the header ``X-Robots-Tag: TAG`` (TAG URL-quoted)
     """
 
     def __init__(self, root: Path, delay_s: float = 0.0, port: int = 0) -> None:
@@ -123,6 +125,11 @@ class ImageServer:
                     )
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                elif kind == "robots":
+                    tag, _, name = arg.partition("/")
+                    self._send(
+                        200, (server.root / name).read_bytes(), {"X-Robots-Tag": unquote(tag)}
+                    )
                 elif kind == "flaky":
                     if server.hits[self.path] == 1:
                         self._send(503, b"try again")
@@ -137,8 +144,10 @@ class ImageServer:
                 else:
                     self._send(404, b"not found")
 
-            def _send(self, code: int, body: bytes) -> None:
+            def _send(self, code: int, body: bytes, headers: dict | None = None) -> None:
                 self.send_response(code)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

@@ -3,6 +3,8 @@
 Every attempt has a hard deadline (``timeout_s`` for the whole body, not only per socket read),
 so a server that hangs or drips bytes cannot hang the job. Transient failures (connection
 errors, timeouts, HTTP 408/429/5xx) are retried with exponential backoff; others are not.
+A response whose ``X-Robots-Tag`` carries a disallowed directive (``noai``, ``noimageai``,
+``noindex``, ``noimageindex`` by default, img2dataset's set) is not kept: ``opted_out``.
 """
 
 from __future__ import annotations
@@ -34,10 +36,18 @@ class FetchConfig:
     max_bytes: int = 32 << 20  # larger bodies: file_too_large
     threads: int = 16  # concurrent downloads within one task
     user_agent: str = "mmray/0.1 (image-text dataset curation; +https://github.com/mmray)"
+    # X-Robots-Tag directives that opt an image out ([] keeps everything); a directive for a
+    # named agent ("otherbot: noai") counts only when the agent is user_agent_token.
+    disallowed_directives: list[str] = dataclasses.field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    user_agent_token: str = "mmray"
 
     def validate(self) -> None:
         if self.timeout_s <= 0 or self.retries < 0 or self.threads < 1 or self.max_bytes < 1:
             raise ValueError("need timeout_s > 0, retries >= 0, threads >= 1, max_bytes >= 1")
+        if any(d != d.strip().lower() or not d for d in self.disallowed_directives):
+            raise ValueError("disallowed_directives: lower-case directives, e.g. noai")
 
 
 class _Transient(Exception):
@@ -141,6 +151,8 @@ def _get_once(url: str, cfg: FetchConfig, pool: urllib3.PoolManager) -> bytes:
             raise _Transient(f"HTTP {resp.status}")
         if resp.status >= 400:
             raise Rejected("failed_to_download", f"HTTP {resp.status}")
+        if directive := opted_out(resp.headers.getlist("X-Robots-Tag"), cfg):
+            raise Rejected("opted_out", f"X-Robots-Tag: {directive}")
         declared = int(resp.headers.get("Content-Length") or 0)
         if declared > cfg.max_bytes:
             raise Rejected("file_too_large", f"{declared} bytes > {cfg.max_bytes}")
@@ -156,3 +168,16 @@ def _get_once(url: str, cfg: FetchConfig, pool: urllib3.PoolManager) -> bytes:
         raise _Transient(f"{type(e).__name__}: {e}") from e
     finally:
         resp.release_conn()
+
+
+def opted_out(values: Sequence[str], cfg: FetchConfig) -> str | None:
+    """The first disallowed directive in ``X-Robots-Tag`` header values, or None. A value may
+    start with an agent's name ("otherbot: noindex, noai"): then it speaks only to that agent."""
+    for value in values:
+        agent, _, directives = value.rpartition(":")
+        if agent.strip() and agent.strip().lower() != cfg.user_agent_token.lower():
+            continue
+        for directive in directives.lower().split(","):
+            if directive.strip() in cfg.disallowed_directives:
+                return directive.strip()
+    return None

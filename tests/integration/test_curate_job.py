@@ -41,7 +41,8 @@ def ray_address(ray_cluster) -> str:
 
 @pytest.fixture(scope="module")
 def metadata(sample_dir: Path, image_server, tmp_path_factory) -> Path:
-    """The sample crawl with http:// URLs, plus one row per broken endpoint."""
+    """The sample crawl with http:// URLs, plus one row per broken endpoint and a good image
+    whose server opts it out (X-Robots-Tag: noimageai)."""
     table = pq.read_table(sample_dir / "metadata.parquet")
     urls = [f"{image_server.url}/images/{f}" for f in table.column("file").to_pylist()]
     rows = table.set_column(0, "url", pa.array(urls)).to_pylist()
@@ -50,6 +51,8 @@ def metadata(sample_dir: Path, image_server, tmp_path_factory) -> Path:
         rows.insert(
             i * 40 + 5, clean[i] | {"url": image_server.url + route, "kind": f"broken{route}"}
         )
+    opted = f"{image_server.url}/robots/noimageai/{clean[5]['file']}"
+    rows.insert(150, clean[5] | {"url": opted, "kind": "opted_out"})
     path = tmp_path_factory.mktemp("meta") / "crawl.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
@@ -89,6 +92,7 @@ def test_every_input_row_is_accounted_for(first_run, metadata, sample_dir, image
     expected = json.loads((sample_dir / "sample_info.json").read_text())["expected_status"]
     for route in BROKEN:
         expected[f"broken{route}"] = "failed_to_download"
+    expected["opted_out"] = "opted_out"
     wrong = [(r["kind"], r["status"]) for r in rows if r["status"] != expected[r["kind"]]]
     assert not wrong
     assert image_server.user_agents == {CurateConfig().fetch.user_agent}
@@ -96,6 +100,8 @@ def test_every_input_row_is_accounted_for(first_run, metadata, sample_dir, image
         assert (r["status"] == "success") == (r["error_message"] == ""), r
         if r["kind"].startswith("broken"):
             assert BROKEN[r["kind"][6:]] in r["error_message"]
+        if r["kind"] == "opted_out":
+            assert r["error_message"] == "X-Robots-Tag: noimageai"
         if r["status"] in ("duplicate", "near_duplicate"):
             assert r["duplicate_of"] < r["key"]  # the smallest key was kept
     dups = [r for r in rows if r["duplicate_of"]]

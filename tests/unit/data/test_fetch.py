@@ -89,3 +89,19 @@ def test_fetch_many_keeps_order_and_reasons(server: ImageServer) -> None:
     out = fetch_many(urls, FetchConfig(threads=3))
     assert out[0] == out[2] == b"A" * 1000
     assert isinstance(out[1], Rejected) and out[1].message == "HTTP 404"
+
+
+def test_an_x_robots_tag_opt_out_is_not_kept(server: ImageServer) -> None:
+    cfg = FetchConfig(timeout_s=2)
+    url = f"{server.url}/robots/{{}}/a.jpg".format
+    assert reason(url("noai"), cfg) == ("opted_out", "X-Robots-Tag: noai")
+    assert reason(url("nofollow%2C%20NoImageIndex"), cfg) == (
+        "opted_out",
+        "X-Robots-Tag: noimageindex",
+    )
+    assert reason(url("mmray%3A%20noindex"), cfg) == ("opted_out", "X-Robots-Tag: noindex")
+    assert fetch(url("otherbot%3A%20noai"), cfg) == b"A" * 1000  # speaks to another agent
+    assert fetch(url("nofollow"), cfg) == b"A" * 1000
+    assert fetch(url("noai"), FetchConfig(timeout_s=2, disallowed_directives=[])) == b"A" * 1000
+    with pytest.raises(ValueError, match="lower-case"):
+        FetchConfig(disallowed_directives=["NoAI"]).validate()
