@@ -56,19 +56,24 @@ def free_port() -> int:
 class ImageServer:
     """Serves ``root`` over HTTP on 127.0.0.1, with misbehaving endpoints:
 
-    /images/NAME        the file (404 when missing); ``delay_s`` before each answer
-    /status/CODE        an empty answer with that HTTP status
-    /slow/SECONDS       waits, then answers 200 with a few bytes
-    /drip               sends one byte every 0.2 s for up to 30 s (never a full body)
-    /flaky/NAME         503 on the first request for NAME, then the file
-    /redirect/NAME      302 to /images/NAME; /loop redirects to itself
-    /robots/TAG/NAME    the file with the header ``X-Robots-Tag: TAG`` (TAG URL-quoted)
+        /images/NAME        the file (404 when missing); ``delay_s`` before each answer
+        /status/CODE        an empty answer with that HTTP status
+        /slow/SECONDS       waits, then answers 200 with a few bytes
+        /drip               sends one byte every 0.2 s for up to 30 s (never a full body)
+        /flaky/NAME         503 on the first request for NAME, then the file
+        /redirect/NAME      302 to /images/NAME; /loop redirects to itself
+        /robots/TAG/NAME    the file with the header ``X-Robots-Tag: TAG`` (TAG URL-quoted)
+        /busy/SECONDS/NAME  429 with ``Retry-After: SECONDS`` on the first request, then the file
+    ``max_in_flight[path]``: the most requests for ``path`` it has served at once.
     """
 
     def __init__(self, root: Path, delay_s: float = 0.0, port: int = 0) -> None:
         self.root, self.delay_s = Path(root), delay_s
         self.hits: collections.Counter[str] = collections.Counter()
         self.user_agents: set[str] = set()
+        self.max_in_flight: collections.Counter[str] = collections.Counter()
+        self._in_flight: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_port}"
@@ -96,10 +101,17 @@ class ImageServer:
                 server.hits[self.path] += 1
                 server.user_agents.add(self.headers.get("User-Agent", ""))
                 kind, _, arg = self.path.lstrip("/").partition("/")
+                with server._lock:
+                    server._in_flight[self.path] += 1
+                    most = max(server.max_in_flight[self.path], server._in_flight[self.path])
+                    server.max_in_flight[self.path] = most
                 try:
                     self._route(kind, arg)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeouts are the point of some routes)
+                finally:
+                    with server._lock:
+                        server._in_flight[self.path] -= 1
 
             def _route(self, kind: str, arg: str) -> None:
                 if kind == "images":
@@ -130,6 +142,10 @@ class ImageServer:
                     self._send(
                         200, (server.root / name).read_bytes(), {"X-Robots-Tag": unquote(tag)}
                     )
+                elif kind == "busy" and server.hits[self.path] == 1:
+                    self._send(429, b"slow down", {"Retry-After": arg.partition("/")[0]})
+                elif kind == "busy":
+                    self._file(server.root / arg.partition("/")[2])
                 elif kind == "flaky":
                     if server.hits[self.path] == 1:
                         self._send(503, b"try again")

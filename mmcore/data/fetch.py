@@ -2,7 +2,9 @@
 
 Every attempt has a hard deadline (``timeout_s`` for the whole body, not only per socket read),
 so a server that hangs or drips bytes cannot hang the job. Transient failures (connection
-errors, timeouts, HTTP 408/429/5xx) are retried with exponential backoff; others are not.
+errors, timeouts, HTTP 408/429/5xx) are retried with exponential backoff, or after the
+server's ``Retry-After`` (capped); others are not. At most ``per_host_concurrency`` requests
+are in flight to one host at once (0: no limit).
 A response whose ``X-Robots-Tag`` carries a disallowed directive (``noai``, ``noimageai``,
 ``noindex``, ``noimageindex`` by default, img2dataset's set) is not kept: ``opted_out``.
 """
@@ -10,6 +12,8 @@ A response whose ``X-Robots-Tag`` carries a disallowed directive (``noai``, ``no
 from __future__ import annotations
 
 import dataclasses
+import email.utils
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +39,8 @@ class FetchConfig:
     backoff_s: float = 0.5  # sleep before retry k is backoff_s * 2**k
     max_bytes: int = 32 << 20  # larger bodies: file_too_large
     threads: int = 16  # concurrent downloads within one task
+    per_host_concurrency: int = 0  # at most this many of them to one host; 0: no limit
+    max_retry_after_s: float = 10.0  # a server's Retry-After is honoured up to this
     user_agent: str = "mmray/0.1 (image-text dataset curation; +https://github.com/mmray)"
     # X-Robots-Tag directives that opt an image out ([] keeps everything); a directive for a
     # named agent ("otherbot: noai") counts only when the agent is user_agent_token.
@@ -46,12 +52,18 @@ class FetchConfig:
     def validate(self) -> None:
         if self.timeout_s <= 0 or self.retries < 0 or self.threads < 1 or self.max_bytes < 1:
             raise ValueError("need timeout_s > 0, retries >= 0, threads >= 1, max_bytes >= 1")
+        if self.per_host_concurrency < 0 or self.max_retry_after_s < 0:
+            raise ValueError("need per_host_concurrency >= 0 and max_retry_after_s >= 0")
         if any(d != d.strip().lower() or not d for d in self.disallowed_directives):
             raise ValueError("disallowed_directives: lower-case directives, e.g. noai")
 
 
 class _Transient(Exception):
-    """A failure worth another attempt."""
+    """A failure worth another attempt; ``retry_after``: the seconds the server asked for."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def _pool(cfg: FetchConfig) -> urllib3.PoolManager:
@@ -75,12 +87,24 @@ def fetch_many(
     ``Rejected`` reason (``then`` may raise it). CPU work in ``then`` overlaps the downloads,
     while few threads compete for the GIL (16 processing threads cost ~20% more CPU)."""
     pool = _pool(cfg)
+    hosts: dict[str, threading.Semaphore] = {}
+    hosts_lock = threading.Lock()
 
     def guarded(fn: Callable, *args: object) -> T | Rejected:
         try:
             return fn(*args)
         except Rejected as e:
             return e
+
+    def polite_fetch(url: str) -> bytes:
+        if not cfg.per_host_concurrency:
+            return fetch(url, cfg, pool)
+        with hosts_lock:
+            gate = hosts.setdefault(
+                urlparse(url).netloc, threading.Semaphore(cfg.per_host_concurrency)
+            )
+        with gate:
+            return fetch(url, cfg, pool)
 
     try:
         with (
@@ -89,7 +113,7 @@ def fetch_many(
         ):
 
             def download(url: str) -> Rejected | Future:
-                body = guarded(fetch, url, cfg, pool)
+                body = guarded(polite_fetch, url)
                 return body if isinstance(body, Rejected) else cpu.submit(guarded, then, body)
 
             pending = list(io.map(download, urls))
@@ -130,7 +154,8 @@ def _fetch_http(url: str, cfg: FetchConfig, pool: urllib3.PoolManager) -> bytes:
             if attempt == cfg.retries:
                 tries = f" after {attempt + 1} attempts" if attempt else ""
                 raise Rejected("failed_to_download", f"{e}{tries}") from None
-            time.sleep(cfg.backoff_s * 2**attempt)
+            wait = cfg.backoff_s * 2**attempt if e.retry_after is None else e.retry_after
+            time.sleep(min(wait, cfg.max_retry_after_s))
     raise AssertionError("unreachable")
 
 
@@ -148,7 +173,7 @@ def _get_once(url: str, cfg: FetchConfig, pool: urllib3.PoolManager) -> bytes:
         raise _Transient(f"{type(e).__name__}: {e}") from e
     try:
         if resp.status in _RETRY_STATUS:
-            raise _Transient(f"HTTP {resp.status}")
+            raise _Transient(f"HTTP {resp.status}", _retry_after(resp.headers.get("Retry-After")))
         if resp.status >= 400:
             raise Rejected("failed_to_download", f"HTTP {resp.status}")
         if directive := opted_out(resp.headers.getlist("X-Robots-Tag"), cfg):
@@ -181,3 +206,16 @@ def opted_out(values: Sequence[str], cfg: FetchConfig) -> str | None:
             if directive.strip() in cfg.disallowed_directives:
                 return directive.strip()
     return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delay-seconds or an HTTP date; None if absent
+    or unreadable."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None

@@ -105,3 +105,25 @@ def test_an_x_robots_tag_opt_out_is_not_kept(server: ImageServer) -> None:
     assert fetch(url("noai"), FetchConfig(timeout_s=2, disallowed_directives=[])) == b"A" * 1000
     with pytest.raises(ValueError, match="lower-case"):
         FetchConfig(disallowed_directives=["NoAI"]).validate()
+
+
+def test_retry_after_is_honoured_up_to_a_bound(server: ImageServer) -> None:
+    t0 = time.monotonic()
+    cfg = FetchConfig(timeout_s=2, retries=1, backoff_s=0.01)
+    assert fetch(f"{server.url}/busy/1/a.jpg", cfg) == b"A" * 1000
+    assert time.monotonic() - t0 >= 1.0  # waited as asked, not the 0.01 s backoff
+    t0 = time.monotonic()
+    capped = FetchConfig(timeout_s=2, retries=1, backoff_s=0.01, max_retry_after_s=0.1)
+    assert fetch(f"{server.url}/busy/30/a.jpg", capped) == b"A" * 1000
+    assert time.monotonic() - t0 < 10  # not the 30 s the server asked for
+    once = FetchConfig(timeout_s=2)  # no retries: the 429 is the reason
+    assert reason(f"{server.url}/busy/1/big.jpg", once) == ("failed_to_download", "HTTP 429")
+
+
+def test_per_host_concurrency_bounds_requests_in_flight(server: ImageServer) -> None:
+    for path, limit in (("/slow/0.21", 2), ("/slow/0.2", 0)):
+        urls = [server.url + path] * 12
+        cfg = FetchConfig(threads=8, per_host_concurrency=limit)
+        assert fetch_many(urls, cfg) == [b"late"] * 12
+    assert server.max_in_flight["/slow/0.21"] == 2
+    assert server.max_in_flight["/slow/0.2"] > 2  # without a bound the threads all go at once
