@@ -37,7 +37,10 @@ from mmcore.data.dedup import find_duplicates
 from mmcore.data.metadata import check_input, plan_shards, read_parts
 from mmcore.data.shards import (
     MANIFEST,
+    atomic_write,
     build_manifest,
+    failures_by_host,
+    failures_csv,
     finalize_shard,
     finished_shards,
     hash_index,
@@ -51,6 +54,7 @@ from mmcore.tracking import start_run
 from pipelines import flags, job
 
 log = logging.getLogger(__name__)
+FAILURES = "failures_by_host.csv"  # counts by host × status of the rows not kept
 
 
 # --- Ray wrappers: thin, each maps an mmcore function over the dataset ---------------------
@@ -124,7 +128,8 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
         _check_same(manifest["config"], identity, manifest_path)
         log.info("%s is complete already; nothing to do", out)
-        return summary(manifest, processed=0, elapsed=0.0, run_id=None)
+        failures = failures_by_host(list(finished_shards(out).values()))
+        return summary(manifest, failures, processed=0, elapsed=0.0, run_id=None)
 
     t0 = time.perf_counter()
     if out.exists() and (n := remove_partial_files(out)):
@@ -153,11 +158,13 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
     manifest = build_manifest(identity, [shards[s] for s in sorted(shards)])
     if manifest["n_input"] != plan["n_rows"]:
         raise RuntimeError(f"accounting: {manifest['n_input']} rows written, {plan['n_rows']} read")
-    write_json(manifest_path, manifest)
+    failures = failures_by_host([shards[s] for s in sorted(shards)])
+    atomic_write(out / FAILURES, lambda tmp: tmp.write_text(failures_csv(failures)))
+    write_json(manifest_path, manifest)  # last: the dataset's commit marker
     shutil.rmtree(work)
     elapsed = time.perf_counter() - t0
     run_id = _track(cfg, manifest, processed, elapsed)
-    return summary(manifest, processed, elapsed, run_id)
+    return summary(manifest, failures, processed, elapsed, run_id)
 
 
 def _stage_missing(cfg: CurateConfig, plan: dict[str, Any], pieces: Path) -> int:
@@ -230,6 +237,7 @@ def _track(cfg: CurateConfig, manifest: dict, processed: int, elapsed: float) ->
         }
         tracker.log_metrics(metrics)
         tracker.log_artifact(out / MANIFEST)
+        tracker.log_artifact(out / FAILURES)
         tracker.log_dataset(str(out), name=out.name, digest=manifest["digest"], context="curated")
         return tracker.run_id
 

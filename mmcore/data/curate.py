@@ -142,12 +142,21 @@ class CurateConfig:
         return d
 
 
-def summary(manifest: dict, processed: int, elapsed: float, run_id: str | None) -> dict[str, Any]:
+def summary(
+    manifest: dict, failures: list[tuple[str, dict[str, int]]], processed: int, elapsed: float,
+    run_id: str | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The job's result; ``failures``: (host, counts by status) of the rows not kept, most
+    first (``mmcore.data.shards.failures_by_host``), of which the top 10 are kept here."""
     return {
         "n_input": manifest["n_input"],
         "n_samples": manifest["n_samples"],
         "n_shards": len(manifest["shards"]),
         "status_counts": manifest["status_counts"],
+        "top_failing_hosts": [
+            {"host": host, "rows": sum(counts.values()), "by_status": counts}
+            for host, counts in failures[:10]
+        ],
         "processed": processed,
         "elapsed_s": round(elapsed, 3),
         "samples_per_s": round(processed / elapsed, 2) if elapsed else None,
@@ -166,4 +175,9 @@ def format_table(summary: dict[str, Any]) -> str:
     lines.append(f"{'samples in tars':<22}{summary['n_samples']:>10}")
     if summary["samples_per_s"]:
         lines.append(f"{'samples/s':<22}{summary['samples_per_s']:>10.1f}")
+    if summary["top_failing_hosts"]:
+        lines += ["", "rows not kept, by host (top 10; all in failures_by_host.csv):"]
+        for h in summary["top_failing_hosts"]:
+            reasons = ", ".join(f"{status} {n}" for status, n in h["by_status"].items())
+            lines.append(f"  {h['host']:<30}{h['rows']:>8}  {reasons}")
     return "\n".join(lines)

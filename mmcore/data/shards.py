@@ -15,6 +15,7 @@ same sha256 as an uninterrupted one.
 from __future__ import annotations
 
 import collections
+import csv
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ import tarfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -114,6 +116,10 @@ def finalize_shard(
     atomic_write(tar_path, lambda tmp: _write_tar(tmp, members, image_ext))
     atomic_write(out_dir / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
     counts = collections.Counter(row["status"] for row in rows)
+    failures: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for row in rows:
+        if row["status"] != SUCCESS:
+            failures[host_of(row["url"])][row["status"]] += 1
     stats = {
         "shard": name,
         "tar": tar_path.name,
@@ -123,6 +129,7 @@ def finalize_shard(
         "status_counts": dict(sorted(counts.items())),
         "sha256": file_sha256(tar_path),
         "bytes": tar_path.stat().st_size,
+        "failures_by_host": {h: dict(sorted(c.items())) for h, c in sorted(failures.items())},
     }
     write_json(out_dir / f"{name}{STATS_SUFFIX}", stats)
     return stats
@@ -211,3 +218,28 @@ def build_manifest(config: Mapping[str, Any], shards: list[dict[str, Any]]) -> d
         ],
         "config": dict(config),
     }
+
+
+def host_of(url: str) -> str:
+    """The host a row's URL names; ``(file)`` for local paths and file:// URLs."""
+    return urlparse(url).netloc or "(file)"
+
+
+def failures_by_host(shards: list[dict[str, Any]]) -> list[tuple[str, dict[str, int]]]:
+    """(host, counts by status) of the rows not kept, summed over shards, most failures first
+    (ties by host). Every shard's stats hold its own breakdown, so this reads no rows."""
+    total: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for s in shards:
+        for host, counts in s.get("failures_by_host", {}).items():
+            total[host].update(counts)
+    ranked = sorted(total.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))
+    return [(host, dict(sorted(counts.items()))) for host, counts in ranked]
+
+
+def failures_csv(failures: list[tuple[str, dict[str, int]]]) -> str:
+    """``host,status,rows`` lines, most failing hosts first."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["host", "status", "rows"])
+    writer.writerows((host, status, n) for host, counts in failures for status, n in counts.items())
+    return buf.getvalue()

@@ -9,6 +9,7 @@ is resumed to the same bytes as an uninterrupted run.
 from __future__ import annotations
 
 import collections
+import csv
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import pyarrow as pa
@@ -28,7 +30,7 @@ import webdataset as wds
 
 from mmcore.config import ConfigError, load_config
 from mmcore.data.shards import file_sha256
-from pipelines.curate import CurateConfig, main, run
+from pipelines.curate import CurateConfig, format_table, main, run
 
 pytestmark = pytest.mark.integration
 BROKEN = {"/status/500": "HTTP 500", "/slow/20": "timed out", "/drip": "timeout"}
@@ -109,6 +111,24 @@ def test_every_input_row_is_accounted_for(first_run, metadata, sample_dir, image
     assert elapsed < 240  # the slow and dripping endpoints did not hang the job
 
 
+def test_rows_not_kept_are_counted_by_host(first_run, image_server) -> None:
+    """The summary's top failing hosts and failures_by_host.csv agree with the rows' own
+    statuses."""
+    out, summary, _ = first_run
+    expected = collections.Counter(
+        (urlparse(r["url"]).netloc, r["status"])
+        for r in read_all_parquet(out)
+        if r["status"] != "success"
+    )
+    with open(out / "failures_by_host.csv") as f:
+        table = {(r["host"], r["status"]): int(r["rows"]) for r in csv.DictReader(f)}
+    assert table == expected
+    (top,) = summary["top_failing_hosts"]  # one host serves the whole crawl here
+    assert top["host"] == urlparse(image_server.url).netloc
+    assert top["rows"] == sum(expected.values()) and top["by_status"]["opted_out"] == 1
+    assert "rows not kept, by host" in format_table(summary)
+
+
 def test_tars_stats_and_manifest_agree(first_run) -> None:
     out, summary, _ = first_run
     manifest = json.loads((out / "manifest.json").read_text())
@@ -159,7 +179,8 @@ def test_mlflow_run_records_config_counts_and_lineage(first_run, mlflow_server) 
     assert run_.data.metrics["curate/samples_per_s"] > 0
     assert run_.data.metrics["curate/count_duplicate"] == manifest["status_counts"]["duplicate"]
     assert run_.data.params["image.image_size"] == "64"
-    assert [a.path for a in client.list_artifacts(run_.info.run_id)] == ["manifest.json"]
+    artifacts = [a.path for a in client.list_artifacts(run_.info.run_id)]
+    assert artifacts == ["failures_by_host.csv", "manifest.json"]
     (dataset_input,) = run_.inputs.dataset_inputs
     assert manifest["digest"].startswith(dataset_input.dataset.digest)
 
@@ -212,6 +233,8 @@ def test_sigkill_midway_then_resume_gives_the_same_shards(
     assert got["digest"] == ref["digest"] and got["shards"] == ref["shards"]
     # Every input row's record (status, reason, sizes, hashes) too, not only the tars.
     assert read_all_parquet(out) == read_all_parquet(out_ref)
+    failures = "failures_by_host.csv"
+    assert (out / failures).read_text() == (out_ref / failures).read_text()
     assert not (out / "_work").exists() and not list(out.glob(".*"))
 
 
