@@ -36,6 +36,7 @@ from mmcore.data.curate import (
 from mmcore.data.dedup import find_duplicates
 from mmcore.data.metadata import check_input, plan_shards, read_parts
 from mmcore.data.shards import (
+    FAILURES,
     MANIFEST,
     atomic_write,
     build_manifest,
@@ -54,7 +55,6 @@ from mmcore.tracking import start_run
 from pipelines import flags, job
 
 log = logging.getLogger(__name__)
-FAILURES = "failures_by_host.csv"  # counts by host × status of the rows not kept
 
 
 # --- Ray wrappers: thin, each maps an mmcore function over the dataset ---------------------
@@ -154,11 +154,11 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
     _finalize(cfg, [s for s in range(len(plan["shard_rows"])) if s not in done], dropped, pieces)
     log.info("finalized shards in %.1fs", time.perf_counter() - t1)
 
-    shards = finished_shards(out)
-    manifest = build_manifest(identity, [shards[s] for s in sorted(shards)])
+    shards = [stats for _, stats in sorted(finished_shards(out).items())]
+    manifest = build_manifest(identity, shards)
     if manifest["n_input"] != plan["n_rows"]:
         raise RuntimeError(f"accounting: {manifest['n_input']} rows written, {plan['n_rows']} read")
-    failures = failures_by_host([shards[s] for s in sorted(shards)])
+    failures = failures_by_host(shards)
     atomic_write(out / FAILURES, lambda tmp: tmp.write_text(failures_csv(failures)))
     write_json(manifest_path, manifest)  # last: the dataset's commit marker
     shutil.rmtree(work)

@@ -200,11 +200,12 @@ def opted_out(values: Sequence[str], cfg: FetchConfig) -> str | None:
     start with an agent's name ("otherbot: noindex, noai"): then it speaks only to that agent."""
     for value in values:
         agent, _, directives = value.rpartition(":")
-        if agent.strip() and agent.strip().lower() != cfg.user_agent_token.lower():
+        agent = agent.strip().lower()
+        if agent and agent != cfg.user_agent_token.lower():
             continue
-        for directive in directives.lower().split(","):
-            if directive.strip() in cfg.disallowed_directives:
-                return directive.strip()
+        for directive in (d.strip() for d in directives.lower().split(",")):
+            if directive in cfg.disallowed_directives:
+                return directive
     return None
 
 

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 SUCCESS = "success"
 STATS_SUFFIX = "_stats.json"
 MANIFEST = "manifest.json"
+FAILURES = "failures_by_host.csv"  # host × status counts of the rows not kept
 SCHEMA_VERSION = 1
 # Columns of the per-shard parquet that come before the input's extra columns.
 PARQUET_COLUMNS = [
