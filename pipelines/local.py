@@ -64,7 +64,9 @@ class ImageServer:
         /redirect/NAME      302 to /images/NAME; /loop redirects to itself
         /robots/TAG/NAME    the file with the header ``X-Robots-Tag: TAG`` (TAG URL-quoted)
         /busy/SECONDS/NAME  429 with ``Retry-After: SECONDS`` on the first request, then the file
-    ``max_in_flight[path]``: the most requests for ``path`` it has served at once.
+    ``max_in_flight[path]``: the most requests for ``path`` it held at once, each from its
+    arrival to the start of its answer (once the answer is sent, the client may send its next
+    request before this thread has finished: counting to the end would see phantom overlaps).
     """
 
     def __init__(self, root: Path, delay_s: float = 0.0, port: int = 0) -> None:
@@ -105,11 +107,17 @@ class ImageServer:
                     server._in_flight[self.path] += 1
                     most = max(server.max_in_flight[self.path], server._in_flight[self.path])
                     server.max_in_flight[self.path] = most
+                self._held = True
                 try:
                     self._route(kind, arg)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeouts are the point of some routes)
                 finally:
+                    self._answered()
+
+            def _answered(self) -> None:
+                if self._held:
+                    self._held = False
                     with server._lock:
                         server._in_flight[self.path] -= 1
 
@@ -161,6 +169,7 @@ class ImageServer:
                     self._send(404, b"not found")
 
             def _send(self, code: int, body: bytes, headers: dict | None = None) -> None:
+                self._answered()
                 self.send_response(code)
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)
