@@ -9,11 +9,13 @@ export_hf(model, "hf-model/")       # transformers' CLIPModel / CLIPProcessor lo
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmcore import storage
 from mmcore.config import ConfigError, from_dict, to_dict
 from mmcore.models.model import ImageTextModel, ModelConfig, build_model
 
@@ -41,13 +43,24 @@ def find_export(root: str | Path) -> Path:
 
 
 def check_folder(folder: str | Path) -> None:
-    """``ConfigError`` unless ``folder`` holds an export (cheap: reads no weights)."""
-    folder = Path(folder)
-    if not ((folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()):
+    """``ConfigError`` unless ``folder`` (local, or a URI such as ``s3://bucket/model``) holds
+    an export (cheap: reads no weights)."""
+    if not all(storage.is_file(storage.join(folder, name)) for name in (CONFIG, WEIGHTS)):
         raise ConfigError(
-            f"model {folder}: {folder.absolute()} holds no {CONFIG} + {WEIGHTS}; give a model "
-            "folder, runs:/RUN_ID/model or models:/NAME@ALIAS"
+            f"model {folder}: {storage.absolute(folder)} holds no {CONFIG} + {WEIGHTS}; give a "
+            "model folder (local or in object storage), runs:/RUN_ID/model or models:/NAME@ALIAS"
         )
+
+
+def local_folder(folder: str | Path) -> Path:
+    """The export as a local folder: itself, or for a URI a downloaded copy (in a temporary
+    folder kept for the life of the process)."""
+    check_folder(folder)
+    if not storage.is_uri(str(folder)):
+        return Path(storage.absolute(folder))
+    copy = Path(tempfile.mkdtemp(prefix="mmray-model-"))
+    storage.download_dir(str(folder), copy)
+    return copy
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ImageTextModel:

@@ -185,15 +185,16 @@ class ModelRef:
 
 
 def resolve_model(uri: str | Path) -> ModelRef:
-    """A model folder, ``runs:/ID/model``, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or
-    ``models:/m-…`` → its ``ModelRef``. An alias is resolved to its version first, and that
-    version is downloaded, so the weights and the version reported agree."""
-    from mmcore.export import check_folder, find_export
+    """A model folder (local or in object storage), ``runs:/ID/model``, ``models:/NAME@ALIAS``,
+    ``models:/NAME/VERSION`` or ``models:/m-…`` → its ``ModelRef``. An alias is resolved to its
+    version first, and that version is downloaded, so the weights and the version reported
+    agree."""
+    from mmcore.export import find_export, local_folder
 
     text = str(uri)
     if not text.startswith(MODEL_URI_SCHEMES):
-        check_folder(text)
-        return ModelRef(text, text, Path(text), Path(text).name)
+        name = text.rstrip("/").rsplit("/", 1)[-1]
+        return ModelRef(text, text, local_folder(text), name)
     ref = _registry_ref(text)
     ref.folder = find_export(download_artifacts(ref.resolved))
     return ref

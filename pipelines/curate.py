@@ -10,7 +10,8 @@ Stages (every input row is accounted for in exactly one shard parquet row):
   4. finalize  Ray Data over shards: NNNNN.tar, NNNNN.parquet, NNNNN_stats.json (atomic)
   5. manifest  manifest.json, the summary table, the MLflow run
 Rerunning the same command resumes: staged and finished shards are kept, the rest is redone,
-and the result equals that of an uninterrupted run (dedup keeps the smallest key).
+and the result equals that of an uninterrupted run (dedup keeps the smallest key). Input and
+output may be local or in object storage (``s3://bucket/prefix``, ``mmcore.storage``).
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ import collections
 import dataclasses
 import json
 import logging
-import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from mmcore import storage
 from mmcore.config import ConfigError, load_config, to_dict
 from mmcore.data.curate import (
     CurateConfig,
@@ -38,7 +38,6 @@ from mmcore.data.metadata import check_input, plan_shards, read_parts
 from mmcore.data.shards import (
     FAILURES,
     MANIFEST,
-    atomic_write,
     build_manifest,
     failures_by_host,
     failures_csv,
@@ -48,7 +47,6 @@ from mmcore.data.shards import (
     piece_paths,
     remove_partial_files,
     staged_rows,
-    write_json,
     write_pieces,
 )
 from mmcore.tracking import start_run
@@ -60,7 +58,7 @@ log = logging.getLogger(__name__)
 # --- Ray wrappers: thin, each maps an mmcore function over the dataset ---------------------
 
 
-def _stage(cfg: CurateConfig, parts: list[str], pieces: Path) -> None:
+def _stage(cfg: CurateConfig, parts: list[str], pieces: str) -> None:
     """Stage 2 over the given input parts: every row ends in a parquet piece."""
     import ray.data
 
@@ -95,20 +93,21 @@ def _stage(cfg: CurateConfig, parts: list[str], pieces: Path) -> None:
         pass
 
 
-def _finalize_row(row: dict[str, Any], pieces: Path, out: Path, image_ext: str) -> dict:
+def _finalize_row(row: dict[str, Any], pieces: str, out: str, image_ext: str) -> dict:
     dropped = {k: tuple(v) for k, v in json.loads(row["dropped"]).items()}
     finalize_shard(int(row["shard"]), pieces, out, dropped, image_ext)
     return {"shard": row["shard"]}
 
 
-def _finalize(cfg: CurateConfig, shards: list[int], dropped: dict, pieces: Path) -> None:
+def _finalize(cfg: CurateConfig, shards: list[int], dropped: dict, pieces: str) -> None:
     import ray.data
 
     by_shard: dict[int, dict] = collections.defaultdict(dict)
     for key, value in dropped.items():
         by_shard[int(key[:5])][key] = value
     items = [{"shard": s, "dropped": json.dumps(by_shard[s])} for s in shards]
-    kwargs = {"pieces": pieces, "out": Path(cfg.output.path), "image_ext": cfg.image.encode_format}
+    out = storage.absolute(cfg.output.path)
+    kwargs = {"pieces": pieces, "out": out, "image_ext": cfg.image.encode_format}
     ds = ray.data.from_items(items).map(
         _finalize_row, fn_kwargs=kwargs, num_cpus=cfg.compute.num_cpus
     )
@@ -121,21 +120,21 @@ def _finalize(cfg: CurateConfig, shards: list[int], dropped: dict, pieces: Path)
 
 def run(cfg: CurateConfig) -> dict[str, Any]:
     """Curate ``cfg.input`` into shards under ``cfg.output.path``; returns the summary."""
-    out = Path(cfg.output.path)
-    work, identity = out / "_work", cfg.identity()
-    manifest_path = out / MANIFEST
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+    out = storage.absolute(cfg.output.path)
+    work, identity = storage.join(out, "_work"), cfg.identity()
+    manifest_path = storage.join(out, MANIFEST)
+    if storage.exists(manifest_path):
+        manifest = storage.read_json(manifest_path)
         _check_same(manifest["config"], identity, manifest_path)
         log.info("%s is complete already; nothing to do", out)
         failures = failures_by_host(list(finished_shards(out).values()))
         return summary(manifest, failures, processed=0, elapsed=0.0, run_id=None)
 
     t0 = time.perf_counter()
-    if out.exists() and (n := remove_partial_files(out)):
+    if n := remove_partial_files(out):
         log.info("removed %d partial files of an interrupted run", n)
     plan = _load_or_plan(cfg, work, identity)
-    pieces = work / "pieces"
+    pieces = storage.join(work, "pieces")
     processed = _stage_missing(cfg, plan, pieces)
 
     t1 = time.perf_counter()
@@ -159,23 +158,22 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
     if manifest["n_input"] != plan["n_rows"]:
         raise RuntimeError(f"accounting: {manifest['n_input']} rows written, {plan['n_rows']} read")
     failures = failures_by_host(shards)
-    atomic_write(out / FAILURES, lambda tmp: tmp.write_text(failures_csv(failures)))
-    write_json(manifest_path, manifest)  # last: the dataset's commit marker
-    shutil.rmtree(work)
+    storage.write_text(storage.join(out, FAILURES), failures_csv(failures))
+    storage.write_json(manifest_path, manifest)  # last: the dataset's commit marker
+    storage.delete_dir(work)
     elapsed = time.perf_counter() - t0
     run_id = _track(cfg, manifest, processed, elapsed)
     return summary(manifest, failures, processed, elapsed, run_id)
 
 
-def _stage_missing(cfg: CurateConfig, plan: dict[str, Any], pieces: Path) -> int:
+def _stage_missing(cfg: CurateConfig, plan: dict[str, Any], pieces: str) -> int:
     """Stage every shard not fully staged yet (a partly staged one is redone whole)."""
-    pieces.mkdir(parents=True, exist_ok=True)
     remove_partial_files(pieces)
     staged = staged_rows(pieces)
     todo = {s for s, n in enumerate(plan["shard_rows"]) if staged.get(s) != n}
     for shard in todo:
         for path in piece_paths(pieces, shard):
-            path.unlink()
+            storage.delete(path)
     processed = sum(plan["shard_rows"][s] for s in todo)
     log.info(
         "curate: %d input rows, %d shards, %d rows to process",
@@ -185,7 +183,7 @@ def _stage_missing(cfg: CurateConfig, plan: dict[str, Any], pieces: Path) -> int
     )
     if todo:
         t0 = time.perf_counter()
-        _stage(cfg, [p for p in plan["parts"] if int(Path(p).name[:5]) in todo], pieces)
+        _stage(cfg, [p for p in plan["parts"] if int(storage.name(p)[:5]) in todo], pieces)
         log.info("staged %d rows in %.1fs", processed, time.perf_counter() - t0)
     staged = staged_rows(pieces)
     missing = sorted(s for s, n in enumerate(plan["shard_rows"]) if staged.get(s) != n)
@@ -194,7 +192,7 @@ def _stage_missing(cfg: CurateConfig, plan: dict[str, Any], pieces: Path) -> int
     return processed
 
 
-def _check_same(previous: dict, identity: dict, where: Path) -> None:
+def _check_same(previous: dict, identity: dict, where: str) -> None:
     if json.loads(json.dumps(previous, default=str)) != json.loads(
         json.dumps(identity, default=str)
     ):
@@ -204,28 +202,28 @@ def _check_same(previous: dict, identity: dict, where: Path) -> None:
         )
 
 
-def _load_or_plan(cfg: CurateConfig, work: Path, identity: dict) -> dict[str, Any]:
+def _load_or_plan(cfg: CurateConfig, work: str, identity: dict) -> dict[str, Any]:
     """Stage 1, or its saved result when resuming the same command."""
-    plan_path = work / "plan.json"
-    if plan_path.exists():
-        saved = json.loads(plan_path.read_text())
+    plan_path = storage.join(work, "plan.json")
+    if storage.exists(plan_path):
+        saved = storage.read_json(plan_path)
         _check_same(saved["config"], identity, plan_path)
         return saved
-    if work.exists():
-        shutil.rmtree(work)  # a plan that never finished: start over
+    storage.delete_dir(work)  # a plan that never finished: start over
     t0 = time.perf_counter()
     plan = plan_shards(
-        cfg.input, work / "inputs", cfg.output.samples_per_shard, cfg.compute.rows_per_task
-    )
+        cfg.input, storage.join(work, "inputs"), cfg.output.samples_per_shard,
+        cfg.compute.rows_per_task,
+    )  # fmt: skip
     saved = dataclasses.asdict(plan) | {"config": identity}
-    write_json(plan_path, saved)
+    storage.write_json(plan_path, saved)
     log.info("planned %d rows in %.1fs", plan.n_rows, time.perf_counter() - t0)
     return saved
 
 
 def _track(cfg: CurateConfig, manifest: dict, processed: int, elapsed: float) -> str | None:
-    out = Path(cfg.output.path).resolve()
-    with start_run(cfg.tracking, run_name=f"curate-{out.name}") as tracker:
+    out = storage.absolute(cfg.output.path)
+    with start_run(cfg.tracking, run_name=f"curate-{storage.name(out)}") as tracker:
         tracker.log_params(to_dict(cfg))
         metrics = {f"curate/count_{status}": n for status, n in manifest["status_counts"].items()}
         metrics |= {
@@ -236,9 +234,9 @@ def _track(cfg: CurateConfig, manifest: dict, processed: int, elapsed: float) ->
             "curate/samples_per_s": processed / elapsed if elapsed else 0.0,
         }
         tracker.log_metrics(metrics)
-        tracker.log_artifact(out / MANIFEST)
-        tracker.log_artifact(out / FAILURES)
-        tracker.log_dataset(str(out), name=out.name, digest=manifest["digest"], context="curated")
+        for artifact in (MANIFEST, FAILURES):  # read back: the output may be in a bucket
+            tracker.log_text(storage.read_text(storage.join(out, artifact)), artifact)
+        tracker.log_dataset(out, storage.name(out), manifest["digest"], context="curated")
         return tracker.run_id
 
 
@@ -252,10 +250,12 @@ def parse_args(argv: list[str]) -> CurateConfig:
 
 
 def check(cfg: CurateConfig) -> None:
-    """A bad input, output path or tracking store fails before Ray starts."""
+    """A bad input, output path or tracking store fails before Ray starts: a missing file,
+    bucket or prefix, and credentials the store refuses, too."""
     job.check_input("input.path", cfg.input.path)
     check_input(cfg.input)
     job.check_output("output.path", cfg.output.path)
+    storage.check_writable("output.path", cfg.output.path)
     job.check_tracking(cfg.tracking)
 
 

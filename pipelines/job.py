@@ -26,6 +26,7 @@ from typing import Any, TextIO, TypeVar
 
 import yaml
 
+from mmcore import storage
 from mmcore.config import ConfigError, to_dict
 from mmcore.tracking import TrackingConfig
 
@@ -87,11 +88,10 @@ def config_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def write_config(cfg: Any, folder: Path) -> Path:
+def write_config(cfg: Any, folder: str) -> str:
     """The resolved config as ``folder/config.yaml``, beside a job's outputs (where MLflow
     keeps it as the run's params when tracking is on); it loads back with ``--config``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (path := folder / "config.yaml").write_text(config_yaml(cfg))
+    storage.write_text(path := storage.join(folder, "config.yaml"), config_yaml(cfg))
     return path
 
 
@@ -177,15 +177,20 @@ def check_output(key: str, path: str) -> None:
         )
 
 
-def output_root(path: str) -> Path:
-    """Where a job writes checkpoints and exports: ``path``, or without one Ray's default
-    ``~/ray_results`` (outside the source tree, which ``ray job submit`` uploads)."""
-    return Path(path).resolve() if path else Path("~/ray_results").expanduser()
+def output_root(path: str) -> str:
+    """Where a job writes checkpoints and exports: ``path`` (absolute, or a URI), or without
+    one Ray's default ``~/ray_results`` (outside the source tree, which ``ray job submit``
+    uploads)."""
+    return storage.absolute(path or "~/ray_results")
 
 
 def check_input(key: str, path: str) -> None:
-    """An input path that does not exist, with the hint a Ray job needs."""
-    if "://" in path or Path(path).exists():
+    """An input path that does not exist or cannot be read (a missing bucket or prefix,
+    credentials the store refuses), with the hint a Ray job needs."""
+    if storage.is_uri(path):
+        storage.check_readable(key, path)
+        return
+    if Path(path).exists():
         return
     hint = ""
     if in_ray_job() and not Path(path).is_absolute():
@@ -198,11 +203,12 @@ def check_input(key: str, path: str) -> None:
 
 
 def shard_paths(path: str, key: str = "data.path") -> list[str]:
-    """The curated ``.tar`` shards in folder ``path``; a clear error when there are none."""
+    """The curated ``.tar`` shards in folder (or bucket prefix) ``path``, as absolute paths or
+    URIs; a clear error when there are none."""
     check_input(key, path)
-    tars = sorted(str(p) for p in Path(path).glob("*.tar"))
+    tars = storage.list_files(path, ".tar")
     if not tars:
-        where = Path(path).resolve()
+        where = storage.absolute(path)
         raise ConfigError(f"no .tar shards in {where} (on a cluster: a path every node can read)")
     return tars
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mmcore import storage
 from mmcore.config import ConfigError, load_config, to_dict
 from mmcore.data.inputs import in_split, preprocess
 from mmcore.data.transforms import TransformConfig
@@ -197,14 +197,14 @@ def run(
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage = job.output_root(cfg.output)
+    root = job.output_root(cfg.output)
     with start_run(cfg.tracking, run_name, parent_run_id, tags) as tracker:
         tracker.log_params(to_dict(cfg))
         tracker.set_tags(lineage_tags())
-        manifest = Path(cfg.data.path) / "manifest.json"
-        if manifest.exists():  # the curated dataset this run trains on
-            digest = json.loads(manifest.read_text())["digest"]
-            tracker.log_dataset(str(Path(cfg.data.path).resolve()), "train", digest, "training")
+        data = storage.absolute(cfg.data.path)
+        if storage.exists(manifest := storage.join(data, "manifest.json")):  # the curated set
+            digest = storage.read_json(manifest)["digest"]
+            tracker.log_dataset(data, "train", digest, "training")
         tracker.log_dict(cfg.ds_config, "deepspeed_config.json")
         name = f"train-{tracker.run_id or int(time.time())}"
         datasets = _datasets(cfg)
@@ -223,7 +223,7 @@ def run(
                 resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
             ),
             run_config=RunConfig(
-                name=name, storage_path=str(storage),
+                name=name, storage_path=root,  # a folder or a bucket: every rank's files
                 failure_config=FailureConfig(max_failures=cfg.schedule.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 callbacks=callbacks or [],
@@ -234,15 +234,18 @@ def run(
         result = trainer.fit()
         with result.checkpoint.as_directory() as folder:
             model = consolidate(Path(folder), build_model(cfg.model), cfg.deepspeed.stage)
-        export = save_model(model, storage / name / "model")
-        job.write_config(cfg, storage / name)
-        model_uri = log_model(export) if tracker.run_id else str(export)
+        with tempfile.TemporaryDirectory() as folder:
+            local = save_model(model, Path(folder) / "model")
+            model_uri = log_model(local) if tracker.run_id else None
+            storage.upload_dir(local, export := storage.join(root, name, "model"))
+        job.write_config(cfg, storage.join(root, name))
+        model_uri = model_uri or export
         tracker.set_tags({"mmray.model_uri": model_uri})  # for a sweep to register
         final = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
         return {
             "run_id": tracker.run_id,
             "model_uri": model_uri,
-            "export": str(export),
+            "export": export,
             "metrics": final,
         }
 

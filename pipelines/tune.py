@@ -20,11 +20,12 @@ import functools
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from mmcore import tracking
+from mmcore import storage, tracking
 from mmcore.config import flatten, load_config, replace, to_dict
 from mmcore.losses.fusion import check_objectives
 from mmcore.models.model import OBJECTIVES
@@ -115,12 +116,12 @@ class SweepConfig:
         if steps < 1:
             raise ValueError("samples_per_trial is less than one global batch")
         every = min(cfg.eval.every or steps, steps)
-        absolute = lambda p: str(Path(p).resolve()) if p else ""  # noqa: E731
+        absolute = lambda p: storage.absolute(p) if p else ""  # noqa: E731
         return replace(cfg, {
             "schedule.max_steps": steps, "eval.every": every, "schedule.checkpoint_every": every,
             "data.path": absolute(cfg.data.path), "data.val_path": absolute(cfg.data.val_path),
             "eval.zeroshot": [absolute(f) for f in cfg.eval.zeroshot],
-            "output": str(job.output_root(self.output) / self.name / "trials"),
+            "output": storage.join(job.output_root(self.output), self.name, "trials"),
             "tracking": to_dict(self.tracking),
         })  # fmt: skip
 
@@ -170,16 +171,16 @@ def param_space(sweep: SweepConfig, parent_run_id: str) -> dict:
     }
 
 
-def _tuner(sweep: SweepConfig, path: Path, space: dict) -> Any:
+def _tuner(sweep: SweepConfig, path: str, space: dict) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     trainable = tune.with_resources(trial_fn, {"CPU": DRIVER_CPUS})
-    if tune.Tuner.can_restore(str(path)):
+    if tune.Tuner.can_restore(path):
         log.info("restoring sweep %s: finished trials are kept", path)
         # The space again: Tune keeps its objects (the base config) in the object store, and
         # a new driver's trials not yet generated would get the dead driver's placeholders.
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True,
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
                                   param_space=space)  # fmt: skip
     scheduler = FIFOScheduler()
     if sweep.asha.enabled:
@@ -199,7 +200,7 @@ def _tuner(sweep: SweepConfig, path: Path, space: dict) -> Any:
             num_samples=sweep.space.num_samples,
             max_concurrent_trials=sweep.max_concurrent_trials,
         ),
-        run_config=tune.RunConfig(name=sweep.name, storage_path=str(path.parent)),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=job.output_root(sweep.output)),
     )  # fmt: skip
 
 
@@ -228,14 +229,13 @@ def crown(sweep: SweepConfig, rows: list[dict], parent_run_id: str) -> dict[str,
 
 
 def run(sweep: SweepConfig) -> dict[str, Any]:
-    path = job.output_root(sweep.output) / sweep.name
-    state = path / "mmray_sweep.json"  # the parent run id, for a restored sweep
-    restoring = state.exists()
-    parent_run_id = json.loads(state.read_text())["parent_run_id"] if restoring else None
+    path = storage.join(job.output_root(sweep.output), sweep.name)
+    state = storage.join(path, "mmray_sweep.json")  # the parent run id, for a restored sweep
+    restoring = storage.exists(state)
+    parent_run_id = storage.read_json(state)["parent_run_id"] if restoring else None
     with tracking.start_run(sweep.tracking, sweep.name, run_id=parent_run_id) as tracker:
         parent_run_id = tracker.run_id
-        path.mkdir(parents=True, exist_ok=True)
-        state.write_text(json.dumps({"parent_run_id": parent_run_id}))
+        storage.write_json(state, {"parent_run_id": parent_run_id})
         job.write_config(sweep, path)
         if not restoring:  # a restored sweep keeps the configuration it started with
             tracker.log_params(to_dict(sweep))
@@ -252,8 +252,10 @@ def run(sweep: SweepConfig) -> dict[str, Any]:
         table = markdown(rows)
         tracker.log_text(table, "ablation.md")
         tracker.log_text(to_csv(rows), "ablation.csv")
-        for png in plots(trials, rows, sweep.metric, path):
-            tracker.log_artifact(png, "plots")
+        with tempfile.TemporaryDirectory() as folder:
+            for png in plots(trials, rows, sweep.metric, Path(folder)):
+                tracker.log_artifact(png, "plots")
+                storage.put_file(png, storage.join(path, png.name))
         champion = crown(sweep, rows, parent_run_id)
         tracker.set_tags({f"champion.{k}": str(v) for k, v in champion.items()})
     print(table, file=sys.stderr)

@@ -1,6 +1,6 @@
-"""Shared fixtures: sample data, a loopback image host, a real MLflow server, and one real
-local Ray cluster with one set of curated shards for the whole session (Ray's start-up and a
-curation are the suite's largest fixed costs)."""
+"""Shared fixtures: sample data, a loopback image host, a real MLflow server, an S3-compatible
+store that checks keys, and one real local Ray cluster with one set of curated shards for the
+whole session (Ray's start-up and a curation are the suite's largest fixed costs)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from mmcore.data.sample import make_sample_data
 from pipelines.job import RAY_SYSTEM_CONFIG
 from pipelines.local import ImageServer, MlflowServer, curated_shards, free_port
+from tests.helpers import S3Server
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -38,6 +39,16 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         yield server
 
 
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """moto's S3 server on 127.0.0.1 with bucket ``mmray``, checking keys as S3 does. Its AWS
+    variables are this process's (and so the Ray cluster's, which inherits them), as a user's
+    would be: every ``s3://`` path resolves against it."""
+    with S3Server(tmp_path_factory.mktemp("s3"), bucket="mmray", check_keys=True) as server:
+        os.environ.update(server.client_env)
+        yield server
+
+
 @dataclasses.dataclass(frozen=True)
 class Cluster:
     address: str  # the GCS address: RAY_ADDRESS for drivers in other processes
@@ -45,10 +56,10 @@ class Cluster:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3):
     """One local Ray for every test that needs one: 4 logical CPUs (2 training workers with
     Ray Data's tasks beside them), a small object store, the dashboard on loopback (Ray
-    Train's placement-group cleaner and `serve deploy` use its API)."""
+    Train's placement-group cleaner and `serve deploy` use its API), the S3 variables set."""
     import ray
 
     port = free_port()

@@ -4,6 +4,7 @@ MLflow server test). The shared ones (image host, MLflow, curated shards) live i
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -67,28 +68,51 @@ class PostgresServer(Server):
 
 
 class S3Server(Server):
-    """An S3-compatible store on 127.0.0.1 (moto's server) with one bucket."""
+    """An S3-compatible store on 127.0.0.1 (moto's server) with one bucket.
+
+    With ``check_keys`` the store checks credentials as S3 does: it refuses every request
+    whose access key it does not know (moto's IAM emulation: its first 3 requests, made here,
+    create a user with full rights and its key); ``env`` then holds that key."""
 
     name = "s3"
     KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
             "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
 
-    def __init__(self, workdir: Path, bucket: str = "mlflow") -> None:
+    def __init__(self, workdir: Path, bucket: str = "mlflow", check_keys: bool = False) -> None:
         super().__init__(workdir)
-        self.url, self.bucket = f"http://127.0.0.1:{self.port}", bucket
+        self.url, self.bucket, self.check_keys = f"http://127.0.0.1:{self.port}", bucket, check_keys
+        self.keys = dict(self.KEYS)
 
     def command(self) -> list[str]:
         return [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
                 "-p", str(self.port)]  # fmt: skip
 
-    def client(self):
+    def env(self) -> dict[str, str]:
+        return super().env() | ({"INITIAL_NO_AUTH_ACTION_COUNT": "3"} if self.check_keys else {})
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """What a process needs to use the store: the AWS variables."""
+        return self.keys | {"AWS_ENDPOINT_URL": self.url}
+
+    def client(self, service: str = "s3"):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
-                            aws_access_key_id="test", aws_secret_access_key="test")  # fmt: skip
+        return boto3.client(service, endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=self.keys["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.keys["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
 
     def ready(self) -> bool:
-        if not requests.get(self.url, timeout=1).ok:
+        if not requests.get(f"{self.url}/moto-api/data.json", timeout=1).ok:  # not an S3 call
             return False
+        if self.check_keys:
+            iam = self.client("iam")
+            iam.create_user(UserName="mmray")
+            allow = {"Effect": "Allow", "Action": "*", "Resource": "*"}
+            policy = json.dumps({"Version": "2012-10-17", "Statement": [allow]})
+            iam.put_user_policy(UserName="mmray", PolicyName="all", PolicyDocument=policy)
+            key = iam.create_access_key(UserName="mmray")["AccessKey"]
+            self.keys |= {"AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                          "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}  # fmt: skip
         self.client().create_bucket(Bucket=self.bucket)
         return True

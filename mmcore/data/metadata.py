@@ -1,7 +1,8 @@
 """Read (url, caption, extra columns) metadata and split it into shard inputs.
 
-Inputs are parquet, csv, tsv or jsonl files (csv/tsv/jsonl may be gzipped), or a folder of
-them, read batch by batch with pyarrow: the whole table is never held in memory. Planning
+Inputs are parquet, csv, tsv or jsonl files (csv/tsv/jsonl may be gzipped), or a folder (a
+prefix in a bucket) of them, local or in object storage (``mmcore.storage``), read batch by
+batch with pyarrow: the whole table is never held in memory. Planning
 assigns every input row a key ``SSSSSIII`` (shard number, index in the shard, img2dataset's
 scheme) and writes the rows as small parquet "parts" that the curation job reads.
 """
@@ -19,6 +20,7 @@ import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
+from mmcore import storage
 from mmcore.config import ConfigError
 
 InputFormat = Literal["parquet", "csv", "tsv", "jsonl"]
@@ -38,7 +40,7 @@ class InputError(ConfigError):
 class InputConfig:
     """Where the (url, caption) rows come from; img2dataset's names and defaults."""
 
-    path: str = ""  # a file, or a folder of files of one format
+    path: str = ""  # a file, or a folder (bucket prefix) of files of one format
     format: InputFormat | None = None  # default: from the file extension
     url_col: str = "url"
     caption_col: str = "caption"
@@ -51,17 +53,20 @@ class Plan:
     parts: list[str]  # part files, in key order
 
 
-def input_files(cfg: InputConfig) -> tuple[list[Path], InputFormat]:
+def input_files(cfg: InputConfig) -> tuple[list[str], InputFormat]:
     """The files to read and their format; raises ``InputError``."""
-    root = Path(cfg.path)
-    if not cfg.path or not root.exists():
-        raise InputError(f"input {cfg.path!r} does not exist")
-    if root.is_dir():
-        files = sorted(p for p in root.iterdir() if p.is_file() and _guess_format(p))
+    if not cfg.path:
+        raise InputError("no input: pass --input")
+    try:
+        storage.check_readable("input", cfg.path)
+    except ConfigError as e:
+        raise InputError(str(e)) from e
+    if storage.is_dir(cfg.path):
+        files = [p for p in storage.list_files(cfg.path) if _guess_format(p)]
         fmt = cfg.format or (_guess_format(files[0]) if files else None)
         files = [p for p in files if _guess_format(p) == fmt]
     else:
-        files, fmt = [root], cfg.format or _guess_format(root)
+        files, fmt = [storage.absolute(cfg.path)], cfg.format or _guess_format(cfg.path)
     if fmt is None:
         raise InputError(f"cannot tell the format of {cfg.path!r}: pass --input-format")
     if not files:
@@ -74,8 +79,9 @@ _EXTENSIONS: dict[str, InputFormat] = {
 }  # fmt: skip
 
 
-def _guess_format(path: Path) -> InputFormat | None:
-    suffixes = [s.lower() for s in path.suffixes if s.lower() not in (".gz", ".gzip")]
+def _guess_format(path: str) -> InputFormat | None:
+    suffixes = [s.lower() for s in Path(storage.name(path)).suffixes]
+    suffixes = [s for s in suffixes if s not in (".gz", ".gzip")]
     ext = suffixes[-1].lstrip(".") if suffixes else ""
     return _EXTENSIONS.get(ext)
 
@@ -92,7 +98,7 @@ def read_batches(cfg: InputConfig, batch_rows: int = 4096) -> Iterator[pa.Table]
             yield _normalise(pa.Table.from_batches([batch]), cfg)
 
 
-def check_input(cfg: InputConfig) -> tuple[list[Path], InputFormat]:
+def check_input(cfg: InputConfig) -> tuple[list[str], InputFormat]:
     """Check that every input file is readable and has the url and caption columns."""
     files, fmt = input_files(cfg)
     for path in files:
@@ -100,16 +106,17 @@ def check_input(cfg: InputConfig) -> tuple[list[Path], InputFormat]:
     return files, fmt
 
 
-def _schema_names(path: Path, fmt: InputFormat) -> list[str]:
+def _schema_names(path: str, fmt: InputFormat) -> list[str]:
     try:
         if fmt == "parquet":
-            return pq.ParquetFile(path).schema_arrow.names
+            with storage.open_input(path) as f:
+                return pq.ParquetFile(f).schema_arrow.names
         return next(iter(_file_batches(path, fmt, None, 1)), pa.record_batch([])).schema.names
     except (OSError, pa.ArrowException) as e:
         raise InputError(f"cannot read {path} as {fmt}: {e}") from e
 
 
-def _check_columns(path: Path, names: list[str], cfg: InputConfig) -> None:
+def _check_columns(path: str, names: list[str], cfg: InputConfig) -> None:
     missing = [c for c in (cfg.url_col, cfg.caption_col) if c not in names]
     if missing:
         raise InputError(
@@ -119,13 +126,17 @@ def _check_columns(path: Path, names: list[str], cfg: InputConfig) -> None:
 
 
 def _file_batches(
-    path: Path, fmt: InputFormat, cfg: InputConfig | None, batch_rows: int
+    path: str, fmt: InputFormat, cfg: InputConfig | None, batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
+    fs, inner = storage.resolve(path)
     if fmt == "parquet":
-        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+        with fs.open_input_file(inner) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows)
         return
+    stream = fs.open_input_stream(inner, compression="detect")  # .gz by its extension
     if fmt == "jsonl":
-        yield from pjson.open_json(path)
+        with stream:
+            yield from pjson.open_json(stream)
         return
     delimiter = "," if fmt == "csv" else "\t"
     convert = pcsv.ConvertOptions(check_utf8=False)
@@ -134,7 +145,8 @@ def _file_batches(
         types = {n: pa.string() for n in names} | {cfg.caption_col: pa.binary()}
         convert = pcsv.ConvertOptions(column_types=types, check_utf8=False)
     parse = pcsv.ParseOptions(delimiter=delimiter, quote_char='"' if fmt == "csv" else False)
-    yield from pcsv.open_csv(path, parse_options=parse, convert_options=convert)
+    with stream:
+        yield from pcsv.open_csv(stream, parse_options=parse, convert_options=convert)
 
 
 def _normalise(table: pa.Table, cfg: InputConfig) -> pa.Table:
@@ -164,14 +176,11 @@ def shard_key(shard: int, index: int, samples_per_shard: int) -> str:
     return f"{shard:0{SHARD_DIGITS}d}{index:0{len(str(samples_per_shard - 1))}d}"
 
 
-def plan_shards(
-    cfg: InputConfig, out_dir: Path, samples_per_shard: int, rows_per_part: int
-) -> Plan:
+def plan_shards(cfg: InputConfig, out_dir: str, samples_per_shard: int, rows_per_part: int) -> Plan:
     """Write the input as parquet parts of at most ``rows_per_part`` rows, keyed by shard.
 
     A part never crosses a shard boundary; parts are named ``SSSSS_PPPP.parquet``.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     plan = Plan(n_rows=0, shard_rows=[], parts=[])
     pending: list[pa.Table] = []
     pending_rows = part = 0
@@ -188,9 +197,9 @@ def plan_shards(
         keys = [shard_key(shard, i, samples_per_shard) for i in range(first, first + len(rows))]
         rows = rows.add_column(0, "key", pa.array(keys, pa.string()))
         rows = rows.add_column(1, "shard", pa.array([shard] * len(rows), pa.int32()))
-        path = out_dir / f"{shard:0{SHARD_DIGITS}d}_{part:04d}.parquet"
-        pq.write_table(rows, path)
-        plan.parts.append(str(path))
+        path = storage.join(out_dir, f"{shard:0{SHARD_DIGITS}d}_{part:04d}.parquet")
+        storage.write_parquet(path, rows)
+        plan.parts.append(path)
         plan.shard_rows[-1] += len(rows)
         plan.n_rows += len(rows)
         part += 1
@@ -213,4 +222,4 @@ def plan_shards(
 
 def read_parts(batch: dict[str, np.ndarray]) -> pa.Table:
     """``{"part": [path, ...]}`` → the rows of those planned parts."""
-    return pa.concat_tables(pq.read_table(str(p)) for p in batch["part"])
+    return pa.concat_tables(storage.read_parquet(str(p)) for p in batch["part"])

@@ -6,8 +6,10 @@ Layout of an output folder (also in README.md):
                       error_message, sizes, hashes, duplicate_of, the input's extra columns
   NNNNN_stats.json    counts by status for the shard, the tar's sha256
   manifest.json       the job's config, counts by status, every shard with count and sha256
-Every file is written under a temporary name and renamed, so a killed job never leaves a
-partial file under a final name; ``_stats.json`` is renamed last and marks a finished shard.
+The folder may be local or in object storage (``mmcore.storage``). Every file appears whole
+(renamed from a temporary name on disk; an object is visible once its upload completes), so
+a killed job never leaves a partial file under a final name; ``_stats.json`` is written last
+and marks a finished shard, ``manifest.json`` the finished dataset.
 Tars are byte-for-byte reproducible (fixed member metadata), so a resumed run produces the
 same sha256 as an uninterrupted one.
 """
@@ -19,9 +21,9 @@ import csv
 import hashlib
 import io
 import json
-import os
 import tarfile
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -30,6 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from mmcore import storage
 
 SUCCESS = "success"
 STATS_SUFFIX = "_stats.json"
@@ -44,45 +48,36 @@ PARQUET_COLUMNS = [
 _INTERNAL = {"shard", "image", "thumb"}
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` then rename tmp to ``path`` (atomic on one filesystem)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_pieces(batch: pa.Table, pieces_dir: Path) -> dict[str, np.ndarray]:
+def write_pieces(batch: pa.Table, pieces_dir: str) -> dict[str, np.ndarray]:
     """Stage processed rows, one parquet piece per shard in the batch; returns rows per shard."""
     shards = sorted(set(batch.column("shard").to_pylist()))
     counts = []
     for shard in shards:
         rows = batch.filter(pc.equal(batch.column("shard"), shard))
-        path = pieces_dir / f"{shard:05d}_{rows.column('key')[0].as_py()}.parquet"
-        atomic_write(path, lambda tmp, rows=rows: pq.write_table(rows, tmp))
+        name = f"{shard:05d}_{rows.column('key')[0].as_py()}.parquet"
+        storage.write_parquet(storage.join(pieces_dir, name), rows)
         counts.append(len(rows))
     return {"shard": np.asarray(shards, np.int64), "rows": np.asarray(counts, np.int64)}
 
 
-def piece_paths(pieces_dir: Path, shard: int | None = None) -> list[Path]:
-    pattern = "*.parquet" if shard is None else f"{shard:05d}_*.parquet"
-    return sorted(pieces_dir.glob(pattern))
+def piece_paths(pieces_dir: str, shard: int | None = None) -> list[str]:
+    prefix = "" if shard is None else f"{shard:05d}_"
+    return storage.list_files(pieces_dir, ".parquet", prefix)
 
 
-def staged_rows(pieces_dir: Path) -> dict[int, int]:
+def staged_rows(pieces_dir: str) -> dict[int, int]:
     """Rows staged so far per shard, from parquet footers (no data read)."""
     counts: dict[int, int] = collections.Counter()
     for path in piece_paths(pieces_dir):
-        counts[int(path.name[:5])] += pq.ParquetFile(path).metadata.num_rows
+        with storage.open_input(path) as f:
+            counts[int(storage.name(path)[:5])] += pq.ParquetFile(f).metadata.num_rows
     return dict(counts)
 
 
 DEDUP_COLUMNS = ("key", "sha256", "phash", "thumb")
 
 
-def hash_index(pieces_dir: Path) -> dict[str, list]:
+def hash_index(pieces_dir: str) -> dict[str, list]:
     """``key``, ``sha256``, ``phash``, ``thumb`` of every staged success: dedup's input.
 
     Only these columns are read (parquet is columnar), never the image bytes.
@@ -90,21 +85,21 @@ def hash_index(pieces_dir: Path) -> dict[str, list]:
     paths = piece_paths(pieces_dir)
     if not paths:
         return {c: [] for c in DEDUP_COLUMNS}
-    table = pa.concat_tables(pq.read_table(p, columns=[*DEDUP_COLUMNS, "status"]) for p in paths)
+    table = pa.concat_tables(storage.read_parquet(p, [*DEDUP_COLUMNS, "status"]) for p in paths)
     table = table.filter(pc.equal(table.column("status"), SUCCESS))
     return {c: table.column(c).to_pylist() for c in DEDUP_COLUMNS}
 
 
 def finalize_shard(
     shard: int,
-    pieces_dir: Path,
-    out_dir: Path,
+    pieces_dir: str,
+    out_dir: str,
     dropped: Mapping[str, tuple[str, str]],
     image_ext: str,
 ) -> dict[str, Any]:
     """Write the shard's tar, parquet and stats from its staged pieces; returns its stats."""
     name = f"{shard:05d}"
-    table = pa.concat_tables(pq.read_table(p) for p in piece_paths(pieces_dir, shard))
+    table = pa.concat_tables(storage.read_parquet(p) for p in piece_paths(pieces_dir, shard))
     table = _mark_dropped(table.sort_by("key"), dropped)
     images = table.column("image").to_pylist()
     table = table.drop_columns([c for c in _INTERNAL if c in table.column_names])
@@ -112,10 +107,13 @@ def finalize_shard(
     table = table.select(PARQUET_COLUMNS + extras)
     rows = table.to_pylist()
 
-    tar_path = out_dir / f"{name}.tar"
     members = [(r, img) for r, img in zip(rows, images, strict=True) if r["status"] == SUCCESS]
-    atomic_write(tar_path, lambda tmp: _write_tar(tmp, members, image_ext))
-    atomic_write(out_dir / f"{name}.parquet", lambda tmp: pq.write_table(table, tmp))
+    with tempfile.TemporaryDirectory(prefix="mmray-shard-") as tmp:
+        tar = Path(tmp) / f"{name}.tar"
+        _write_tar(tar, members, image_ext)
+        sha256, size = file_sha256(tar), tar.stat().st_size
+        storage.put_file(tar, storage.join(out_dir, tar.name))
+    storage.write_parquet(storage.join(out_dir, f"{name}.parquet"), table)
     counts = collections.Counter(row["status"] for row in rows)
     failures: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for row in rows:
@@ -123,16 +121,16 @@ def finalize_shard(
             failures[host_of(row["url"])][row["status"]] += 1
     stats = {
         "shard": name,
-        "tar": tar_path.name,
+        "tar": f"{name}.tar",
         "parquet": f"{name}.parquet",
         "count": len(rows),
         "successes": counts.get(SUCCESS, 0),
         "status_counts": dict(sorted(counts.items())),
-        "sha256": file_sha256(tar_path),
-        "bytes": tar_path.stat().st_size,
+        "sha256": sha256,
+        "bytes": size,
         "failures_by_host": {h: dict(sorted(c.items())) for h, c in sorted(failures.items())},
     }
-    write_json(out_dir / f"{name}{STATS_SUFFIX}", stats)
+    storage.write_json(storage.join(out_dir, f"{name}{STATS_SUFFIX}"), stats)
     return stats
 
 
@@ -172,31 +170,31 @@ def _mark_dropped(table: pa.Table, dropped: Mapping[str, tuple[str, str]]) -> pa
     return table.append_column("duplicate_of", pa.array(kept_of, pa.string()))
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_input(str(path)) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
-
-
-def remove_partial_files(out_dir: Path) -> int:
-    """Delete temporary files a killed run left behind; returns how many."""
-    partial = list(out_dir.glob(".*.tmp*"))
+def remove_partial_files(out_dir: str) -> int:
+    """Delete temporary files a killed run left on a local disk; returns how many. (A
+    bucket holds none: an interrupted upload never becomes an object.)"""
+    if not storage.is_local(out_dir):
+        return 0
+    partial = list(Path(storage.resolve(out_dir)[1]).glob(".*.tmp*"))
     for path in partial:
         path.unlink()
     return len(partial)
 
 
-def finished_shards(out_dir: Path) -> dict[int, dict[str, Any]]:
+def finished_shards(out_dir: str) -> dict[int, dict[str, Any]]:
     """Stats of every shard whose ``_stats.json`` exists (written last: the shard is whole)."""
     return {
-        int(p.name[:5]): json.loads(p.read_text())
-        for p in sorted(out_dir.glob(f"[0-9][0-9][0-9][0-9][0-9]{STATS_SUFFIX}"))
+        int(storage.name(p)[:5]): storage.read_json(p)
+        for p in storage.list_files(out_dir, STATS_SUFFIX)
+        if storage.name(p)[:5].isdigit() and len(storage.name(p)) == 5 + len(STATS_SUFFIX)
     }
 
 

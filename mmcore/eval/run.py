@@ -5,12 +5,16 @@ their ITM head per (image, prompt) pair, hybrid on an ITC shortlist).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+import itertools
+import tarfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from mmcore import storage
 from mmcore.config import ConfigError
 from mmcore.eval.retrieval import recall_at_k
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder
@@ -58,19 +62,32 @@ def eval_metrics(
 def read_shards(
     path: str | Path, limit: int | None = None
 ) -> tuple[list[str], list[Image.Image], list[str]]:
-    """Keys, images and captions from curated WebDataset shards (a folder of .tar or a .tar)."""
-    import webdataset as wds
-
-    path = Path(path)
-    tars = sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else [str(path)]
+    """Keys, images and captions from curated WebDataset shards (a folder or bucket prefix of
+    .tar, or one .tar), local or in object storage."""
+    path = str(path)
+    tars = storage.list_files(path, ".tar") if storage.is_dir(path) else [path]
     if not tars:
-        raise ConfigError(f"no .tar shards in {path}")
+        raise ConfigError(f"no .tar shards in {storage.absolute(path)}")
     keys, images, captions = [], [], []
-    for sample in wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode("pil"):
+    for key, sample in itertools.chain.from_iterable(map(tar_samples, tars)):
         image = sample.get("jpg", sample.get("webp"))
-        keys.append(sample["__key__"])
-        images.append(image.convert("RGB"))
-        captions.append(sample["txt"])
+        keys.append(key)
+        images.append(Image.open(io.BytesIO(image)).convert("RGB"))
+        captions.append(sample["txt"].decode())
         if limit and len(images) >= limit:
             break
     return keys, images, captions
+
+
+def tar_samples(tar: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a WebDataset tar, streamed in order."""
+    with storage.open_input(tar) as f, tarfile.open(fileobj=f, mode="r|") as archive:
+        key, sample = None, {}
+        for member in archive:
+            stem, _, ext = member.name.partition(".")
+            if stem != key and sample:
+                yield key, sample
+                sample = {}
+            key, sample[ext] = stem, archive.extractfile(member).read()
+        if sample:
+            yield key, sample
