@@ -3,7 +3,7 @@
 # `ray start` with its own CPUs, a custom resource and a capped object store; the dashboard
 # and job server on 127.0.0.1:8265.
 #
-#   cluster/local.sh up        # then: RAY_ADDRESS=http://127.0.0.1:8265 ray job submit ...
+#   cluster/local.sh up        # then: RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 ...
 #   cluster/local.sh status
 #   cluster/local.sh down
 #
@@ -11,10 +11,12 @@
 # (300 MB per node), GCS_PORT (6380), DASHBOARD_PORT (8265), RAY_TMPDIR (/tmp), RAY (the `ray` to use: the
 # project's .venv when present, so jobs' `python` is the one with mmray installed).
 #
-# Authentication: Ray 2.60 enables token auth, and `ray job submit` then needs
-# RAY_AUTH_MODE=token in every shell. This cluster is a loopback-only development cluster
-# (every node on 127.0.0.1, dashboard on 127.0.0.1), so it runs with RAY_AUTH_MODE=disabled
-# and the plain commands just work. A shared or remote cluster should keep token auth.
+# Authentication: token auth, Ray 2.60's default (the token in ~/.ray/auth_token, made here if
+# there is none). `ray job submit` and `serve deploy` send it with RAY_AUTH_MODE=token; a
+# driver started on this machine (`mmray train ...` joining the cluster) finds the token by
+# itself. (This cluster once ran with auth disabled, but a local driver that found the token
+# then turned auth on for itself alone, and every task it passed an object to failed with
+# OwnerDiedError: both sides must agree.)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,23 +32,30 @@ if [ -z "${RAY:-}" ]; then
 fi
 # The job driver runs `python` from the PATH of the node that starts it: the project's.
 export PATH="$(dirname "$RAY"):$PATH"
-export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
 # Idle worker processes stay 10 minutes (Ray's default past num_cpus: 1 s), so a job's
 # datasets and evaluations reuse them instead of starting new ones (pipelines/job.py).
 export RAY_idle_worker_killing_time_threshold_ms=${RAY_idle_worker_killing_time_threshold_ms:-600000}
 dashboard=http://127.0.0.1:$DASHBOARD_PORT
 
+dashboard_get() {  # the dashboard asks for the token, as the job CLI sends it
+  local token
+  token=$(cat "$HOME/.ray/auth_token" 2>/dev/null || true)
+  curl -sf -H "Authorization: Bearer $token" "$dashboard$1" 2>/dev/null
+}
+
 nodes_alive() {
-  curl -sf "$dashboard/nodes?view=summary" 2>/dev/null |
+  dashboard_get "/nodes?view=summary" |
     python3 -c 'import json, sys; print(sum(n["raylet"]["state"] == "ALIVE" for n in json.load(sys.stdin)["data"]["summary"]))' 2>/dev/null ||
     echo 0
 }
 
 up() {
-  if curl -sf "$dashboard/api/version" >/dev/null 2>&1; then
+  if dashboard_get /api/version >/dev/null; then
     echo "a Ray dashboard already answers on $dashboard: run '$0 down' first" >&2
     exit 1
   fi
+  "$RAY" get-auth-token --generate >/dev/null  # the token, unless ~/.ray/auth_token exists
   echo "starting the head node (127.0.0.1:$GCS_PORT, $HEAD_CPUS CPU, dashboard $dashboard)"
   "$RAY" start --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
     --num-cpus="$HEAD_CPUS" --resources='{"head_node": 1}' \
@@ -72,11 +81,11 @@ up() {
     exit 1
   fi
   echo "up: $want nodes. Submit jobs with:"
-  echo "  RAY_ADDRESS=$dashboard ray job submit --working-dir . -- python -m pipelines.curate ..."
+  echo "  RAY_AUTH_MODE=token ray job submit --address $dashboard --working-dir . -- python -m pipelines.curate ..."
 }
 
 status() {
-  if ! curl -sf "$dashboard/api/version" >/dev/null 2>&1; then
+  if ! dashboard_get /api/version >/dev/null; then
     echo "down: no dashboard on $dashboard"
     return 3
   fi

@@ -166,6 +166,7 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     (workdir / STATE).write_text(json.dumps({"mlflow_pid": pid} | ports))
     say("[2/7] local Ray cluster: a head node and a worker node (cluster/local.sh up)")
     cluster("up", **ports)
+    os.environ["RAY_AUTH_MODE"] = "token"  # the cluster's (cluster/local.sh): the SDK sends it
     client = JobSubmissionClient(dashboard)
     env = {"MLFLOW_TRACKING_URI": mlflow_url, "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_DISABLE_TELEMETRY": "true",

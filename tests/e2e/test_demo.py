@@ -51,8 +51,8 @@ def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
                         for s in ("curate", "train", "tune", "serve")}  # fmt: skip
         nodes = requests.get(f"{dashboard}/nodes?view=summary", timeout=10).json()
         assert len(nodes["data"]["summary"]) == 2
-        # A development cluster without auth: its dashboard and job server, the MLflow server
-        # and the app answer on the loopback interface only.
+        # A development cluster: its dashboard and job server, the MLflow server and the app
+        # answer on the loopback interface only.
         for port in (ports["dashboard"], ports["mlflow"], ports["serve"]):
             listening = {
                 c.laddr.ip
@@ -61,13 +61,18 @@ def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
             }
             assert listening == {"127.0.0.1"}, (port, listening)  # fmt: skip
 
-        # The plain CLI works against the local cluster (no auth variables), and a failing
-        # job is reported as such with a non-zero exit code.
+        # The job CLI needs the cluster's token (Ray 2.60's token auth)...
+        cli = env | {"RAY_ADDRESS": dashboard, "RAY_AUTH_MODE": "token"}
+        no_token = env | {"RAY_ADDRESS": dashboard}
+        refused = subprocess.run([str(BIN / "ray"), "job", "list"], capture_output=True,
+                                 text=True, timeout=120, env=no_token)  # fmt: skip
+        assert refused.returncode != 0 and "token" in refused.stdout + refused.stderr
+        # ... and with it a failing job is reported as such with a non-zero exit code.
         failed = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--working-dir", str(ROOT), "--",
              "python", "-m", "pipelines.curate", "--input", str(tmp_path / "missing.parquet"),
              "--output", str(tmp_path / "out")],
-            capture_output=True, text=True, timeout=300, env=env | {"RAY_ADDRESS": dashboard},
+            capture_output=True, text=True, timeout=300, env=cli,
         )  # fmt: skip
         assert failed.returncode != 0
         assert "failed" in (failed.stdout + failed.stderr).lower()
@@ -87,7 +92,7 @@ def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
             run = subprocess.run(
                 [str(BIN / "ray"), "job", "submit", "--working-dir", str(work), "--", "python",
                  "-m", "pipelines.curate", "--config", config, "--input", "meta.parquet", *args],
-                capture_output=True, text=True, timeout=300, env=env | {"RAY_ADDRESS": dashboard},
+                capture_output=True, text=True, timeout=300, env=cli,
             )  # fmt: skip
             return f"rc={run.returncode}\n{run.stdout}{run.stderr}"
 
@@ -99,6 +104,20 @@ def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
         assert done.startswith("rc=0"), done[-3000:]
         assert last_json(done)["n_input"] == summary["samples_in"]
         assert (out / "manifest.json").exists()
+
+        # The same user runs mmray on this machine: it joins the cluster (its tasks run on the
+        # nodes, whose working directory is not the user's) with the token it finds, with
+        # relative paths. Before, auth on in the driver and off on the nodes failed every
+        # task (OwnerDiedError), and relative paths resolved in the nodes' directory.
+        local = subprocess.run(
+            [str(BIN / "mmray"), "curate", "--config", config, "--input", "meta.parquet",
+             "--output", "local-shards", "tracking.enabled=false"],
+            cwd=work, capture_output=True, text=True, timeout=300,
+            env=env | {"RAY_ADDRESS": f"127.0.0.1:{ports['gcs']}"},
+        )  # fmt: skip
+        assert local.returncode == 0, local.stderr[-3000:]
+        assert "Connected to Ray cluster" in local.stderr  # joined, not a Ray of its own
+        assert last_json(local.stdout)["digest"] == last_json(done)["digest"]
     finally:
         subprocess.run([str(BIN / "mmray"), "demo", "--stop", "--workdir", str(tmp_path / "demo")],
                        timeout=120, env=env)  # fmt: skip
