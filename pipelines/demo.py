@@ -81,6 +81,16 @@ def cluster(command: str, dashboard_port: int, gcs_port: int) -> None:
         raise StageFailed(f"cluster/local.sh up failed ({run.returncode})")
 
 
+def auth_headers() -> dict[str, str]:
+    """The token of the cluster (cluster/local.sh keeps Ray's token auth), as the job SDK
+    sends it with RAY_AUTH_MODE=token. (Setting that variable here would be too late: Ray
+    reads it once, when it is imported.)"""
+    ray = Path(sys.executable).with_name("ray")
+    token = subprocess.run([str(ray), "get-auth-token"], capture_output=True, text=True,
+                           check=True).stdout.strip()  # fmt: skip
+    return {"Authorization": f"Bearer {token}"}
+
+
 def run_job(client, stage: str, entrypoint: str, workdir: Path, env: dict[str, str]) -> dict:
     """Submit one stage as a Ray job, show its progress, and return the JSON line it printed
     last; ``StageFailed`` (with the log's tail) unless the job succeeded."""
@@ -166,8 +176,7 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     (workdir / STATE).write_text(json.dumps({"mlflow_pid": pid} | ports))
     say("[2/7] local Ray cluster: a head node and a worker node (cluster/local.sh up)")
     cluster("up", **ports)
-    os.environ["RAY_AUTH_MODE"] = "token"  # the cluster's (cluster/local.sh): the SDK sends it
-    client = JobSubmissionClient(dashboard)
+    client = JobSubmissionClient(dashboard, headers=auth_headers())
     env = {"MLFLOW_TRACKING_URI": mlflow_url, "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_DISABLE_TELEMETRY": "true",
            "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}  # readable job logs  # fmt: skip

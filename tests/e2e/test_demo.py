@@ -16,7 +16,7 @@ import pytest
 import requests
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from pipelines.demo import last_json
+from pipelines.demo import auth_headers, last_json
 from pipelines.local import free_port
 
 BIN = Path(sys.executable).parent
@@ -45,11 +45,12 @@ def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
         # Left running: the app, MLflow with the runs, the cluster with two nodes and the jobs.
         assert requests.get(f"{summary['serve']}/healthz", timeout=10).ok
         assert requests.get(f"{summary['mlflow']}/health", timeout=10).ok
-        client = JobSubmissionClient(dashboard)
+        client = JobSubmissionClient(dashboard, headers=auth_headers())
         jobs = {j.entrypoint.split()[2]: j.status for j in client.list_jobs()}
         assert jobs == {f"pipelines.{s}": JobStatus.SUCCEEDED
                         for s in ("curate", "train", "tune", "serve")}  # fmt: skip
-        nodes = requests.get(f"{dashboard}/nodes?view=summary", timeout=10).json()
+        nodes = requests.get(f"{dashboard}/nodes?view=summary", headers=auth_headers(),
+                             timeout=10).json()  # fmt: skip
         assert len(nodes["data"]["summary"]) == 2
         # A development cluster: its dashboard and job server, the MLflow server and the app
         # answer on the loopback interface only.
