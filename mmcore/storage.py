@@ -143,6 +143,11 @@ def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(inner, columns=columns, filesystem=fs)
 
 
+def read_parquet_schema(path: str) -> pa.Schema:
+    with open_input(path) as f:
+        return pq.ParquetFile(f).schema_arrow
+
+
 def write_parquet(path: str, table: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)

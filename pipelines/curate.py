@@ -6,7 +6,8 @@
 Stages (every input row is accounted for in exactly one shard parquet row):
   1. plan      driver, streaming pyarrow: validate columns, key rows, write shard inputs
   2. stage     Ray Data: clean captions → fetch → decode/check/hash/resize/encode → pieces
-  3. dedup     driver, over the hash columns only: exact (sha256) and near (phash + colour)
+  3. dedup     Ray Data group-bys over the hash columns (pipelines/dedup.py): exact (sha256)
+               and near (phash band + colour), also against earlier outputs (dedup.against)
   4. finalize  Ray Data over shards: NNNNN.tar, NNNNN.parquet, NNNNN_stats.json (atomic)
   5. manifest  manifest.json, the summary table, the MLflow run
 Rerunning the same command resumes: staged and finished shards are kept, the rest is redone,
@@ -16,7 +17,6 @@ output may be local or in object storage (``s3://bucket/prefix``, ``mmcore.stora
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
@@ -33,8 +33,7 @@ from mmcore.data.curate import (
     format_table,
     summary,
 )
-from mmcore.data.dedup import find_duplicates
-from mmcore.data.metadata import check_input, plan_shards, read_parts
+from mmcore.data.metadata import check_input, plan_shards, read_parts, shard_key
 from mmcore.data.shards import (
     FAILURES,
     MANIFEST,
@@ -43,7 +42,6 @@ from mmcore.data.shards import (
     failures_csv,
     finalize_shard,
     finished_shards,
-    hash_index,
     piece_paths,
     remove_partial_files,
     staged_rows,
@@ -51,6 +49,7 @@ from mmcore.data.shards import (
 )
 from mmcore.tracking import start_run
 from pipelines import flags, job
+from pipelines.dedup import deduplicate, prior_shards, read_decisions
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +92,24 @@ def _stage(cfg: CurateConfig, parts: list[str], pieces: str) -> None:
         pass
 
 
-def _finalize_row(row: dict[str, Any], pieces: str, out: str, image_ext: str) -> dict:
-    dropped = {k: tuple(v) for k, v in json.loads(row["dropped"]).items()}
-    finalize_shard(int(row["shard"]), pieces, out, dropped, image_ext)
+def _finalize_row(
+    row: dict[str, Any], pieces: str, decisions: str, out: str, image_ext: str
+) -> dict:
+    shard = int(row["shard"])
+    near = {k: tuple(v) for k, v in json.loads(row["near"]).items()}
+    finalize_shard(shard, pieces, out, read_decisions(decisions, shard) | near, image_ext)
     return {"shard": row["shard"]}
 
 
-def _finalize(cfg: CurateConfig, shards: list[int], dropped: dict, pieces: str) -> None:
+def _finalize(
+    cfg: CurateConfig, shards: list[int], decisions: str, near: dict, pieces: str
+) -> None:
     import ray.data
 
-    by_shard: dict[int, dict] = collections.defaultdict(dict)
-    for key, value in dropped.items():
-        by_shard[int(key[:5])][key] = value
-    items = [{"shard": s, "dropped": json.dumps(by_shard[s])} for s in shards]
+    items = [{"shard": s, "near": json.dumps(near.get(s, {}))} for s in shards]
     out = storage.absolute(cfg.output.path)
-    kwargs = {"pieces": pieces, "out": out, "image_ext": cfg.image.encode_format}
+    kwargs = {"pieces": pieces, "decisions": decisions, "out": out,
+              "image_ext": cfg.image.encode_format}  # fmt: skip
     ds = ray.data.from_items(items).map(
         _finalize_row, fn_kwargs=kwargs, num_cpus=cfg.compute.num_cpus
     )
@@ -137,21 +139,17 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
     pieces = storage.join(work, "pieces")
     processed = _stage_missing(cfg, plan, pieces)
 
-    t1 = time.perf_counter()
-    index = hash_index(pieces)
-    dropped = find_duplicates(
-        index["key"], index["sha256"], index["phash"], index["thumb"], cfg.dedup
-    )
-    log.info(
-        "dedup: %d of %d dropped in %.1fs",
-        len(dropped),
-        len(index["key"]),
-        time.perf_counter() - t1,
-    )
-    t1 = time.perf_counter()
     done = finished_shards(out)
-    _finalize(cfg, [s for s in range(len(plan["shard_rows"])) if s not in done], dropped, pieces)
-    log.info("finalized shards in %.1fs", time.perf_counter() - t1)
+    if todo := [s for s in range(len(plan["shard_rows"])) if s not in done]:
+        t1 = time.perf_counter()
+        width = len(shard_key(0, 0, cfg.output.samples_per_shard))
+        decisions, near = deduplicate(
+            cfg.dedup, piece_paths(pieces), width, cfg.dedup.against_uris, work, plan["n_rows"]
+        )
+        log.info("dedup in %.1fs", time.perf_counter() - t1)
+        t1 = time.perf_counter()
+        _finalize(cfg, todo, decisions, near, pieces)
+        log.info("finalized shards in %.1fs", time.perf_counter() - t1)
 
     shards = [stats for _, stats in sorted(finished_shards(out).items())]
     manifest = build_manifest(identity, shards)
@@ -256,6 +254,8 @@ def check(cfg: CurateConfig) -> None:
     check_input(cfg.input)
     job.check_output("output.path", cfg.output.path)
     storage.check_writable("output.path", cfg.output.path)
+    for uri in cfg.dedup.against_uris:
+        prior_shards(uri)
     job.check_tracking(cfg.tracking)
 
 

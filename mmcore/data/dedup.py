@@ -9,6 +9,13 @@ levels, so without the colour check a red and a green circle in the same place w
 Candidates come from t+1 bands of the hash: by the pigeonhole principle, hashes within
 distance t agree exactly on at least one band, so banding finds every such pair without
 comparing all pairs.
+
+``find_duplicates`` does it in one process. The curation job does the same across a cluster
+with the batch functions below (``pipelines/dedup.py`` maps them over Ray Data groups): rows
+carry an integer ``order`` (source, then key: earlier outputs given in ``dedup.against``
+come first and are always kept), exact groups by sha256 keep their smallest order, band
+buckets yield the near pairs, and ``resolve_near`` replays the key-order rule over the pairs
+alone, so its memory grows with the near pairs, not with the rows.
 """
 
 from __future__ import annotations
@@ -17,7 +24,11 @@ import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
 
+import numpy as np
+
 from mmcore.data.images import colour_distance, hamming
+
+ORDER_BASE = 10**12  # order = source * ORDER_BASE + int(key): keys have at most 12 digits
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -28,6 +39,13 @@ class DedupConfig:
     # crawl came within 4; distinct images within 8 all had other colours (colour guard).
     phash_threshold: int = 6
     colour_tolerance: int = 12  # max per-channel difference of 4×4 thumbnails (0-255)
+    # Earlier curated outputs (folders or URIs, comma-separated) whose kept images are not
+    # kept again: a match is a duplicate / near_duplicate of "URI#KEY" (incremental crawls).
+    against: str = ""
+
+    @property
+    def against_uris(self) -> list[str]:
+        return [u.strip() for u in self.against.split(",") if u.strip()]
 
     def validate(self) -> None:
         if not 0 <= self.phash_threshold <= 16:
@@ -91,3 +109,92 @@ def _band_masks(threshold: int) -> list[tuple[int, int]]:
     n = threshold + 1
     edges = [round(64 * i / n) for i in range(n + 1)]
     return [(lo, (1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:], strict=False)]
+
+
+# --- the same, as batch functions over a cluster's groups ------------------------------------
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sources:
+    """The datasets one dedup sees: earlier outputs (``dedup.against``), then this job's rows,
+    each with the width of its zero-padded keys."""
+
+    priors: tuple[str, ...] = ()
+    widths: tuple[int, ...] = ()  # key width per prior, then this job's
+
+    @property
+    def current(self) -> int:
+        return len(self.priors)
+
+    def order(self, source: int, keys: Sequence[str]) -> np.ndarray:
+        return source * ORDER_BASE + np.asarray([int(k) for k in keys], np.int64)
+
+    def ref(self, order: int) -> str:
+        """``KEY`` for this job's rows, ``URI#KEY`` for an earlier output's."""
+        source, key = divmod(int(order), ORDER_BASE)
+        key_text = f"{key:0{self.widths[source]}d}"
+        return key_text if source == self.current else f"{self.priors[source]}#{key_text}"
+
+
+def exact_group(group: Batch) -> Batch:
+    """One sha256's rows → each with ``dup_of``: -1 for the smallest order (kept), else it."""
+    idx = np.argsort(group["order"], kind="stable")
+    out = {k: v[idx] for k, v in group.items()}
+    dup_of = np.full(len(idx), -1, np.int64)
+    dup_of[1:] = out["order"][0]
+    return out | {"dup_of": dup_of}
+
+
+def band_rows(batch: Batch, threshold: int) -> Batch:
+    """Each row once per band of its phash: ``band``, ``value`` (the band's bits)."""
+    phash = batch["phash"].astype(np.uint64)
+    parts = []
+    for band, (shift, mask) in enumerate(_band_masks(threshold)):
+        value = (phash >> np.uint64(shift)) & np.uint64(mask)
+        parts.append(batch | {"band": np.full(len(phash), band, np.int8), "value": value})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def near_pairs(group: Batch, cfg: DedupConfig, first_current: int) -> Batch:
+    """One band bucket's near pairs (``later``, ``earlier`` orders) where ``later`` is this
+    job's row (orders from ``first_current`` on): within the Hamming threshold and the
+    colour tolerance."""
+    idx = np.argsort(group["order"], kind="stable")
+    order, phash = group["order"][idx], group["phash"][idx].astype(np.uint64)
+    thumbs = np.stack([np.frombuffer(t, np.uint8) for t in group["thumb"][idx]]).astype(np.int16)
+    later, earlier = [], []
+    for j in range(int(np.searchsorted(order, first_current)), len(order)):
+        if j == 0:
+            continue
+        close = np.bitwise_count(phash[:j] ^ phash[j]) <= cfg.phash_threshold
+        close &= np.abs(thumbs[:j] - thumbs[j]).max(axis=1) <= cfg.colour_tolerance
+        hits = order[:j][close]
+        later.append(np.full(len(hits), order[j], np.int64))
+        earlier.append(hits)
+    if not later:
+        return {"later": np.zeros(0, np.int64), "earlier": np.zeros(0, np.int64)}
+    return {"later": np.concatenate(later), "earlier": np.concatenate(earlier)}
+
+
+def resolve_near(later: np.ndarray, earlier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The key-order rule of ``find_duplicates`` over near pairs alone: in order, a row is a
+    near duplicate of the smallest earlier row near it that is still kept (a row with no
+    earlier neighbour, an earlier output's row among them, is kept). Returns (dropped orders,
+    the order each duplicates), both sorted by the dropped order."""
+    if not len(later):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pairs = np.unique(np.stack([later, earlier], axis=1), axis=0)  # by later, then earlier
+    nodes, starts = np.unique(pairs[:, 0], return_index=True)
+    dropped = np.zeros(len(nodes), bool)
+    match = np.full(len(nodes), -1, np.int64)
+    ends = np.append(starts[1:], len(pairs))
+    for i, (lo, hi) in enumerate(zip(starts, ends, strict=True)):
+        for e in pairs[lo:hi, 1]:
+            pos = np.searchsorted(nodes, e)
+            if pos < len(nodes) and nodes[pos] == e and dropped[pos]:
+                continue  # that neighbour is a duplicate itself: not kept
+            dropped[i], match[i] = True, e
+            break
+    return nodes[dropped], match[dropped]

@@ -21,6 +21,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import tarfile
 import tempfile
 from collections.abc import Mapping
@@ -43,9 +44,10 @@ SCHEMA_VERSION = 1
 # Columns of the per-shard parquet that come before the input's extra columns.
 PARQUET_COLUMNS = [
     "key", "url", "caption", "status", "error_message", "width", "height",
-    "original_width", "original_height", "sha256", "phash", "duplicate_of",
+    "original_width", "original_height", "sha256", "phash", "thumb", "duplicate_of",
 ]  # fmt: skip
-_INTERNAL = {"shard", "image", "thumb"}
+_INTERNAL = {"shard", "image"}
+SHARD_PARQUET = re.compile(r"^[0-9]{5}\.parquet$")
 
 
 def write_pieces(batch: pa.Table, pieces_dir: str) -> dict[str, np.ndarray]:
@@ -72,22 +74,6 @@ def staged_rows(pieces_dir: str) -> dict[int, int]:
         with storage.open_input(path) as f:
             counts[int(storage.name(path)[:5])] += pq.ParquetFile(f).metadata.num_rows
     return dict(counts)
-
-
-DEDUP_COLUMNS = ("key", "sha256", "phash", "thumb")
-
-
-def hash_index(pieces_dir: str) -> dict[str, list]:
-    """``key``, ``sha256``, ``phash``, ``thumb`` of every staged success: dedup's input.
-
-    Only these columns are read (parquet is columnar), never the image bytes.
-    """
-    paths = piece_paths(pieces_dir)
-    if not paths:
-        return {c: [] for c in DEDUP_COLUMNS}
-    table = pa.concat_tables(storage.read_parquet(p, [*DEDUP_COLUMNS, "status"]) for p in paths)
-    table = table.filter(pc.equal(table.column("status"), SUCCESS))
-    return {c: table.column(c).to_pylist() for c in DEDUP_COLUMNS}
 
 
 def finalize_shard(
@@ -139,7 +125,7 @@ def sample_json(row: Mapping[str, Any]) -> dict[str, Any]:
 
     The phash is written as 16 hex digits: a uint64 does not fit JSON readers' int64.
     """
-    meta = {k: v for k, v in row.items() if k not in ("error_message", "duplicate_of")}
+    meta = {k: v for k, v in row.items() if k not in ("error_message", "duplicate_of", "thumb")}
     return meta | {"phash": f"{row['phash']:016x}"}
 
 

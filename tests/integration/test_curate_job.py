@@ -29,6 +29,7 @@ import torch
 import webdataset as wds
 
 from mmcore.config import ConfigError, load_config
+from mmcore.data.dedup import DedupConfig, find_duplicates
 from mmcore.data.shards import file_sha256
 from pipelines.curate import CurateConfig, format_table, main, run
 
@@ -109,6 +110,40 @@ def test_every_input_row_is_accounted_for(first_run, metadata, sample_dir, image
     dups = [r for r in rows if r["duplicate_of"]]
     assert any(r["duplicate_of"][:5] != r["key"][:5] for r in dups)  # found across shards
     assert elapsed < 240  # the slow and dripping endpoints did not hang the job
+
+
+def test_the_cluster_dedup_equals_the_one_process_dedup(first_run) -> None:
+    """Dedup ran as Ray Data groupbys; mmcore's one-process dedup over the same hash columns
+    gives the same statuses and duplicate_of, row for row."""
+    out, _, _ = first_run
+    seen = [r for r in read_all_parquet(out)
+            if r["status"] in ("success", "duplicate", "near_duplicate")]  # fmt: skip
+    columns = [[r[c] for r in seen] for c in ("key", "sha256", "phash", "thumb")]
+    expected = find_duplicates(*columns, DedupConfig())
+    got = {r["key"]: (r["status"], r["duplicate_of"]) for r in seen if r["duplicate_of"]}
+    assert got == expected
+    assert {s for s, _ in expected.values()} == {"duplicate", "near_duplicate"}
+
+
+def test_dedup_against_an_earlier_output_keeps_nothing_seen_there(
+    first_run, metadata, tmp_path
+) -> None:
+    """An incremental crawl: the same rows again, deduplicated against the first output
+    (read from its shard parquet, not decoded again). Every image kept there is a duplicate
+    of it now, named by that output and key; the near copies are near duplicates of it."""
+    out, summary, _ = first_run
+    again = run(config(metadata, tmp_path / "again", f"dedup.against={out}"))
+    assert again["n_samples"] == 0 and again["n_input"] == summary["n_input"]
+    before = {r["key"]: r for r in read_all_parquet(out)}
+    for row in read_all_parquet(tmp_path / "again"):
+        first = before[row["key"]]
+        if first["status"] == "success":
+            assert (row["status"], row["duplicate_of"]) == ("duplicate", f"{out}#{row['key']}")
+        elif first["status"] in ("duplicate", "near_duplicate"):
+            assert row["status"] in ("duplicate", "near_duplicate")
+            assert row["duplicate_of"].startswith(f"{out}#")
+        else:
+            assert row["status"] == first["status"]
 
 
 def test_rows_not_kept_are_counted_by_host(first_run, image_server) -> None:
@@ -265,6 +300,9 @@ def test_bad_input_fails_before_any_work(tmp_path: Path, capsys) -> None:
     assert "unknown key(s) in image: image.size" in capsys.readouterr().err
     assert main(["--input", str(meta), "--output", str(out), "--resize-mode", "stretch"]) == 2
     assert "image.resize_mode: 'stretch' is not one of" in capsys.readouterr().err
+    against = f"dedup.against={tmp_path}"  # a folder, but no curated output
+    assert main(["--input", str(meta), "--caption-col", "text", "--output", str(out), against]) == 2
+    assert "is not a finished curated output" in capsys.readouterr().err
 
 
 def test_shards_feed_the_training_input_pipeline(first_run) -> None:

@@ -14,7 +14,6 @@ from mmcore.data.shards import (
     file_sha256,
     finalize_shard,
     finished_shards,
-    hash_index,
     staged_rows,
     write_pieces,
 )
@@ -50,7 +49,6 @@ def test_pieces_to_shard(tmp_path: Path) -> None:
     )
     assert summary["shard"].tolist() == [0] and summary["rows"].tolist() == [2]
     assert staged_rows(pieces) == {0: 4}
-    assert hash_index(pieces)["key"] == ["00000000", "00000002", "00000003"]
 
     dropped = {"00000003": ("duplicate", "00000000")}
     stats = finalize_shard(0, pieces, out, dropped, "jpg")

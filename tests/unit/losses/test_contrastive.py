@@ -70,7 +70,10 @@ def _worker(rank: int, world: int, port: int, queue: mp.Queue) -> None:
     (clip + sig).backward()
     losses = torch.stack([clip.detach(), sig.detach()])
     dist.all_reduce(losses)
-    queue.put((rank, (losses / world).tolist(), local_img.grad / world, local_txt.grad / world))
+    # numpy, not tensors: a tensor crosses the queue as shared memory, which vanished when
+    # this process exited before the parent read it (FileNotFoundError, now and then)
+    grads = [(g / world).numpy() for g in (local_img.grad, local_txt.grad)]
+    queue.put((rank, (losses / world).tolist(), *grads))
     dist.destroy_process_group()
 
 
@@ -95,5 +98,5 @@ def test_distributed_losses_equal_single_process_on_the_global_batch() -> None:
         assert dist_clip == pytest.approx(clip.item(), rel=1e-5)
         assert dist_sig == pytest.approx(sig.item(), rel=1e-5)
         rows = slice(rank * 4, rank * 4 + 4)
-        torch.testing.assert_close(grad_img, img.grad[rows], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(grad_txt, txt.grad[rows], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(grad_img), img.grad[rows], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(grad_txt), txt.grad[rows], rtol=1e-4, atol=1e-6)

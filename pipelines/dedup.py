@@ -1,0 +1,170 @@
+"""Deduplication across a cluster, on Ray Data: the curation job's stage 3.
+
+The staged rows' hash columns (and, with ``dedup.against``, the kept rows of earlier curated
+outputs, read from their shard parquet) are grouped by sha256 (exact duplicates) and by
+phash band (near-duplicate candidates) in Ray Data shuffles; the driver holds only the near
+pairs found, as two int64 arrays, and replays the key-order rule over them. The decisions
+are written per shard (``SSSSS.parquet``: key, status, duplicate_of) for the finalize tasks.
+The result equals ``mmcore.data.dedup.find_duplicates`` run in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmcore import storage
+from mmcore.config import ConfigError
+from mmcore.data.dedup import (
+    ORDER_BASE,
+    DedupConfig,
+    Sources,
+    band_rows,
+    exact_group,
+    near_pairs,
+    resolve_near,
+)
+from mmcore.data.shards import SHARD_PARQUET, SUCCESS
+
+log = logging.getLogger(__name__)
+HASH_COLUMNS = ["key", "status", "sha256", "phash", "thumb"]
+ROWS_PER_PARTITION = 500_000
+
+
+def prior_shards(uri: str) -> list[str]:
+    """The shard parquet files of an earlier curated output; ConfigError unless it is one."""
+    storage.check_readable("dedup.against", uri)
+    if not storage.exists(storage.join(uri, "manifest.json")):
+        raise ConfigError(f"dedup.against: {uri} is not a finished curated output (no manifest)")
+    files = [p for p in storage.list_files(uri, ".parquet") if SHARD_PARQUET.match(storage.name(p))]
+    if not files or "thumb" not in storage.read_parquet_schema(files[0]).names:
+        raise ConfigError(
+            f"dedup.against: {uri} has no thumbnails in its shard parquet (curated by an older "
+            "mmray): curate it again to dedup against it"
+        )
+    return files
+
+
+def _read_rows(batch: dict[str, np.ndarray], sources: Sources) -> pa.Table:
+    """``{"path": [...], "source": [...]}`` → those files' kept rows: hash columns + order."""
+    tables = []
+    for path, source in zip(batch["path"], batch["source"], strict=True):
+        table = storage.read_parquet(str(path), HASH_COLUMNS)
+        table = table.filter(pc.equal(table.column("status"), SUCCESS)).drop_columns(["status"])
+        order = sources.order(int(source), table.column("key").to_pylist())
+        tables.append(table.append_column("order", pa.array(order, pa.int64())))
+    return pa.concat_tables(tables)
+
+
+def _read_survivors(batch: dict[str, np.ndarray]) -> pa.Table:
+    return pa.concat_tables(storage.read_parquet(str(p)) for p in batch["path"])
+
+
+def _files(paths: Sequence[str], **columns: Sequence) -> Any:
+    """A dataset of file paths, one task each: Ray's read_parquet costs ~8 s per call here
+    (metadata tasks), reading in our own tasks ~0.5 s."""
+    import ray.data
+
+    items = [{"path": p} | {k: v[i] for k, v in columns.items()} for i, p in enumerate(paths)]
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+
+
+def deduplicate(
+    cfg: DedupConfig, pieces: Sequence[str], key_width: int, against: Sequence[str], work: str,
+    rows_hint: int,
+) -> tuple[str, dict[int, dict[str, tuple[str, str]]]]:  # fmt: skip
+    """Find this job's duplicates among the staged ``pieces`` and the ``against`` outputs.
+
+    Returns the folder of exact decisions (``SSSSS_*.parquet`` for each shard with any) and
+    the near decisions by shard (``{key: (status, duplicate_of)}``, as few as the near pairs)."""
+    priors = {uri: prior_shards(uri) for uri in against}
+    widths = [len(storage.read_parquet(files[0], ["key"]).column("key")[0].as_py())
+              for files in priors.values()]  # fmt: skip
+    sources = Sources(tuple(priors), (*widths, key_width))
+    paths = [*pieces, *(p for files in priors.values() for p in files)]
+    origin = [sources.current] * len(pieces) + [i for i, f in enumerate(priors.values()) for _ in f]
+    rows = _files(paths, source=origin).map_batches(
+        _read_rows, fn_kwargs={"sources": sources}, batch_size=None, batch_format="numpy"
+    )
+    # Ray Data's default of 200 shuffle partitions costs minutes of task overhead on a
+    # small job; one partition per ROWS_PER_PARTITION rows (the ones seen here, and the
+    # earlier outputs' by their row counts: as many again at most, they hold no failures).
+    parts = max(1, math.ceil(rows_hint * (1 + len(priors)) / ROWS_PER_PARTITION))
+    if cfg.exact:
+        grouped = rows.groupby("sha256", num_partitions=parts)
+        rows = grouped.map_groups(exact_group, batch_format="numpy")
+    survivors, decisions = storage.join(work, "survivors"), storage.join(work, "decisions")
+    storage.delete_dir(survivors)
+    storage.delete_dir(decisions)
+    kwargs = {"survivors": survivors, "decisions": decisions, "sources": sources}
+    written = rows.map_batches(_split, fn_kwargs=kwargs, batch_format="numpy", batch_size=None)
+    files = [f for f in written.to_pandas()["file"] if f]
+    near: dict[int, dict[str, tuple[str, str]]] = {}
+    if cfg.near and files:
+        first_current = sources.current * ORDER_BASE
+        pairs = (
+            _files(files).map_batches(_read_survivors, batch_size=None, batch_format="numpy")
+            .map_batches(band_rows, fn_kwargs={"threshold": cfg.phash_threshold},
+                         batch_format="numpy")
+            .groupby(["band", "value"], num_partitions=parts)
+            .map_groups(near_pairs, fn_args=(cfg, first_current), batch_format="numpy")
+        )  # fmt: skip
+        later, earlier = [], []
+        for batch in pairs.iter_batches(batch_format="numpy", batch_size=None):
+            later.append(batch["later"])
+            earlier.append(batch["earlier"])
+        dropped, match = resolve_near(_cat(later), _cat(earlier))
+        for order, kept in zip(dropped.tolist(), match.tolist(), strict=True):
+            key = sources.ref(order)
+            near.setdefault(int(key[:5]), {})[key] = ("near_duplicate", sources.ref(kept))
+        log.info("dedup: %d near pairs, %d near duplicates", len(_cat(later)), len(dropped))
+    storage.delete_dir(survivors)
+    return decisions, near
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _split(
+    batch: dict[str, np.ndarray], survivors: str, decisions: str, sources: Sources
+) -> dict[str, np.ndarray]:
+    """One block after the exact stage: this job's exact duplicates → decision files per
+    shard; the rows kept (``dup_of`` -1, or no exact stage) → a survivors file for the near
+    stage. Returns that file's path ("" for none)."""
+    order = batch["order"]
+    if not len(order):
+        return {"file": np.asarray([""])}
+    dup_of = batch.get("dup_of", np.full(len(order), -1, np.int64))
+    name = f"{int(order.min())}.parquet"  # unique: every order is in one block only
+    mine = (dup_of >= 0) & (order >= sources.current * ORDER_BASE)
+    if mine.any():
+        keys = [sources.ref(o) for o in order[mine]]
+        table = pa.table({"key": keys, "status": ["duplicate"] * len(keys),
+                          "duplicate_of": [sources.ref(o) for o in dup_of[mine]]})  # fmt: skip
+        shards = np.asarray([int(k[:5]) for k in keys])
+        for shard in np.unique(shards):
+            path = storage.join(decisions, f"{shard:05d}_{name}")
+            storage.write_parquet(path, table.filter(pa.array(shards == shard)))
+    kept = dup_of < 0
+    if not kept.any():
+        return {"file": np.asarray([""])}
+    columns = ("order", "phash", "thumb")
+    table = pa.table({c: batch[c][kept] for c in columns})
+    storage.write_parquet(path := storage.join(survivors, name), table)
+    return {"file": np.asarray([path])}
+
+
+def read_decisions(folder: str, shard: int) -> dict[str, tuple[str, str]]:
+    """The exact decisions for one shard: ``{key: (status, duplicate_of)}``."""
+    out = {}
+    for path in storage.list_files(folder, ".parquet", prefix=f"{shard:05d}_"):
+        for row in storage.read_parquet(path).to_pylist():
+            out[row["key"]] = (row["status"], row["duplicate_of"])
+    return out
