@@ -96,17 +96,14 @@ def _finalize_row(
     row: dict[str, Any], pieces: str, decisions: str, out: str, image_ext: str
 ) -> dict:
     shard = int(row["shard"])
-    near = {k: tuple(v) for k, v in json.loads(row["near"]).items()}
-    finalize_shard(shard, pieces, out, read_decisions(decisions, shard) | near, image_ext)
+    finalize_shard(shard, pieces, out, read_decisions(decisions, shard), image_ext)
     return {"shard": row["shard"]}
 
 
-def _finalize(
-    cfg: CurateConfig, shards: list[int], decisions: str, near: dict, pieces: str
-) -> None:
+def _finalize(cfg: CurateConfig, shards: list[int], decisions: str, pieces: str) -> None:
     import ray.data
 
-    items = [{"shard": s, "near": json.dumps(near.get(s, {}))} for s in shards]
+    items = [{"shard": s} for s in shards]
     out = storage.absolute(cfg.output.path)
     kwargs = {"pieces": pieces, "decisions": decisions, "out": out,
               "image_ext": cfg.image.encode_format}  # fmt: skip
@@ -143,12 +140,12 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
     if todo := [s for s in range(len(plan["shard_rows"])) if s not in done]:
         t1 = time.perf_counter()
         width = len(shard_key(0, 0, cfg.output.samples_per_shard))
-        decisions, near = deduplicate(
+        decisions = deduplicate(
             cfg.dedup, piece_paths(pieces), width, cfg.dedup.against_uris, work, plan["n_rows"]
         )
         log.info("dedup in %.1fs", time.perf_counter() - t1)
         t1 = time.perf_counter()
-        _finalize(cfg, todo, decisions, near, pieces)
+        _finalize(cfg, todo, decisions, pieces)
         log.info("finalized shards in %.1fs", time.perf_counter() - t1)
 
     shards = [stats for _, stats in sorted(finished_shards(out).items())]

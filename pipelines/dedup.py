@@ -1,9 +1,10 @@
 """Deduplication across a cluster, on Ray Data: the curation job's stage 3.
 
 The staged rows' hash columns (and, with ``dedup.against``, the kept rows of earlier curated
-outputs, read from their shard parquet) are grouped by sha256 (exact duplicates) and by
-phash band (near-duplicate candidates) in Ray Data shuffles; the driver holds only the near
-pairs found, as two int64 arrays, and replays the key-order rule over them. The decisions
+outputs, read from their shard parquet) are grouped by sha256 (exact duplicates: groups of
+a few leading hex digits, each handled vectorised) and by phash band (near-duplicate
+candidates) in Ray Data shuffles; the driver holds only the near pairs found, as two int64
+arrays, and replays the key-order rule over them. The decisions
 are written per shard (``SSSSS.parquet``: key, status, duplicate_of) for the finalize tasks.
 The result equals ``mmcore.data.dedup.find_duplicates`` run in one process.
 """
@@ -30,7 +31,7 @@ from mmcore.data.dedup import (
     near_pairs,
     resolve_near,
 )
-from mmcore.data.shards import SHARD_PARQUET, SUCCESS
+from mmcore.data.shards import MANIFEST, SHARD_PARQUET, SUCCESS
 
 log = logging.getLogger(__name__)
 HASH_COLUMNS = ["key", "status", "sha256", "phash", "thumb"]
@@ -40,7 +41,7 @@ ROWS_PER_PARTITION = 500_000
 def prior_shards(uri: str) -> list[str]:
     """The shard parquet files of an earlier curated output; ConfigError unless it is one."""
     storage.check_readable("dedup.against", uri)
-    if not storage.exists(storage.join(uri, "manifest.json")):
+    if not storage.exists(storage.join(uri, MANIFEST)):
         raise ConfigError(f"dedup.against: {uri} is not a finished curated output (no manifest)")
     files = [p for p in storage.list_files(uri, ".parquet") if SHARD_PARQUET.match(storage.name(p))]
     if not files or "thumb" not in storage.read_parquet_schema(files[0]).names:
@@ -51,7 +52,7 @@ def prior_shards(uri: str) -> list[str]:
     return files
 
 
-def _read_rows(batch: dict[str, np.ndarray], sources: Sources) -> pa.Table:
+def _read_rows(batch: dict[str, np.ndarray], sources: Sources, partitions: int) -> pa.Table:
     """``{"path": [...], "source": [...]}`` → those files' kept rows: hash columns + order."""
     tables = []
     for path, source in zip(batch["path"], batch["source"], strict=True):
@@ -59,7 +60,11 @@ def _read_rows(batch: dict[str, np.ndarray], sources: Sources) -> pa.Table:
         table = table.filter(pc.equal(table.column("status"), SUCCESS)).drop_columns(["status"])
         order = sources.order(int(source), table.column("key").to_pylist())
         tables.append(table.append_column("order", pa.array(order, pa.int64())))
-    return pa.concat_tables(tables)
+    table = pa.concat_tables(tables)
+    # The exact stage's group: a few hex digits of the sha256, so each call of exact_group
+    # takes many sha256s at once (a call per sha256 cost ~0.5 ms each)
+    bucket = [int(sha[:6], 16) % partitions for sha in table.column("sha256").to_pylist()]
+    return table.append_column("bucket", pa.array(bucket, pa.int32()))
 
 
 def _read_survivors(batch: dict[str, np.ndarray]) -> pa.Table:
@@ -78,26 +83,27 @@ def _files(paths: Sequence[str], **columns: Sequence) -> Any:
 def deduplicate(
     cfg: DedupConfig, pieces: Sequence[str], key_width: int, against: Sequence[str], work: str,
     rows_hint: int,
-) -> tuple[str, dict[int, dict[str, tuple[str, str]]]]:  # fmt: skip
+) -> str:  # fmt: skip
     """Find this job's duplicates among the staged ``pieces`` and the ``against`` outputs.
 
-    Returns the folder of exact decisions (``SSSSS_*.parquet`` for each shard with any) and
-    the near decisions by shard (``{key: (status, duplicate_of)}``, as few as the near pairs)."""
+    Returns the folder of decisions: ``SSSSS_*.parquet`` (key, status, duplicate_of) for each
+    shard with any (``read_decisions``)."""
     priors = {uri: prior_shards(uri) for uri in against}
     widths = [len(storage.read_parquet(files[0], ["key"]).column("key")[0].as_py())
               for files in priors.values()]  # fmt: skip
     sources = Sources(tuple(priors), (*widths, key_width))
     paths = [*pieces, *(p for files in priors.values() for p in files)]
     origin = [sources.current] * len(pieces) + [i for i, f in enumerate(priors.values()) for _ in f]
-    rows = _files(paths, source=origin).map_batches(
-        _read_rows, fn_kwargs={"sources": sources}, batch_size=None, batch_format="numpy"
-    )
     # Ray Data's default of 200 shuffle partitions costs minutes of task overhead on a
     # small job; one partition per ROWS_PER_PARTITION rows (the ones seen here, and the
     # earlier outputs' by their row counts: as many again at most, they hold no failures).
     parts = max(1, math.ceil(rows_hint * (1 + len(priors)) / ROWS_PER_PARTITION))
+    rows = _files(paths, source=origin).map_batches(
+        _read_rows, fn_kwargs={"sources": sources, "partitions": 4 * parts}, batch_size=None,
+        batch_format="numpy",
+    )  # fmt: skip
     if cfg.exact:
-        grouped = rows.groupby("sha256", num_partitions=parts)
+        grouped = rows.groupby("bucket", num_partitions=parts)
         rows = grouped.map_groups(exact_group, batch_format="numpy")
     survivors, decisions = storage.join(work, "survivors"), storage.join(work, "decisions")
     storage.delete_dir(survivors)
@@ -105,7 +111,6 @@ def deduplicate(
     kwargs = {"survivors": survivors, "decisions": decisions, "sources": sources}
     written = rows.map_batches(_split, fn_kwargs=kwargs, batch_format="numpy", batch_size=None)
     files = [f for f in written.to_pandas()["file"] if f]
-    near: dict[int, dict[str, tuple[str, str]]] = {}
     if cfg.near and files:
         first_current = sources.current * ORDER_BASE
         pairs = (
@@ -119,13 +124,30 @@ def deduplicate(
         for batch in pairs.iter_batches(batch_format="numpy", batch_size=None):
             later.append(batch["later"])
             earlier.append(batch["earlier"])
+        n_pairs = sum(map(len, later))
         dropped, match = resolve_near(_cat(later), _cat(earlier))
-        for order, kept in zip(dropped.tolist(), match.tolist(), strict=True):
-            key = sources.ref(order)
-            near.setdefault(int(key[:5]), {})[key] = ("near_duplicate", sources.ref(kept))
-        log.info("dedup: %d near pairs, %d near duplicates", len(_cat(later)), len(dropped))
+        del later, earlier
+        _write_near(dropped, match, decisions, sources)
+        log.info("dedup: %d near pairs, %d near duplicates", n_pairs, len(dropped))
     storage.delete_dir(survivors)
-    return decisions, near
+    return decisions
+
+
+def _write_near(dropped: np.ndarray, match: np.ndarray, folder: str, sources: Sources) -> None:
+    """The near decisions (sorted by order) as one file per shard, written a shard at a time
+    (key strings for one shard only in memory)."""
+    digits = sources.widths[sources.current] - 5  # a key: 5 shard digits, then the index
+    shards = (dropped % ORDER_BASE) // 10**digits
+    bounds = np.flatnonzero(np.diff(shards)) + 1
+    for lo, hi in zip([0, *bounds], [*bounds, len(shards)], strict=True):
+        if lo == hi:
+            continue
+        table = pa.table({
+            "key": [sources.ref(o) for o in dropped[lo:hi]],
+            "status": ["near_duplicate"] * (hi - lo),
+            "duplicate_of": [sources.ref(o) for o in match[lo:hi]],
+        })  # fmt: skip
+        storage.write_parquet(storage.join(folder, f"{int(shards[lo]):05d}_near.parquet"), table)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

@@ -5,14 +5,45 @@ MLflow server test). The shared ones (image host, MLflow, curated shards) live i
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import requests
 
 from pipelines.local import Server
+
+
+def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout_s: float = 180) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds; it must still be running until then."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not ready():
+        assert proc.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def kill_a_training_worker(ready: Callable[[], bool], run: threading.Thread) -> int | None:
+    """SIGKILL one Ray Train worker process once ``ready()`` holds (a checkpoint registered)
+    while the training ``run`` goes on; returns its pid (None: the run ended first)."""
+    deadline = time.monotonic() + 300
+    while run.is_alive() and time.monotonic() < deadline:
+        if ready():
+            workers = [p for p in psutil.process_iter(["cmdline"])
+                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                return workers[-1].pid
+        time.sleep(0.05)
+    return None
 
 
 class PostgresServer(Server):

@@ -139,12 +139,16 @@ class Sources:
 
 
 def exact_group(group: Batch) -> Batch:
-    """One sha256's rows → each with ``dup_of``: -1 for the smallest order (kept), else it."""
-    idx = np.argsort(group["order"], kind="stable")
+    """Rows of any number of sha256s (all rows of each) → each with ``dup_of``: -1 for the
+    smallest order of its sha256 (kept), else that order."""
+    sha = np.asarray(group["sha256"], dtype="S64")
+    idx = np.lexsort((group["order"], sha))
     out = {k: v[idx] for k, v in group.items()}
-    dup_of = np.full(len(idx), -1, np.int64)
-    dup_of[1:] = out["order"][0]
-    return out | {"dup_of": dup_of}
+    sha = sha[idx]
+    first = np.ones(len(sha), bool)
+    first[1:] = sha[1:] != sha[:-1]
+    run_start = np.maximum.accumulate(np.where(first, np.arange(len(sha)), 0))
+    return out | {"dup_of": np.where(first, -1, out["order"][run_start]).astype(np.int64)}
 
 
 def band_rows(batch: Batch, threshold: int) -> Batch:
@@ -157,24 +161,27 @@ def band_rows(batch: Batch, threshold: int) -> Batch:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def near_pairs(group: Batch, cfg: DedupConfig, first_current: int) -> Batch:
+def near_pairs(group: Batch, cfg: DedupConfig, first_current: int, block: int = 512) -> Batch:
     """One band bucket's near pairs (``later``, ``earlier`` orders) where ``later`` is this
     job's row (orders from ``first_current`` on): within the Hamming threshold and the
-    colour tolerance."""
+    colour tolerance. Compared a block of rows at a time against all earlier ones."""
     idx = np.argsort(group["order"], kind="stable")
     order, phash = group["order"][idx], group["phash"][idx].astype(np.uint64)
-    thumbs = np.stack([np.frombuffer(t, np.uint8) for t in group["thumb"][idx]]).astype(np.int16)
-    later, earlier = [], []
-    for j in range(int(np.searchsorted(order, first_current)), len(order)):
-        if j == 0:
+    later, earlier = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    start = max(1, int(np.searchsorted(order, first_current)))
+    for lo in range(start, len(order), block):
+        hi = min(lo + block, len(order))
+        distance = np.bitwise_count(phash[lo:hi, None] ^ phash[None, :hi])  # (rows, earlier)
+        rows, cols = np.nonzero(distance <= cfg.phash_threshold)
+        rows, cols = rows[cols < rows + lo], cols[cols < rows + lo]  # earlier rows only
+        if not len(rows):
             continue
-        close = np.bitwise_count(phash[:j] ^ phash[j]) <= cfg.phash_threshold
-        close &= np.abs(thumbs[:j] - thumbs[j]).max(axis=1) <= cfg.colour_tolerance
-        hits = order[:j][close]
-        later.append(np.full(len(hits), order[j], np.int64))
-        earlier.append(hits)
-    if not later:
-        return {"later": np.zeros(0, np.int64), "earlier": np.zeros(0, np.int64)}
+        thumbs = group["thumb"][idx]
+        a = np.stack([np.frombuffer(thumbs[lo + r], np.uint8) for r in rows]).astype(np.int16)
+        b = np.stack([np.frombuffer(thumbs[c], np.uint8) for c in cols]).astype(np.int16)
+        close = np.abs(a - b).max(axis=1) <= cfg.colour_tolerance
+        later.append(order[lo + rows[close]])
+        earlier.append(order[cols[close]])
     return {"later": np.concatenate(later), "earlier": np.concatenate(earlier)}
 
 

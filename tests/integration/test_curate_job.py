@@ -12,7 +12,6 @@ import collections
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -32,6 +31,7 @@ from mmcore.config import ConfigError, load_config
 from mmcore.data.dedup import DedupConfig, find_duplicates
 from mmcore.data.shards import file_sha256
 from pipelines.curate import CurateConfig, format_table, main, run
+from tests.helpers import sigkill_when
 
 pytestmark = pytest.mark.integration
 BROKEN = {"/status/500": "HTTP 500", "/slow/20": "timed out", "/drip": "timeout"}
@@ -243,14 +243,9 @@ def test_sigkill_midway_then_resume_gives_the_same_shards(
         [sys.executable, "-m", "pipelines.curate", *args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    plan = out / "_work" / "plan.json"
     try:
-        plan = out / "_work" / "plan.json"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not _some_shard_staged(plan):
-            assert proc.poll() is None, "the job ended before it could be killed"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        sigkill_when(proc, lambda: _some_shard_staged(plan))
     finally:
         image_server.delay_s = 0.0
         if proc.poll() is None:

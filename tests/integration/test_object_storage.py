@@ -16,11 +16,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import mlflow
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -35,6 +33,7 @@ from pipelines.curate import run as curate
 from pipelines.local import free_port
 from pipelines.train import TrainConfig
 from pipelines.train import run as train
+from tests.helpers import kill_a_training_worker, sigkill_when
 
 pytestmark = pytest.mark.integration
 BUCKET = "s3://mmray"
@@ -76,12 +75,7 @@ def bucket_shards(ray_cluster, crawl, image_server, tmp_path_factory) -> str:
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not _some_shard_staged(out):
-            assert proc.poll() is None, "the job ended before it could be killed"
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        sigkill_when(proc, lambda: _some_shard_staged(out))
     finally:
         image_server.delay_s = 0.0
         if proc.poll() is None:
@@ -127,16 +121,7 @@ def test_training_reads_the_bucket_and_resumes_from_checkpoints_there(
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(result=train(cfg)), daemon=True)
     thread.start()
-    killed = None
-    deadline = time.monotonic() + 300
-    while killed is None and thread.is_alive() and time.monotonic() < deadline:
-        if _registered_checkpoints(runs):
-            workers = [p for p in psutil.process_iter(["cmdline"])
-                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
-            if workers:
-                killed = workers[-1].pid
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.2)
+    killed = kill_a_training_worker(lambda: _registered_checkpoints(runs) > 0, thread)
     thread.join(timeout=600)
     assert killed is not None, "no checkpoint and worker to kill before the run ended"
     result = box["result"]

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import mlflow
@@ -24,6 +22,7 @@ from mmcore.eval.run import zeroshot_eval
 from mmcore.tracking import load
 from pipelines import evaluate
 from pipelines.train import TrainConfig, run
+from tests.helpers import kill_a_training_worker
 
 pytestmark = pytest.mark.integration
 
@@ -98,16 +97,7 @@ def test_a_killed_zero3_worker_resumes_from_its_partitioned_checkpoint(
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(result=run(cfg)), daemon=True)
     thread.start()
-    killed = None
-    deadline = time.monotonic() + 300
-    while killed is None and thread.is_alive() and time.monotonic() < deadline:
-        if _registered_checkpoints(tmp_path):
-            workers = [p for p in psutil.process_iter(["cmdline"])
-                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
-            if workers:
-                killed = workers[-1].pid
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
+    killed = kill_a_training_worker(lambda: _registered_checkpoints(tmp_path) > 0, thread)
     thread.join(timeout=600)
     assert killed is not None, "no checkpoint and worker to kill before the run ended"
     result = box["result"]

@@ -90,7 +90,8 @@ def _cluster_dedup(keys, shas, hashes, thumbs, cfg, prior=None) -> dict[str, tup
         "phash": np.array([x for p in parts for x in p[3]], np.uint64),
         "thumb": np.array([x for p in parts for x in p[4]], object),
     }
-    exact = [exact_group(g) for g in _grouped(rows, ["sha256"])]
+    rows["bucket"] = np.asarray([hash(s) % 3 for s in rows["sha256"]])  # many sha256s a group
+    exact = [exact_group(g) for g in _grouped(rows, ["bucket"])]
     exact = {k: np.concatenate([g[k] for g in exact]) for k in exact[0]}
     first = sources.current * ORDER_BASE
     dropped = {sources.ref(o): ("duplicate", sources.ref(d))
