@@ -1,12 +1,14 @@
 """Dedup at scale: the curation job's dedup stage (pipelines/dedup.py) over 1, 2 and 4 million
 synthetic hash rows on a local Ray, reporting wall time and the driver's peak RSS.
 
-    python -m bench.dedup [--rows 1000000 2000000 4000000] [--near/--no-near]
+    python -m bench.dedup [--rows 1000000 2000000 4000000] [--near/--no-near] [--one-process]
 
 Each size is written once (bench/out/dedup-N/: staged pieces of 100 000 rows, as the curation
 job stages them; 10 % exact copies of earlier rows, 5 % near copies within 3 bits) and
 deduplicated in a fresh process that starts its own Ray, so every driver starts equal; its
-peak RSS (ru_maxrss) is the figure to compare across sizes. A benchmark prints figures;
+peak RSS (ru_maxrss) is the figure to compare across sizes. ``--one-process`` measures instead
+what the driver held before dedup ran on the cluster: every staged row's hash columns as
+Python lists (the input of ``mmcore.data.dedup.find_duplicates``). A benchmark prints figures;
 record them in docs/BENCHMARKS.md with the command and the machine.
 """
 
@@ -20,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -102,16 +105,37 @@ def run_one(folder: Path, rows: int, near: bool) -> dict:
     }  # fmt: skip
 
 
+def one_process_index(folder: Path, rows: int) -> dict:
+    """The hash columns of every kept row in this process, as the driver once loaded them."""
+    import pyarrow.compute as pc
+
+    from mmcore import storage
+
+    columns = ["key", "sha256", "phash", "thumb"]
+    t0 = time.perf_counter()
+    table = pa.concat_tables(storage.read_parquet(p, [*columns, "status"])
+                             for p in storage.list_files(str(folder / "pieces")))  # fmt: skip
+    table = table.filter(pc.equal(table.column("status"), "success"))
+    index = {c: table.column(c).to_pylist() for c in columns}
+    return {
+        "rows": rows, "one_process_index": len(index["key"]),
+        "load_s": round(time.perf_counter() - t0, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 2_000_000, 4_000_000])
     p.add_argument("--near", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--one-process", action="store_true", help="the old driver's index only")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child process's size
     args = p.parse_args()
     if args.one:
-        print(json.dumps(run_one(build(args.one), args.one, args.near)))
+        measure = one_process_index if args.one_process else partial(run_one, near=args.near)
+        print(json.dumps(measure(build(args.one), args.one)))
         return
-    flag = "--near" if args.near else "--no-near"
+    flag = "--one-process" if args.one_process else "--near" if args.near else "--no-near"
     for rows in args.rows:
         build(rows)
         child = subprocess.run([sys.executable, "-m", "bench.dedup", "--one", str(rows), flag],
