@@ -195,6 +195,7 @@ def make_dir(path: str) -> None:
 def upload_dir(local: str | Path, path: str) -> None:
     """Copy the local folder ``local`` to ``path``, file by file."""
     fs, inner = resolve(path)
+    fs.create_dir(inner, recursive=True)  # a local folder must exist first (a bucket: no-op)
     pafs.copy_files(str(Path(local).resolve()), inner, destination_filesystem=fs)
 
 

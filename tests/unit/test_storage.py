@@ -46,6 +46,15 @@ def test_put_file_moves_a_finished_file_into_place(tmp_path) -> None:
     assert Path(dest).read_bytes() == b"x" * 100 and not src.exists()
 
 
+def test_a_folder_is_uploaded_into_a_new_folder_and_back(tmp_path) -> None:
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    storage.upload_dir(src, dest := storage.join(tmp_path, "runs", "train-1", "model"))
+    storage.download_dir(dest, tmp_path / "copy")
+    assert (tmp_path / "copy" / "config.json").read_text() == "{}"
+
+
 def test_a_failed_write_leaves_no_file_under_its_name(tmp_path) -> None:
     target = tmp_path / "manifest.json"
 
