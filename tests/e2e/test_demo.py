@@ -106,15 +106,15 @@ def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
         assert last_json(done)["n_input"] == summary["samples_in"]
         assert (out / "manifest.json").exists()
 
-        # The same user runs mmray on this machine: it joins the cluster (its tasks run on the
-        # nodes, whose working directory is not the user's) with the token it finds, with
-        # relative paths. Before, auth on in the driver and off on the nodes failed every
-        # task (OwnerDiedError), and relative paths resolved in the nodes' directory.
+        # The same user runs mmray on this machine: it joins the cluster it finds running
+        # here (its tasks run on the nodes, whose working directory is not the user's) with
+        # the token it finds, and relative paths. Before, auth on in the driver and off on
+        # the nodes failed every task (OwnerDiedError), and relative paths resolved in the
+        # nodes' directory.
         local = subprocess.run(
             [str(BIN / "mmray"), "curate", "--config", config, "--input", "meta.parquet",
              "--output", "local-shards", "tracking.enabled=false"],
-            cwd=work, capture_output=True, text=True, timeout=300,
-            env=env | {"RAY_ADDRESS": f"127.0.0.1:{ports['gcs']}"},
+            cwd=work, capture_output=True, text=True, timeout=300, env=env,
         )  # fmt: skip
         assert local.returncode == 0, local.stderr[-3000:]
         assert "Connected to Ray cluster" in local.stderr  # joined, not a Ray of its own
