@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from mmcore import storage
 from mmcore.config import ConfigError, flatten
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,7 @@ def resolve_model(uri: str | Path) -> ModelRef:
 
     text = str(uri)
     if not text.startswith(MODEL_URI_SCHEMES):
-        name = text.rstrip("/").rsplit("/", 1)[-1]
-        return ModelRef(text, text, local_folder(text), name)
+        return ModelRef(text, text, local_folder(text), storage.name(text))
     ref = _registry_ref(text)
     ref.folder = find_export(download_artifacts(ref.resolved))
     return ref

@@ -127,27 +127,27 @@ def deduplicate(
         n_pairs = sum(map(len, later))
         dropped, match = resolve_near(_cat(later), _cat(earlier))
         del later, earlier
-        _write_near(dropped, match, decisions, sources)
+        _write_decisions(decisions, "near.parquet", "near_duplicate", dropped, match, sources)
         log.info("dedup: %d near pairs, %d near duplicates", n_pairs, len(dropped))
     storage.delete_dir(survivors)
     return decisions
 
 
-def _write_near(dropped: np.ndarray, match: np.ndarray, folder: str, sources: Sources) -> None:
-    """The near decisions (sorted by order) as one file per shard, written a shard at a time
-    (key strings for one shard only in memory)."""
+def _write_decisions(
+    folder: str, name: str, status: str, dropped: np.ndarray, kept: np.ndarray, sources: Sources
+) -> None:
+    """Rows ``dropped`` (orders of this job's rows), each a ``status`` of the row ``kept``, as
+    one file per shard, ``SSSSS_<name>``: key strings for one shard at a time in memory."""
     digits = sources.widths[sources.current] - 5  # a key: 5 shard digits, then the index
     shards = (dropped % ORDER_BASE) // 10**digits
-    bounds = np.flatnonzero(np.diff(shards)) + 1
-    for lo, hi in zip([0, *bounds], [*bounds, len(shards)], strict=True):
-        if lo == hi:
-            continue
+    for shard in np.unique(shards):
+        rows = shards == shard
         table = pa.table({
-            "key": [sources.ref(o) for o in dropped[lo:hi]],
-            "status": ["near_duplicate"] * (hi - lo),
-            "duplicate_of": [sources.ref(o) for o in match[lo:hi]],
+            "key": [sources.ref(o) for o in dropped[rows]],
+            "status": [status] * int(rows.sum()),
+            "duplicate_of": [sources.ref(o) for o in kept[rows]],
         })  # fmt: skip
-        storage.write_parquet(storage.join(folder, f"{int(shards[lo]):05d}_near.parquet"), table)
+        storage.write_parquet(storage.join(folder, f"{int(shard):05d}_{name}"), table)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
@@ -166,14 +166,7 @@ def _split(
     dup_of = batch.get("dup_of", np.full(len(order), -1, np.int64))
     name = f"{int(order.min())}.parquet"  # unique: every order is in one block only
     mine = (dup_of >= 0) & (order >= sources.current * ORDER_BASE)
-    if mine.any():
-        keys = [sources.ref(o) for o in order[mine]]
-        table = pa.table({"key": keys, "status": ["duplicate"] * len(keys),
-                          "duplicate_of": [sources.ref(o) for o in dup_of[mine]]})  # fmt: skip
-        shards = np.asarray([int(k[:5]) for k in keys])
-        for shard in np.unique(shards):
-            path = storage.join(decisions, f"{shard:05d}_{name}")
-            storage.write_parquet(path, table.filter(pa.array(shards == shard)))
+    _write_decisions(decisions, name, "duplicate", order[mine], dup_of[mine], sources)
     kept = dup_of < 0
     if not kept.any():
         return {"file": np.asarray([""])}
@@ -184,7 +177,7 @@ def _split(
 
 
 def read_decisions(folder: str, shard: int) -> dict[str, tuple[str, str]]:
-    """The exact decisions for one shard: ``{key: (status, duplicate_of)}``."""
+    """The dedup decisions for one shard: ``{key: (status, duplicate_of)}``."""
     out = {}
     for path in storage.list_files(folder, ".parquet", prefix=f"{shard:05d}_"):
         for row in storage.read_parquet(path).to_pylist():
