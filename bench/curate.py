@@ -1,22 +1,28 @@
 """Curation throughput: mmray curate (Ray Data) vs img2dataset, same corpus, same machine.
 
-    python bench/curate.py [--n 3000] [--image-size 256] [--resize-mode center_crop]
+    python -m bench.curate [--n 4000] [--timeout 5] [--warm-ray] [--tracking false] [KEY=VALUE ...]
 
-Builds (once, cached in bench/out/) a corpus of photo-like images, 200-1200 px a side, mostly
-JPEG, serves it over HTTP on 127.0.0.1 from a separate process, then runs each tool on it
-as a fresh command (with --warm-ray, mmray joins a Ray cluster started beforehand, as under
-`ray job submit`) with the same image size, resize mode, encode quality, shard size and
-cores, and prints input rows/s for each (wall time of the whole command, start-up included)
-and their ratio. img2dataset runs from its own virtualenv (.venv-img2dataset; `make
-bench-venv`), since its pins (webdataset<0.3, pandas<3) clash with ours. A benchmark prints
-figures; record them in docs/BENCHMARKS.md with the command and the machine.
+Builds (once, cached in bench/out/web-0/) a corpus that looks like a web crawl (``JUNK``:
+hanging and dropped connections, 404s and 500s, corrupt bytes, tiny images and banners,
+exact copies at other URLs, slow hosts, one-word file-name captions; photos of mixed sizes
+up to 3000 px), serves it over HTTP on 127.0.0.1 from a separate process
+(``pipelines.local.ImageServer``), then runs each tool on it as a fresh command, both cold:
+mmray starts its own Ray (with --warm-ray it joins one started beforehand, as under `ray
+job submit`) and creates a new embedded MLflow store. Same image size, resize mode, encode
+quality, shard size, timeout, no retries, 16 download threads and all cores for both; prints
+input rows/s for each (wall time of the whole command) and their ratio. img2dataset runs
+from its own virtualenv (.venv-img2dataset; `make bench-venv`), since its pins
+(webdataset<0.3, pandas<3) clash with ours. A benchmark prints figures; record them in
+docs/BENCHMARKS.md with the command and the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -36,11 +42,14 @@ OUT = ROOT / "bench" / "out"
 I2D = ROOT / ".venv-img2dataset" / "bin" / "img2dataset"
 
 
-def photo(rng: np.random.Generator) -> Image.Image:
-    """A photo-like image: smooth colour field, a few shapes, sensor-like noise."""
-    w, h = (int(v) for v in rng.integers(200, 1201, size=2))
-    if max(w, h) / min(w, h) > 2.5:
-        w = min(w, int(h * 2.5))
+NOISE = np.random.default_rng(1).normal(0, 6, size=(600, 600, 3)).astype(np.int16)
+
+
+def photo(rng: np.random.Generator, w: int, h: int) -> Image.Image:
+    """A photo-like image: smooth colour field, a few shapes, sensor-like noise (a random
+    window of a tiled noise field). Large ones are drawn at half size and upscaled."""
+    if max(w, h) > 1200:
+        return photo(rng, w // 2, h // 2).resize((w, h), Image.Resampling.BICUBIC)
     field = Image.fromarray(rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8))
     img = field.resize((w, h), Image.Resampling.BICUBIC)
     draw = ImageDraw.Draw(img)
@@ -48,31 +57,117 @@ def photo(rng: np.random.Generator) -> Image.Image:
         x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.05, 0.3) * min(w, h)
         fill = tuple(int(c) for c in rng.integers(0, 256, size=3))
         draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-    noisy = np.asarray(img, np.int16) + rng.normal(0, 6, size=(h, w, 3)).astype(np.int16)
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    y0, x0 = (int(v) for v in rng.integers(0, 600, size=2))
+    noise = np.tile(NOISE, (h // 600 + 2, w // 600 + 2, 1))[y0 : y0 + h, x0 : x0 + w]
+    return Image.fromarray(np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8))
+
+
+# The junk of a web crawl, as shares of the rows (the rest are photos that download fine):
+# what each row's URL does on the bench's host (pipelines.local.ImageServer's routes).
+JUNK = {
+    "hang": 0.007,  # the host never answers: the client's timeout ends it
+    "drop": 0.003,  # the connection is closed unanswered
+    "http404": 0.03,
+    "http500": 0.01,
+    "corrupt": 0.01,  # truncated or garbage bytes
+    "tiny": 0.01,  # 8-31 px a side
+    "extreme": 0.01,  # banners, 12:1 and more
+    "duplicate": 0.05,  # the same bytes as an earlier row, at another URL
+    "slow": 0.10,  # a slow host: 0.2-2 s before the answer
+}
+NO_FILE = {"hang", "drop", "http404", "http500", "duplicate"}
+
+
+def _side(rng: np.random.Generator) -> tuple[int, int]:
+    """Mixed sizes: 15 % small (64-200 px), 70 % medium (200-1200), 15 % large (to 3000)."""
+    lo, hi = [(64, 200), (200, 1200), (1200, 3000)][rng.choice(3, p=[0.15, 0.7, 0.15])]
+    w, h = (int(v) for v in rng.integers(lo, hi + 1, size=2))
+    return min(w, int(h * 2.5)), min(h, int(w * 2.5))
+
+
+@dataclasses.dataclass
+class WebRow:
+    kind: str  # "photo" or a key of JUNK
+    caption: str
+    name: str  # image file name (kinds that have one)
+    size: tuple[int, int]
+    draw: float  # uniform [0, 1): which earlier photo a duplicate copies, how late a host is
+
+
+def web_row(i: int, seed: int) -> WebRow:
+    """Row ``i`` of the web-like corpus, drawn from its own seed: a corpus of n rows is the
+    first n rows of any larger one, and image files are made once."""
+    rng = np.random.default_rng([seed, i])
+    u, kind = rng.random(), "photo"
+    for name, share in JUNK.items():
+        if u < share:
+            kind = name
+            break
+        u -= share
+    png = rng.random() < 0.1  # only where the image is small: web PNGs are mostly graphics
+    one_word = rng.random() < 0.05
+    caption = f"IMG_{i:04d}.jpg" if one_word else f"a photo of some coloured circles, {i}"
+    w, h = {"tiny": (int(rng.integers(8, 32)), int(rng.integers(8, 32))),
+            "extreme": (int(rng.integers(1200, 3000)), int(rng.integers(60, 100)))
+            }.get(kind) or _side(rng)  # fmt: skip
+    name = f"{i:06d}.{'png' if png and max(w, h) <= 600 else 'jpg'}"
+    return WebRow(kind, caption, name, (w, h), float(rng.random()))
+
+
+def make_image(row: WebRow, images: Path, seed: int, i: int) -> None:
+    path = images / row.name
+    if path.exists():
+        return
+    rng = np.random.default_rng([seed, i, 1])
+    buf = io.BytesIO()
+    photo(rng, *row.size).save(buf, "PNG" if row.name.endswith("png") else "JPEG", quality=90)
+    data = buf.getvalue()
+    if row.kind == "corrupt":  # the first half, or as many random bytes
+        data = data[: len(data) // 2] if rng.random() < 0.5 else rng.bytes(len(data) // 2)
+    path.write_bytes(data)
+
+
+def url_path(row: WebRow, i: int, photos: list[str]) -> str:
+    """What the row's URL asks of the bench's host (``pipelines.local.ImageServer``)."""
+    match row.kind:
+        case "hang":
+            return "slow/600"  # answers after the client's timeout
+        case "drop":
+            return "drop"
+        case "http404":
+            return f"images/gone-{i}.jpg"
+        case "http500":
+            return "status/500"
+        case "duplicate" if photos:
+            return f"{photos[int(row.draw * len(photos))]}?copy={i}"
+        case "slow":
+            return f"late/{0.2 + 1.8 * row.draw:.2f}/{row.name}"
+    return f"images/{row.name}"
 
 
 def build_corpus(n: int, seed: int = 0) -> Path:
-    corpus = OUT / f"corpus-{n}-{seed}"
-    meta = corpus / "metadata.parquet"
+    """The web-like corpus of ``n`` rows: images/ and metadata-N.parquet (path, caption)."""
+    corpus = OUT / f"web-{seed}"
+    meta = corpus / f"metadata-{n}.parquet"
     if meta.exists():
-        return corpus
+        return meta
     images = corpus / "images"
     images.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    files, captions = [], []
     t0 = time.perf_counter()
-    for i in range(n):
-        fmt = "png" if i % 10 == 9 else "jpg"
-        buf = io.BytesIO()
-        photo(rng).save(buf, "PNG" if fmt == "png" else "JPEG", quality=90)
-        (images / f"{i:06d}.{fmt}").write_bytes(buf.getvalue())
-        files.append(f"{i:06d}.{fmt}")
-        captions.append(f"a photo of some coloured circles, number {i}")
-    pq.write_table(pa.table({"file": files, "caption": captions}), meta)
+    rows = [web_row(i, seed) for i in range(n)]
+    with_file = [(r, images, seed, i) for i, r in enumerate(rows) if r.kind not in NO_FILE]
+    with multiprocessing.Pool(CORES) as pool:
+        pool.starmap(make_image, with_file, chunksize=16)
+    paths, photos = [], []
+    for i, row in enumerate(rows):
+        paths.append(url_path(row, i, photos))
+        if row.kind == "photo":
+            photos.append(paths[-1])
+    captions = [r.caption for r in rows]
+    pq.write_table(pa.table({"path": paths, "caption": captions}), meta)
     size = sum(p.stat().st_size for p in images.iterdir()) / 2**20
-    print(f"corpus: {n} images, {size:.0f} MiB, built in {time.perf_counter() - t0:.0f}s")
-    return corpus
+    print(f"corpus: {n} rows, {size:.0f} MiB of images, built in {time.perf_counter() - t0:.0f}s")
+    return meta
 
 
 def timed(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, str]:
@@ -90,10 +185,19 @@ def run_mmray(meta: Path, out: Path, args: argparse.Namespace) -> dict:
         sys.executable, "-m", "pipelines.curate", "--input", str(meta), "--output", str(out),
         "--image-size", str(args.image_size), "--resize-mode", args.resize_mode,
         "--encode-quality", "95", "--samples-per-shard", "1000", "--threads", "16",
-        "tracking.enabled=false", f"compute.rows_per_task={args.rows_per_task}",
+        "--timeout", str(args.timeout), "--retries", "0",
+        f"compute.rows_per_task={args.rows_per_task}", f"tracking.enabled={args.tracking}",
         "image.min_side=0", "image.max_aspect_ratio=100",  # img2dataset's filters: none
+        *args.overrides,
     ]  # fmt: skip
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    # A user's first run: a new embedded MLflow store (the run, params, artifacts, lineage).
+    store = OUT / "mlflow-bench"
+    subprocess.run(["rm", "-rf", str(store)], check=True)
+    store.mkdir(parents=True)
+    env = os.environ | {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
+    }
     if args.warm_ray:  # a running cluster, as under `ray job submit`: no start-up per job
         ray = str(Path(sys.executable).with_name("ray"))
         head = [ray, "start", "--head", f"--num-cpus={CORES}", "--disable-usage-stats"]
@@ -105,6 +209,7 @@ def run_mmray(meta: Path, out: Path, args: argparse.Namespace) -> dict:
         if args.warm_ray:
             subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)
     summary = json.loads(stdout.strip().splitlines()[-1])
+    print("mmray:", summary["status_counts"])
     return {"wall_s": wall, "kept": summary["n_samples"], "in_job_s": summary["elapsed_s"]}
 
 
@@ -115,10 +220,16 @@ def run_img2dataset(meta: Path, out: Path, args: argparse.Namespace) -> dict:
         "webdataset", "--image_size", str(args.image_size), "--resize_mode", args.resize_mode,
         "--encode_quality", "95", "--number_sample_per_shard", "1000", "--thread_count", "16",
         "--processes_count", str(CORES), "--distributor", "multiprocessing",
-        "--timeout", "10", "--retries", "0", "--enable_wandb", "False",
+        "--timeout", str(args.timeout), "--retries", "0", "--enable_wandb", "False",
     ]  # fmt: skip
     wall, _ = timed(cmd, OUT / "img2dataset.log")
-    kept = sum(json.loads(p.read_text())["successes"] for p in out.glob("*_stats.json"))
+    stats = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
+    errors: dict[str, int] = {}
+    for shard in stats:
+        for message, count in shard["status_dict"].items():
+            errors[message[:40]] = errors.get(message[:40], 0) + count
+    print("img2dataset:", dict(sorted(errors.items(), key=lambda kv: -kv[1])[:8]))
+    kept = sum(shard["successes"] for shard in stats)
     return {"wall_s": wall, "kept": kept}
 
 
@@ -127,19 +238,21 @@ def main() -> None:
     p.add_argument("--n", type=int, default=3000)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--resize-mode", default="center_crop")
-    p.add_argument("--rows-per-task", type=int, default=250)
+    p.add_argument("--rows-per-task", type=int, default=256)
     p.add_argument("--skip-img2dataset", action="store_true")
+    p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--warm-ray", action="store_true", help="run mmray on a started Ray cluster")
+    p.add_argument("--tracking", default="true", help="mmray's tracking.enabled")
+    p.add_argument("overrides", nargs="*", help="more KEY=VALUE settings for mmray")
     args = p.parse_args()
     corpus = build_corpus(args.n)
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.local", str(corpus / "images"), str(port)], cwd=ROOT
-    )
+    images = corpus.parent / "images"
+    server = subprocess.Popen([sys.executable, "-m", "pipelines.local", str(images), str(port)])
     try:
         time.sleep(1.0)
-        table = pq.read_table(corpus / "metadata.parquet")
-        urls = [f"http://127.0.0.1:{port}/images/{f}" for f in table.column("file").to_pylist()]
+        table = pq.read_table(corpus)
+        urls = [f"http://127.0.0.1:{port}/{path}" for path in table.column("path").to_pylist()]
         meta = OUT / "bench-metadata.parquet"
         pq.write_table(table.append_column("url", pa.array(urls)), meta)
         results = {}
@@ -152,7 +265,7 @@ def main() -> None:
     finally:
         server.terminate()
     ray_mode = "warm Ray cluster" if args.warm_ray else "Ray started by the job"
-    print(f"\n{args.n} images, {args.image_size}px {args.resize_mode}, {CORES} cores, {ray_mode}")
+    print(f"\n{args.n} rows, {args.image_size}px {args.resize_mode}, {CORES} cores, {ray_mode}")
     print(f"{'tool':<13}{'wall s':>9}{'rows/s':>9}{'per core':>10}{'kept':>7}")
     for name, r in results.items():
         rate = args.n / r["wall_s"]

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -34,6 +35,30 @@ class TrackingConfig:
 def tracking_uri() -> str:
     """The tracking URI jobs use: the environment's, else an embedded local store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+_warm_up: threading.Thread | None = None
+
+
+def warm_up(cfg: TrackingConfig) -> None:
+    """Open the store and the experiment on a background thread while the job starts (an
+    embedded store is created in ~4 s: importing mlflow, creating its tables); ``start_run``
+    waits for it. A failure here is left for ``start_run`` to report."""
+    global _warm_up
+    if not cfg.enabled or _warm_up is not None:
+        return
+
+    def open_store() -> None:
+        try:
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri())
+            mlflow.set_experiment(cfg.experiment)
+        except Exception:  # noqa: BLE001 - start_run opens it again and says what failed
+            log.debug("MLflow warm-up failed", exc_info=True)
+
+    _warm_up = threading.Thread(target=open_store, name="mlflow-warm-up", daemon=True)
+    _warm_up.start()
 
 
 class NullTracker:
@@ -111,6 +136,8 @@ def start_run(
     if not cfg.enabled:
         yield NullTracker()
         return
+    if _warm_up is not None:
+        _warm_up.join()
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())

@@ -141,8 +141,9 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
         t1 = time.perf_counter()
         width = len(shard_key(0, 0, cfg.output.samples_per_shard))
         decisions = deduplicate(
-            cfg.dedup, piece_paths(pieces), width, cfg.dedup.against_uris, work, plan["n_rows"]
-        )
+            cfg.dedup, piece_paths(pieces), width, cfg.dedup.against_uris, work, plan["n_rows"],
+            cfg.compute.dedup_one_task_rows,
+        )  # fmt: skip
         log.info("dedup in %.1fs", time.perf_counter() - t1)
         t1 = time.perf_counter()
         _finalize(cfg, todo, decisions, pieces)
@@ -263,7 +264,8 @@ def work(cfg: CurateConfig) -> dict[str, Any]:
 
 
 def need(cfg: CurateConfig) -> job.Need:
-    return job.Need(cpus=cfg.compute.num_cpus)  # room for one processing task at least
+    # Room for one processing task at least; Ray Data needs no dashboard
+    return job.Need(cpus=cfg.compute.num_cpus, dashboard=False)
 
 
 def main(argv: list[str] | None = None) -> int:

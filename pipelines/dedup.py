@@ -82,9 +82,12 @@ def _files(paths: Sequence[str], **columns: Sequence) -> Any:
 
 def deduplicate(
     cfg: DedupConfig, pieces: Sequence[str], key_width: int, against: Sequence[str], work: str,
-    rows_hint: int,
+    rows_hint: int, one_task_rows: int = 0,
 ) -> str:  # fmt: skip
-    """Find this job's duplicates among the staged ``pieces`` and the ``against`` outputs.
+    """Find this job's duplicates among the staged ``pieces`` and the ``against`` outputs;
+    ``rows_hint``: this job's rows at most. Up to ``one_task_rows`` rows (with the earlier
+    outputs'), in one task: the same rules without the shuffles, whose start-up (~7 s here)
+    outweighs a small job's work.
 
     Returns the folder of decisions: ``SSSSS_*.parquet`` (key, status, duplicate_of) for each
     shard with any (``read_decisions``)."""
@@ -94,10 +97,19 @@ def deduplicate(
     sources = Sources(tuple(priors), (*widths, key_width))
     paths = [*pieces, *(p for files in priors.values() for p in files)]
     origin = [sources.current] * len(pieces) + [i for i, f in enumerate(priors.values()) for _ in f]
+    survivors, decisions = storage.join(work, "survivors"), storage.join(work, "decisions")
+    storage.delete_dir(survivors)
+    storage.delete_dir(decisions)
+    prior_rows = sum(storage.read_json(storage.join(u, MANIFEST))["n_samples"] for u in priors)
+    if rows_hint + prior_rows <= one_task_rows:
+        import ray
+
+        task = ray.remote(_in_one_task).remote(cfg, paths, origin, sources, decisions)
+        log.info("dedup in one task: %d near pairs, %d near duplicates", *ray.get(task))
+        return decisions
     # Ray Data's default of 200 shuffle partitions costs minutes of task overhead on a
-    # small job; one partition per ROWS_PER_PARTITION rows (the ones seen here, and the
-    # earlier outputs' by their row counts: as many again at most, they hold no failures).
-    parts = max(1, math.ceil(rows_hint * (1 + len(priors)) / ROWS_PER_PARTITION))
+    # small job: one partition per ROWS_PER_PARTITION rows.
+    parts = max(1, math.ceil((rows_hint + prior_rows) / ROWS_PER_PARTITION))
     rows = _files(paths, source=origin).map_batches(
         _read_rows, fn_kwargs={"sources": sources, "partitions": 4 * parts}, batch_size=None,
         batch_format="numpy",
@@ -105,9 +117,6 @@ def deduplicate(
     if cfg.exact:
         grouped = rows.groupby("bucket", num_partitions=parts)
         rows = grouped.map_groups(exact_group, batch_format="numpy")
-    survivors, decisions = storage.join(work, "survivors"), storage.join(work, "decisions")
-    storage.delete_dir(survivors)
-    storage.delete_dir(decisions)
     kwargs = {"survivors": survivors, "decisions": decisions, "sources": sources}
     written = rows.map_batches(_split, fn_kwargs=kwargs, batch_format="numpy", batch_size=None)
     files = [f for f in written.to_pandas()["file"] if f]
@@ -160,20 +169,49 @@ def _split(
     """One block after the exact stage: this job's exact duplicates → decision files per
     shard; the rows kept (``dup_of`` -1, or no exact stage) → a survivors file for the near
     stage. Returns that file's path ("" for none)."""
-    order = batch["order"]
-    if not len(order):
+    if not len(batch["order"]):
         return {"file": np.asarray([""])}
-    dup_of = batch.get("dup_of", np.full(len(order), -1, np.int64))
-    name = f"{int(order.min())}.parquet"  # unique: every order is in one block only
-    mine = (dup_of >= 0) & (order >= sources.current * ORDER_BASE)
-    _write_decisions(decisions, name, "duplicate", order[mine], dup_of[mine], sources)
-    kept = dup_of < 0
+    name = f"{int(batch['order'].min())}.parquet"  # unique: every order is in one block only
+    kept = _exact_decisions(batch, decisions, name, sources)
     if not kept.any():
         return {"file": np.asarray([""])}
     columns = ("order", "phash", "thumb")
     table = pa.table({c: batch[c][kept] for c in columns})
     storage.write_parquet(path := storage.join(survivors, name), table)
     return {"file": np.asarray([path])}
+
+
+def _exact_decisions(
+    batch: dict[str, np.ndarray], decisions: str, name: str, sources: Sources
+) -> np.ndarray:
+    """Write this job's exact duplicates among ``batch`` (after ``exact_group``, or all kept
+    without it) as decision files named ``SSSSS_<name>``; returns the mask of rows kept."""
+    order = batch["order"]
+    dup_of = batch.get("dup_of", np.full(len(order), -1, np.int64))
+    mine = (dup_of >= 0) & (order >= sources.current * ORDER_BASE)
+    _write_decisions(decisions, name, "duplicate", order[mine], dup_of[mine], sources)
+    return dup_of < 0
+
+
+def _in_one_task(
+    cfg: DedupConfig, paths: list[str], origin: list[int], sources: Sources, decisions: str
+) -> tuple[int, int]:
+    """A small job's whole dedup: exact groups, then every kept row against all earlier ones
+    (what the band buckets narrow down to candidates), then the key-order rule. Returns the
+    numbers of near pairs and near duplicates."""
+    table = _read_rows({"path": paths, "source": origin}, sources, partitions=1)
+    rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("order", "sha256",
+            "phash", "thumb")}  # fmt: skip
+    if cfg.exact:
+        rows = exact_group(rows)
+        kept = _exact_decisions(rows, decisions, "exact.parquet", sources)
+        rows = {k: v[kept] for k, v in rows.items()}
+    if not cfg.near or not len(rows["order"]):
+        return 0, 0
+    pairs = near_pairs(rows, cfg, sources.current * ORDER_BASE)
+    dropped, match = resolve_near(pairs["later"], pairs["earlier"])
+    _write_decisions(decisions, "near.parquet", "near_duplicate", dropped, match, sources)
+    return len(pairs["later"]), len(dropped)
 
 
 def read_decisions(folder: str, shard: int) -> dict[str, tuple[str, str]]:

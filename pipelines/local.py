@@ -18,7 +18,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import requests
 
@@ -59,6 +59,8 @@ class ImageServer:
         /images/NAME        the file (404 when missing); ``delay_s`` before each answer
         /status/CODE        an empty answer with that HTTP status
         /slow/SECONDS       waits, then answers 200 with a few bytes
+        /late/SECONDS/NAME  waits, then sends the file (a slow host)
+        /drop               closes the connection without an answer
         /drip               sends one byte every 0.2 s for up to 30 s (never a full body)
         /flaky/NAME         503 on the first request for NAME, then the file
         /redirect/NAME      302 to /images/NAME; /loop redirects to itself
@@ -102,7 +104,7 @@ class ImageServer:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 server.hits[self.path] += 1
                 server.user_agents.add(self.headers.get("User-Agent", ""))
-                kind, _, arg = self.path.lstrip("/").partition("/")
+                kind, _, arg = urlsplit(self.path).path.lstrip("/").partition("/")
                 with server._lock:
                     server._in_flight[self.path] += 1
                     most = max(server.max_in_flight[self.path], server._in_flight[self.path])
@@ -130,6 +132,13 @@ class ImageServer:
                 elif kind == "slow":
                     time.sleep(float(arg))
                     self._send(200, b"late")
+                elif kind == "late":
+                    seconds, _, name = arg.partition("/")
+                    time.sleep(float(seconds))
+                    self._file(server.root / name)
+                elif kind == "drop":
+                    self._answered()
+                    self.close_connection = True  # the server closes the socket unanswered
                 elif kind == "drip":
                     self.send_response(200)
                     self.send_header("Content-Length", "1000")

@@ -109,9 +109,14 @@ class ComputeConfig:
     """How the work is spread over Ray; changes speed, never the result."""
 
     rows_per_task: int = 256  # input rows per task; fetch.threads download within it
-    num_cpus: float = 1.0  # CPUs reserved per processing task
+    # CPUs reserved per processing task: two tasks per CPU, so that while one waits on slow
+    # or hanging hosts (its last downloads), the other keeps the CPU busy
+    num_cpus: float = 0.5
     process_threads: int = 1  # image-processing threads per task (~1 core each)
     concurrency: int | None = None  # max processing tasks at once (None: as CPUs allow)
+    # Up to this many rows (with dedup.against's), dedup runs as one task, not as shuffles
+    # whose start-up outweighs a small job's work; all-pairs near matching, O(rows²)
+    dedup_one_task_rows: int = 20_000
 
 
 @dataclasses.dataclass(kw_only=True)

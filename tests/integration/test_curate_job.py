@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -31,6 +32,7 @@ from mmcore.config import ConfigError, load_config
 from mmcore.data.dedup import DedupConfig, find_duplicates
 from mmcore.data.shards import file_sha256
 from pipelines.curate import CurateConfig, format_table, main, run
+from pipelines.dedup import deduplicate, read_decisions
 from tests.helpers import sigkill_when
 
 pytestmark = pytest.mark.integration
@@ -112,9 +114,9 @@ def test_every_input_row_is_accounted_for(first_run, metadata, sample_dir, image
     assert elapsed < 240  # the slow and dripping endpoints did not hang the job
 
 
-def test_the_cluster_dedup_equals_the_one_process_dedup(first_run) -> None:
-    """Dedup ran as Ray Data groupbys; mmcore's one-process dedup over the same hash columns
-    gives the same statuses and duplicate_of, row for row."""
+def test_the_jobs_dedup_equals_the_one_process_dedup(first_run) -> None:
+    """mmcore's one-process dedup over the hash columns of the output gives the same statuses
+    and duplicate_of, row for row, as the job's dedup."""
     out, _, _ = first_run
     seen = [r for r in read_all_parquet(out)
             if r["status"] in ("success", "duplicate", "near_duplicate")]  # fmt: skip
@@ -125,6 +127,47 @@ def test_the_cluster_dedup_equals_the_one_process_dedup(first_run) -> None:
     assert {s for s, _ in expected.values()} == {"duplicate", "near_duplicate"}
 
 
+def test_dedup_in_one_task_equals_the_group_bys(ray_address, tmp_path) -> None:
+    """A small job's dedup runs in one task, a large one's as Ray Data group-bys: on the same
+    staged rows (exact copies, near copies at 0-8 bits, some in other colours, across
+    shards) both decide exactly what the one-process dedup decides."""
+    rng = np.random.default_rng(0)
+    n, keys = 3000, [f"{i // 1000:05d}{i % 1000:04d}" for i in range(3000)]
+    sha = [f"{i:064x}" for i in range(n)]
+    phash = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
+    thumbs = [bytes([128] * 48)] * n
+    for i in rng.choice(np.arange(1, n), 600, replace=False).tolist():
+        j = int(rng.integers(0, i))
+        if rng.random() < 0.4:
+            sha[i], phash[i] = sha[j], phash[j]
+        else:
+            bits = rng.choice(64, int(rng.integers(0, 9)), replace=False).tolist()
+            phash[i] = phash[j] ^ np.uint64(sum(1 << b for b in bits))
+            thumbs[i] = bytes([128 if rng.random() < 0.7 else 200] * 48)
+    pieces = tmp_path / "pieces"
+    pieces.mkdir()
+    for shard in range(3):
+        rows = slice(shard * 1000, shard * 1000 + 1000)
+        table = pa.table(
+            {
+                "key": keys[rows],
+                "status": ["success"] * 1000,
+                "sha256": sha[rows],
+                "phash": pa.array(phash[rows], pa.uint64()),
+                "thumb": thumbs[rows],
+            }
+        )
+        pq.write_table(table, pieces / f"{shard:05d}_{keys[rows][0]}.parquet")  # fmt: skip
+    paths = sorted(str(p) for p in pieces.iterdir())
+    expected = find_duplicates(keys, sha, phash.tolist(), thumbs, DedupConfig())
+    assert {s for s, _ in expected.values()} == {"duplicate", "near_duplicate"}
+    for one_task_rows in (n, 0):
+        work = str(tmp_path / f"work-{one_task_rows}")
+        folder = deduplicate(DedupConfig(), paths, 9, [], work, n, one_task_rows)
+        got = {k: v for shard in range(3) for k, v in read_decisions(folder, shard).items()}
+        assert got == expected, one_task_rows
+
+
 def test_dedup_against_an_earlier_output_keeps_nothing_seen_there(
     first_run, metadata, tmp_path
 ) -> None:
@@ -132,7 +175,9 @@ def test_dedup_against_an_earlier_output_keeps_nothing_seen_there(
     (read from its shard parquet, not decoded again). Every image kept there is a duplicate
     of it now, named by that output and key; the near copies are near duplicates of it."""
     out, summary, _ = first_run
-    again = run(config(metadata, tmp_path / "again", f"dedup.against={out}"))
+    # As a large job would (the group-bys; a small one's dedup in one task reads the same)
+    again = run(config(metadata, tmp_path / "again", f"dedup.against={out}",
+                       "compute.dedup_one_task_rows=0"))  # fmt: skip
     assert again["n_samples"] == 0 and again["n_input"] == summary["n_input"]
     before = {r["key"]: r for r in read_all_parquet(out)}
     for row in read_all_parquet(tmp_path / "again"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mmcore import tracking
 from mmcore.config import ConfigError
 from mmcore.tracking import TrackingConfig
 from mmcore.training import DataStalled, within
@@ -63,6 +65,41 @@ def test_job_main_prints_only_the_json_line_on_stdout(capsys) -> None:
     assert job.main("mmray x", lambda: {"n": 1}, work, bad) == 2
     out, err = capsys.readouterr()
     assert out == "" and "mmray x: error: shards missing" in err
+
+
+def test_the_tracking_store_opens_while_the_job_starts(monkeypatch, tmp_path) -> None:
+    """job.main opens the MLflow store on a thread before the work; the work's run lands in
+    it. A store that cannot be opened fails in start_run, with MLflow's error."""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setattr(tracking, "_warm_up", None)
+
+    @dataclasses.dataclass
+    class Config:
+        tracking: TrackingConfig = dataclasses.field(
+            default_factory=lambda: TrackingConfig(experiment="warm")
+        )
+
+    def work(cfg: Config) -> dict:
+        assert tracking._warm_up is not None  # started before the work
+        with tracking.start_run(cfg.tracking, run_name="r") as tracker:
+            return {"run_id": tracker.run_id}
+
+    assert job.main("mmray x", Config, work) == 0
+    runs = mlflow.MlflowClient(store).search_runs(
+        [mlflow.MlflowClient(store).get_experiment_by_name("warm").experiment_id]
+    )
+    assert [r.info.run_name for r in runs] == ["r"]
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a-file' / 'm.db'}")
+    monkeypatch.setattr(tracking, "_warm_up", None)
+    tracking.warm_up(TrackingConfig())
+    with pytest.raises(Exception, match="a-file"):
+        with tracking.start_run(TrackingConfig()):
+            pass
 
 
 def test_within_passes_items_through_and_stops_a_stalled_loader() -> None:

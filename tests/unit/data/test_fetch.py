@@ -51,6 +51,12 @@ def test_connection_refused_is_retried_then_reported() -> None:
     assert status == "failed_to_download" and message.endswith("after 2 attempts")
 
 
+def test_a_dropped_connection_is_retried_then_reported(server: ImageServer) -> None:
+    status, message = reason(f"{server.url}/drop", FetchConfig(retries=1, backoff_s=0.01))
+    assert status == "failed_to_download" and "closed" in message.lower(), message
+    assert message.endswith("after 2 attempts") and server.hits["/drop"] == 2
+
+
 def test_retry_recovers_from_a_transient_error(server: ImageServer) -> None:
     cfg = FetchConfig(retries=1, backoff_s=0.01)
     assert fetch(f"{server.url}/flaky/a.jpg", cfg) == b"A" * 1000
