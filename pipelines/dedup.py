@@ -3,16 +3,18 @@
 The staged rows' hash columns (and, with ``dedup.against``, the kept rows of earlier curated
 outputs, read from their shard parquet) are grouped by sha256 (exact duplicates: groups of
 a few leading hex digits, each handled vectorised) and by phash band (near-duplicate
-candidates) in Ray Data shuffles; the driver holds only the near pairs found, as two int64
-arrays, and replays the key-order rule over them. The decisions
-are written per shard (``SSSSS.parquet``: key, status, duplicate_of) for the finalize tasks.
-The result equals ``mmcore.data.dedup.find_duplicates`` run in one process.
+candidates) in Ray Data shuffles; the near pairs found go to files, and one task replays
+the key-order rule over them (the driver holds file names only). A small job does it all in
+one task instead. The decisions are written per shard (``SSSSS_*.parquet``: key, status,
+duplicate_of) for the finalize tasks. The result equals
+``mmcore.data.dedup.find_duplicates`` run in one process.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,12 +100,13 @@ def deduplicate(
     paths = [*pieces, *(p for files in priors.values() for p in files)]
     origin = [sources.current] * len(pieces) + [i for i, f in enumerate(priors.values()) for _ in f]
     survivors, decisions = storage.join(work, "survivors"), storage.join(work, "decisions")
-    storage.delete_dir(survivors)
-    storage.delete_dir(decisions)
+    pairs_dir = storage.join(work, "pairs")
+    for folder in (survivors, decisions, pairs_dir):
+        storage.delete_dir(folder)
     prior_rows = sum(storage.read_json(storage.join(u, MANIFEST))["n_samples"] for u in priors)
-    if rows_hint + prior_rows <= one_task_rows:
-        import ray
+    import ray
 
+    if rows_hint + prior_rows <= one_task_rows:
         task = ray.remote(_in_one_task).remote(cfg, paths, origin, sources, decisions)
         log.info("dedup in one task: %d near pairs, %d near duplicates", *ray.get(task))
         return decisions
@@ -119,7 +122,7 @@ def deduplicate(
         rows = grouped.map_groups(exact_group, batch_format="numpy")
     kwargs = {"survivors": survivors, "decisions": decisions, "sources": sources}
     written = rows.map_batches(_split, fn_kwargs=kwargs, batch_format="numpy", batch_size=None)
-    files = [f for f in written.to_pandas()["file"] if f]
+    files = _written(written)
     if cfg.near and files:
         first_current = sources.current * ORDER_BASE
         pairs = (
@@ -129,16 +132,14 @@ def deduplicate(
             .groupby(["band", "value"], num_partitions=parts)
             .map_groups(near_pairs, fn_args=(cfg, first_current), batch_format="numpy")
         )  # fmt: skip
-        later, earlier = [], []
-        for batch in pairs.iter_batches(batch_format="numpy", batch_size=None):
-            later.append(batch["later"])
-            earlier.append(batch["earlier"])
-        n_pairs = sum(map(len, later))
-        dropped, match = resolve_near(_cat(later), _cat(earlier))
-        del later, earlier
-        _write_decisions(decisions, "near.parquet", "near_duplicate", dropped, match, sources)
-        log.info("dedup: %d near pairs, %d near duplicates", n_pairs, len(dropped))
+        # The pairs go to files, and one task resolves them: the driver holds none of them.
+        pair_files = _written(pairs.map_batches(
+            _write_pairs, fn_kwargs={"folder": pairs_dir}, batch_size=None, batch_format="numpy"
+        ))  # fmt: skip
+        task = ray.remote(_resolve_in_task).remote(pair_files, decisions, sources)
+        log.info("dedup: %d near pairs, %d near duplicates", *ray.get(task))
     storage.delete_dir(survivors)
+    storage.delete_dir(pairs_dir)
     return decisions
 
 
@@ -159,8 +160,40 @@ def _write_decisions(
         storage.write_parquet(storage.join(folder, f"{int(shard):05d}_{name}"), table)
 
 
+def _written(ds: Any) -> list[str]:
+    """The files a dataset of ``{"file": path or ""}`` rows wrote (none: no rows at all)."""
+    return [row["file"] for row in ds.iter_rows() if row["file"]]
+
+
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _write_pairs(batch: dict[str, np.ndarray], folder: str) -> dict[str, np.ndarray]:
+    """One block of near pairs → a file in ``folder``; returns its path ("" for none)."""
+    if not len(batch["later"]):
+        return {"file": np.asarray([""])}
+    path = storage.join(folder, f"{uuid.uuid4().hex}.parquet")
+    storage.write_parquet(path, pa.table({"later": batch["later"], "earlier": batch["earlier"]}))
+    return {"file": np.asarray([path])}
+
+
+def _resolve_in_task(files: list[str], decisions: str, sources: Sources) -> tuple[int, int]:
+    tables = [storage.read_parquet(f) for f in files]
+    later = _cat([t.column("later").to_numpy() for t in tables])
+    earlier = _cat([t.column("earlier").to_numpy() for t in tables])
+    del tables
+    return _decide_near(later, earlier, decisions, sources)
+
+
+def _decide_near(
+    later: np.ndarray, earlier: np.ndarray, decisions: str, sources: Sources
+) -> tuple[int, int]:
+    """The key-order rule over the near pairs, written as decisions; returns the numbers of
+    pairs and of near duplicates."""
+    dropped, match = resolve_near(later, earlier)
+    _write_decisions(decisions, "near.parquet", "near_duplicate", dropped, match, sources)
+    return len(later), len(dropped)
 
 
 def _split(
@@ -209,9 +242,7 @@ def _in_one_task(
     if not cfg.near or not len(rows["order"]):
         return 0, 0
     pairs = near_pairs(rows, cfg, sources.current * ORDER_BASE)
-    dropped, match = resolve_near(pairs["later"], pairs["earlier"])
-    _write_decisions(decisions, "near.parquet", "near_duplicate", dropped, match, sources)
-    return len(pairs["later"]), len(dropped)
+    return _decide_near(pairs["later"], pairs["earlier"], decisions, sources)
 
 
 def read_decisions(folder: str, shard: int) -> dict[str, tuple[str, str]]:
