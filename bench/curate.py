@@ -235,7 +235,7 @@ def run_img2dataset(meta: Path, out: Path, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=3000)
+    p.add_argument("--n", type=int, default=4000)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--resize-mode", default="center_crop")
     p.add_argument("--rows-per-task", type=int, default=256)
