@@ -54,10 +54,13 @@ def crawl(s3, sample_dir: Path, image_server) -> str:
     return f"{BUCKET}/raw"
 
 
+# One task per CPU, so the killed run's tasks come in waves: a shard is staged while later
+# tasks still fetch (with every task at once, all shards are staged in the same second).
+SLOW = ["tracking.enabled=false", "fetch.threads=2", "compute.num_cpus=1"]
+
+
 def curate_config(crawl: str, out: str) -> CurateConfig:
-    return load_config(CurateConfig, TINY, [
-        f"input.path={crawl}", f"output.path={out}", "tracking.enabled=false", "fetch.threads=2",
-    ])  # fmt: skip
+    return load_config(CurateConfig, TINY, [f"input.path={crawl}", f"output.path={out}", *SLOW])
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,7 @@ def bucket_shards(ray_cluster, crawl, image_server, tmp_path_factory) -> str:
     image_server.delay_s = 0.1  # slow enough to be killed halfway
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines.curate", "--config", TINY, "--input", crawl,
-         "--output", out, "tracking.enabled=false", "fetch.threads=2"],
+         "--output", out, *SLOW],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
