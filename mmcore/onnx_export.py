@@ -11,6 +11,7 @@ image graph for indexing, the text graph for queries. Fusion modules are not exp
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,25 +40,32 @@ class _Text(nn.Module):
         return self.model.encode_text(input_ids, attention_mask)
 
 
+Graph = tuple[nn.Module, tuple[torch.Tensor, ...], list[str], dict[str, dict[int, Any]]]
+
+
+def encoder_graphs(model: ImageTextModel) -> dict[str, Graph]:
+    """The two encoders as modules, each with example inputs, its input names and their
+    dynamic (batch) dimension: what ONNX, ``torch.export`` and TorchScript export."""
+    model = model.eval()
+    size, length = model.cfg.vision.image_size, model.cfg.text.context_length
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    ids = torch.ones(2, length, dtype=torch.long)
+    return {
+        "image_encoder": (_Image(model).eval(), (torch.zeros(2, 3, size, size),), ["pixels"],
+                          {"pixels": {0: batch}}),
+        "text_encoder": (_Text(model).eval(), (ids, ids.clone()), ["input_ids", "attention_mask"],
+                         {"input_ids": {0: batch}, "attention_mask": {0: batch}}),
+    }  # fmt: skip
+
+
 def export_onnx(
     model: ImageTextModel, folder: str | Path, quantize: bool = False
 ) -> dict[str, Path]:
     """Write image_encoder.onnx and text_encoder.onnx (+ ``*.int8.onnx`` when ``quantize``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    size, length = model.cfg.vision.image_size, model.cfg.text.context_length
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    examples = {
-        "image_encoder": (_Image(model).eval(), (torch.zeros(2, 3, size, size),), ["pixels"],
-                          {"pixels": {0: batch}}),
-        "text_encoder": (_Text(model).eval(), (torch.ones(2, length, dtype=torch.long),
-                                        torch.ones(2, length, dtype=torch.long)),
-                         ["input_ids", "attention_mask"],
-                         {"input_ids": {0: batch}, "attention_mask": {0: batch}}),
-    }  # fmt: skip
     paths = {}
-    for name, (module, args, inputs, shapes) in examples.items():
+    for name, (module, args, inputs, shapes) in encoder_graphs(model).items():
         path = folder / f"{name}.onnx"
         torch.onnx.export(
             module, args, str(path), input_names=inputs, output_names=["embeddings"],
