@@ -6,7 +6,8 @@ A job config is a ``@dataclass(kw_only=True)`` built from sub-configs. It is loa
 
 YAML gives an experiment, ``key.sub=value`` overrides (from the command line or from Tune)
 use the same dotted keys, and unknown keys or wrong types raise ``ConfigError`` naming the
-key, before any work starts.
+key, before any work starts. A field whose key is a Python keyword names its key in its
+metadata: ``source: str = field(default="", metadata={"key": "from"})`` reads ``init.from``.
 """
 
 from __future__ import annotations
@@ -84,13 +85,15 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Validate ``data`` against dataclass ``cls`` recursively; unknown keys are errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {_key(f): f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f" in {prefix.rstrip('.')}" if prefix else ""
         raise ConfigError(f"unknown key(s){where}: {', '.join(prefix + k for k in unknown)}")
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _check(hints[name], value, prefix + name) for name, value in data.items()}
+    kwargs = {
+        fields[key]: _check(hints[fields[key]], value, prefix + key) for key, value in data.items()
+    }
     try:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing
@@ -109,9 +112,19 @@ def replace(cfg: T, values: Mapping[str, Any]) -> T:
     return from_dict(type(cfg), merge(to_dict(cfg), values))
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The resolved config as plain data (for YAML, JSON and MLflow)."""
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Any) -> Any:
+    """The resolved config as plain data (for YAML, JSON and MLflow), under its keys."""
+    if dataclasses.is_dataclass(cfg):
+        return {_key(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list | tuple):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _key(field: dataclasses.Field) -> str:
+    return field.metadata.get("key", field.name)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

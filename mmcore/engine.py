@@ -30,10 +30,12 @@ log = logging.getLogger(__name__)
 CHECKPOINT_TAG = "ckpt"
 
 
-def build_engine(cfg: TrainConfig) -> tuple[Any, Any]:
-    """The DeepSpeed engine (identical initial weights on every rank) and its LR schedule;
-    the text tower's feature memo when ``data.text_cache`` asks for one."""
+def build_engine(cfg: TrainConfig, init: dict[str, torch.Tensor] | None = None) -> tuple[Any, Any]:
+    """The DeepSpeed engine (identical initial weights on every rank: seeded, then the warm
+    start's tensors ``init`` loaded over them) and its LR schedule; the text tower's feature
+    memo when ``data.text_cache`` asks for one."""
     import deepspeed
+    import deepspeed.ops
     import ninja
 
     # DeepSpeed compiles its CPU communication op with the first `ninja` on PATH. Ninja 1.12+
@@ -43,8 +45,15 @@ def build_engine(cfg: TrainConfig) -> tuple[Any, Any]:
     path = os.environ.get("PATH", "")
     if not path.startswith(ninja.BIN_DIR + os.pathsep):
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+    # DeepSpeed builds its CPU shared-memory all-reduce op when it starts its communication
+    # backend: ~45-75 s of compiling on a fresh 2-core machine. Only inference's
+    # tensor-parallel all-reduce uses it; training's collectives are torch.distributed's
+    # (gloo, nccl). Marked incompatible here, it is not built (deepspeed.comm.torch).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     torch.manual_seed(cfg.schedule.seed)
     model = build_model(cfg.model)
+    if init:
+        model.load_state_dict(init, strict=False)  # mmcore.warmstart.plan chose the keys
     opt = torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
         betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,

@@ -27,6 +27,7 @@ from mmcore.data.transforms import TransformConfig
 from mmcore.losses.fusion import LossConfig
 from mmcore.models.model import ModelConfig
 from mmcore.tracking import TrackingConfig
+from mmcore.warmstart import InitConfig
 
 T = TypeVar("T")
 
@@ -41,8 +42,9 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm (0: off)
 
     def validate(self) -> None:
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("need lr > 0, weight_decay >= 0, warmup_steps >= 0, grad_clip >= 0")
+        # lr 0 is allowed: a warm start then keeps its weights (checks, evaluation runs)
+        if self.lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("need lr, weight_decay, warmup_steps and grad_clip >= 0")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -164,6 +166,7 @@ class ScalingConfig:
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)  # warm start (init.from)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)

@@ -50,6 +50,7 @@ from mmcore.data.shards import (
 from mmcore.tracking import start_run
 from pipelines import flags, job
 from pipelines.dedup import deduplicate, prior_shards, read_decisions
+from pipelines.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,17 @@ log = logging.getLogger(__name__)
 # --- Ray wrappers: thin, each maps an mmcore function over the dataset ---------------------
 
 
-def _stage(cfg: CurateConfig, parts: list[str], pieces: str) -> None:
-    """Stage 2 over the given input parts: every row ends in a parquet piece."""
+def _stage(cfg: CurateConfig, parts: list[str], pieces: str, total: int) -> None:
+    """Stage 2 over the given input parts (``total`` rows): every row ends in a parquet
+    piece. Progress: rows done, rate, ETA and how many succeeded so far (before dedup)."""
     import ray.data
 
     # A single-operator pipeline: per-operator reservation only holds CPUs back from it
     # (with 2 CPUs it ran one task at a time); let the operator use every CPU it can.
-    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+    context = ray.data.DataContext.get_current()  # read when the dataset is built
+    context.op_resource_reservation_enabled = False
+    # Ray Data's own progress reports operators and blocks; ours reports rows (below).
+    context.enable_progress_bars = False
     # One task per planned part: every stage takes the whole part as its batch. Two traps
     # in Ray 2.60 that this avoids: read_parquet coalesces small files into one block, and
     # fused map_batches bundle max(batch_size) input blocks into each task.
@@ -88,8 +93,11 @@ def _stage(cfg: CurateConfig, parts: list[str], pieces: str) -> None:
         )
         .map_batches(write_pieces, fn_kwargs={"pieces_dir": pieces}, batch_format="pyarrow", **args)
     )
-    for _ in ds.iter_batches(batch_size=None):  # streams; results are the pieces on disk
-        pass
+    with Progress("curate", total=total, unit="rows") as progress:
+        kept = 0
+        for counts in ds.iter_batches(batch_size=None):  # streams; the pieces are on disk
+            kept += int(counts["kept"].sum())
+            progress.update(int(counts["rows"].sum()), kept=kept)
 
 
 def _finalize_row(
@@ -179,7 +187,8 @@ def _stage_missing(cfg: CurateConfig, plan: dict[str, Any], pieces: str) -> int:
     )
     if todo:
         t0 = time.perf_counter()
-        _stage(cfg, [p for p in plan["parts"] if int(storage.name(p)[:5]) in todo], pieces)
+        parts = [p for p in plan["parts"] if int(storage.name(p)[:5]) in todo]
+        _stage(cfg, parts, pieces, processed)
         log.info("staged %d rows in %.1fs", processed, time.perf_counter() - t0)
     staged = staged_rows(pieces)
     missing = sorted(s for s, n in enumerate(plan["shard_rows"]) if staged.get(s) != n)

@@ -39,11 +39,13 @@ from mmcore.inference import Engine, Index
 from mmcore.serving import BadInput, IndexRecords, Limits, decode_image, read_index
 from mmcore.tracking import check_model
 from pipelines import api, flags, job
+from pipelines.progress import Progress
 
 log = logging.getLogger(__name__)
 CONFIG = Path(__file__).parent / "configs" / "serve.yaml"
 PAGE = Path(__file__).parent / "static" / "index.html"
 PROMPT_CACHE = 4096  # prompt embeddings kept per model for /v1/classify
+APP = "mmray"  # the Serve application's name
 
 
 @dataclasses.dataclass
@@ -241,6 +243,34 @@ def need(cfg: api.ServeConfig) -> job.Need:
     return job.Need(cpus=cfg.replicas.min_replicas * cfg.replicas.num_cpus)
 
 
+def _run_showing_replicas(app: Any, replicas: int) -> None:
+    """``serve.run`` (it returns when the app is running), with the replicas ready so far as
+    progress (``pipelines.progress``) while the model loads."""
+    done = threading.Event()
+    progress = Progress("serve", replicas, "replicas", every_s=5.0)
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            try:
+                status = serve.status().applications.get(APP)
+            except Exception:  # noqa: BLE001 - the controller is starting: no count yet
+                continue
+            deployments = status.deployments.values() if status else []
+            ready = sum(d.replica_states.get("RUNNING", 0) for d in deployments)
+            progress.update(min(replicas, ready) - progress.n)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        serve.run(app, name=APP, route_prefix="/")
+        done.set()
+        thread.join(timeout=5)
+        progress.update(replicas - progress.n)  # running: every replica is up
+    finally:
+        done.set()
+        progress.close()
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = flags.parser("mmray serve", __doc__, flags.SERVE, "a Serve config file", str(CONFIG))
     p.add_argument("--host", help="default 127.0.0.1 (from the config)")
@@ -268,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     def deploy(cfg: api.ServeConfig) -> dict[str, Any]:
         host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build(cfg), name="mmray", route_prefix="/")
+        _run_showing_replicas(build(cfg), cfg.replicas.min_replicas)
         url = f"http://{host}:{port}"
         return {"url": url, "docs": f"{url}/docs", "model": cfg.model.uri}
 

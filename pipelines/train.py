@@ -39,7 +39,9 @@ from mmcore.tracking import (
     tracking_uri,
 )
 from mmcore.training import TrainConfig, within
+from mmcore.warmstart import plan
 from pipelines import flags, job
+from pipelines.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ def train_func(config: dict[str, Any]) -> None:
 
     cfg: TrainConfig = config["cfg"]  # validated once, in the driver
     rank = ray.train.get_context().get_world_rank()
-    engine, sched = build_engine(cfg)
+    init = ray.get(config["init"]) if config["init"] is not None else None  # init.from
+    engine, sched = build_engine(cfg, init)
     epoch, skip = 0, 0  # the data position: epoch, and micro-batches of it already consumed
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as folder:
@@ -67,6 +70,7 @@ def train_func(config: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(cfg.schedule.seed * 1000 + rank)
     shard = ray.train.get_dataset_shard("train")
     micro, last = engine.train_micro_batch_size_per_gpu(), cfg.schedule.max_steps
+    progress = Progress("train", last, "steps", done=engine.global_steps) if rank == 0 else None
     pending: list[dict[str, float]] = []  # the accumulation window's micro-batch losses
     mark = time.perf_counter()
     while engine.global_steps < last:
@@ -88,12 +92,26 @@ def train_func(config: dict[str, Any]) -> None:
             }  # fmt: skip
             position = {"epoch": epoch, "batches": consumed}
             _boundary(engine, cfg, config, evaluator, metrics, rank, position)
+            if progress is not None:
+                progress.update(1, **progress_fields(metrics))
             mark = time.perf_counter()
             if engine.global_steps >= last:
                 break
         if consumed <= skip and engine.global_steps < last:
             raise RuntimeError(f"an epoch gave worker {rank} no full batch of {micro} samples")
         epoch, skip = epoch + 1, 0
+    if progress is not None:
+        progress.close()
+
+
+def progress_fields(metrics: dict[str, float]) -> dict[str, float]:
+    """A step's metrics as the progress line shows them: loss, throughput, and the last
+    evaluation's top-1 and R@5 (``eval/zeroshot/shape/top1`` → ``shape``)."""
+    fields = {"loss": metrics["train/loss"], "samples/s": metrics["train/samples_per_s"]}
+    for key, value in metrics.items():
+        if key.startswith("eval/") and key.endswith(("/top1", "_r5")):
+            fields[key.split("/")[-2] if key.endswith("/top1") else key.split("/")[-1]] = value
+    return fields
 
 
 def _boundary(
@@ -206,10 +224,12 @@ def run(
             digest = storage.read_json(manifest)["digest"]
             tracker.log_dataset(data, "train", digest, "training")
         tracker.log_dict(cfg.ds_config, "deepspeed_config.json")
+        init = _warm_start(cfg, tracker)
         name = f"train-{tracker.run_id or int(time.time())}"
         datasets = _datasets(cfg)
         loop_config = {
             "cfg": cfg,
+            "init": init,
             "has_val": "val" in datasets,
             "run_id": tracker.run_id,
             "tracking_uri": tracking_uri(),
@@ -250,6 +270,22 @@ def run(
         }
 
 
+def _warm_start(cfg: TrainConfig, tracker: Any) -> Any:
+    """``init.from``: the tensors every worker loads (in Ray's object store), logged and
+    recorded in MLflow (the source's resolved version as a tag, ``init.json``); None without
+    one."""
+    import ray
+
+    if not cfg.init.source:
+        return None
+    warm = plan(cfg.init, build_model(cfg.model))
+    log.info(warm.describe())
+    tags = {"mmray.init.from": warm.resolved}
+    tracker.set_tags(tags | ({"mmray.init.run_id": warm.run_id} if warm.run_id else {}))
+    tracker.log_dict(warm.summary(), "init.json")
+    return ray.put(warm.state)
+
+
 def parse_args(argv: list[str]) -> TrainConfig:
     p = flags.parser("mmray train", __doc__, flags.TRAIN, "YAML config (configs/train/*.yaml)")
     args = p.parse_args(argv)
@@ -257,8 +293,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 
 def check(cfg: TrainConfig) -> None:
-    """What must resolve before Ray and MLflow start: shards, eval folders, the output path and
-    the tracking store."""
+    """What must resolve before Ray and MLflow start: shards, eval folders, the output path,
+    the tracking store and the warm start."""
     job.shard_paths(cfg.data.path)
     if cfg.data.val_path:
         job.shard_paths(cfg.data.val_path, "data.val_path")
@@ -268,6 +304,8 @@ def check(cfg: TrainConfig) -> None:
             raise ConfigError(f"eval.zeroshot: {folder} is not a folder")
     job.check_output("output", cfg.output)
     job.check_tracking(cfg.tracking)
+    if cfg.init.source:  # the source is there and fits the parts named
+        plan(cfg.init, build_model(cfg.model))
 
 
 def need(cfg: TrainConfig) -> job.Need:

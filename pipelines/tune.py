@@ -28,11 +28,13 @@ from typing import Any, Literal
 from mmcore import storage, tracking
 from mmcore.config import flatten, load_config, replace, to_dict
 from mmcore.losses.fusion import check_objectives
-from mmcore.models.model import OBJECTIVES
+from mmcore.models.model import OBJECTIVES, build_model
 from mmcore.tracking import TrackingConfig
+from mmcore.warmstart import plan
 from pipelines import flags, job
 from pipelines import train as training
 from pipelines.ablation import Trial, ablation_rows, markdown, plots, to_csv
+from pipelines.progress import Progress
 
 log = logging.getLogger(__name__)
 DRIVER_CPUS = 0.1  # a trial's own process only launches its Ray Train run
@@ -200,8 +202,57 @@ def _tuner(sweep: SweepConfig, path: str, space: dict) -> Any:
             num_samples=sweep.space.num_samples,
             max_concurrent_trials=sweep.max_concurrent_trials,
         ),
-        run_config=tune.RunConfig(name=sweep.name, storage_path=job.output_root(sweep.output)),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=job.output_root(sweep.output),
+                                  callbacks=[_progress(sweep)]),  # fmt: skip
     )  # fmt: skip
+
+
+def _progress(sweep: SweepConfig) -> Any:
+    """A Tune callback that shows the sweep's progress (``pipelines.progress``): trials ended
+    of all, how many run and were stopped early, and the best value of the metric so far."""
+    from ray import tune
+
+    space = sweep.space
+    total = len(space.cells()) * len(space.seeds) * space.num_samples
+    better = max if sweep.mode == "max" else min
+
+    class TrialProgress(tune.Callback):
+        def setup(self, **info: Any) -> None:
+            self.progress = Progress("tune", total, "trials", every_s=5.0)
+            self.running, self.stopped, self.best = set(), 0, None
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.running.add(trial.trial_id)
+            self._show(0)
+
+        def on_trial_result(
+            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+        ) -> None:
+            if (value := result.get(sweep.metric)) is not None:
+                self.best = value if self.best is None else better(self.best, value)
+            self._show(0)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            seen = (trial.last_result or {}).get("train/samples_seen", 0)
+            self.stopped += seen < sweep.samples_per_trial  # ASHA stopped it
+            self._ended(trial)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._ended(trial)
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            self.progress.close()
+
+        def _ended(self, trial: Any) -> None:
+            self.running.discard(trial.trial_id)
+            self._show(1)
+
+        def _show(self, ended: int) -> None:
+            best = "-" if self.best is None else f"{self.best:.3f}"
+            self.progress.update(ended, running=len(self.running), **{
+                "stopped early": self.stopped, f"best {sweep.metric}": best})  # fmt: skip
+
+    return TrialProgress()
 
 
 def _trials(results: Any) -> list[Trial]:
@@ -270,8 +321,13 @@ def parse_args(argv: list[str]) -> SweepConfig:
 
 def check(sweep: SweepConfig) -> None:
     """The trials' references (shards, eval folders), the output path and the tracking store
-    (the trials log to the sweep's), before Ray and MLflow start."""
-    training.check(dataclasses.replace(sweep.base, output=sweep.output))
+    (the trials log to the sweep's), and a shared warm start against every fusion variant
+    swept, before Ray and MLflow start."""
+    base = dataclasses.replace(sweep.base, output=sweep.output)
+    training.check(base)
+    fusions = {cell["model.fusion"] for cell in sweep.space.cells()} - {base.model.fusion}
+    for fusion in sorted(fusions) if base.init.source else []:
+        plan(base.init, build_model(dataclasses.replace(base.model, fusion=fusion)))
 
 
 def need(sweep: SweepConfig) -> job.Need:

@@ -51,15 +51,18 @@ SHARD_PARQUET = re.compile(r"^[0-9]{5}\.parquet$")
 
 
 def write_pieces(batch: pa.Table, pieces_dir: str) -> dict[str, np.ndarray]:
-    """Stage processed rows, one parquet piece per shard in the batch; returns rows per shard."""
+    """Stage processed rows, one parquet piece per shard in the batch; returns rows per shard,
+    and how many of them succeeded (kept unless dedup drops them)."""
     shards = sorted(set(batch.column("shard").to_pylist()))
-    counts = []
+    counts, kept = [], []
     for shard in shards:
         rows = batch.filter(pc.equal(batch.column("shard"), shard))
         name = f"{shard:05d}_{rows.column('key')[0].as_py()}.parquet"
         storage.write_parquet(storage.join(pieces_dir, name), rows)
         counts.append(len(rows))
-    return {"shard": np.asarray(shards, np.int64), "rows": np.asarray(counts, np.int64)}
+        kept.append(pc.sum(pc.equal(rows.column("status"), "success")).as_py() or 0)
+    return {"shard": np.asarray(shards, np.int64), "rows": np.asarray(counts, np.int64),
+            "kept": np.asarray(kept, np.int64)}  # fmt: skip
 
 
 def piece_paths(pieces_dir: str, shard: int | None = None) -> list[str]:

@@ -9,6 +9,8 @@ DeepSpeed do) so do the gradients. Each function returns a dict of named terms.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -26,7 +28,12 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     _, world = _world()
     if world == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates this autograd all_gather (and the collective under it) in
+        # favour of private functional collectives; it works, and its FutureWarning came
+        # back at every step (other code resets the warnings registry): ~200 log lines a run.
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
 def clip_loss(

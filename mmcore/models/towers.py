@@ -32,6 +32,7 @@ from transformers import (
     CLIPVisionModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from mmcore.data.inputs import minilm_path, token_ids
 
@@ -125,6 +126,9 @@ class TextTower(nn.Module):
         super().__init__()
         tok = tokenizer()
         if cfg.kind == "minilm":
+            # A local file in a moment: its "Loading weights" bar, once per worker and per
+            # evaluation copy, was noise in every job's log.
+            hf_logging.disable_progress_bar()
             self.model = AutoModel.from_pretrained(minilm_path())
         else:
             hidden, mlp, layers, heads = TEXT_SIZES[cfg.size]

@@ -47,6 +47,8 @@ def test_curate_starts_its_own_ray_and_prints_one_json_line(sample_dir, tmp_path
                "output.samples_per_shard=64", "tracking.enabled=false")  # fmt: skip
     summary = one_json_line(run)
     assert summary["n_input"] == 300 and "success" in run.stderr  # the table went to stderr
+    done = [x for x in run.stderr.splitlines() if x.startswith("progress: curate 300/300 rows")]
+    assert len(done) == 1 and "rows/s | ETA 00:00 | kept " in done[0]  # not a terminal: lines
     cpus = os.cpu_count() or 1
     assert f"starting a local Ray for this job: {cpus} logical CPUs without a dash" in run.stderr
     assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar"))[0] == "00000.tar"
@@ -59,6 +61,7 @@ def test_train_starts_a_ray_sized_for_itself_and_finishes(shards, tmp_path) -> N
     assert f"starting a local Ray for this job: {cpus} logical CPUs" in run.stderr
     assert "resolved config:" in run.stderr and "stall_timeout_s: 300.0" in run.stderr
     assert result["metrics"]["step"] == 2
+    assert "progress: train 2/2 steps (100%)" in run.stderr  # rank 0's line, through Ray
     export = Path(result["export"])
     assert export.is_relative_to(tmp_path / "out")
     # Tracking is off: the resolved config lies beside the export, and loads back.

@@ -16,12 +16,14 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
+import torch
 
 from mmcore.config import load_config
 from mmcore.eval.run import zeroshot_eval
 from mmcore.tracking import load
 from pipelines import evaluate
 from pipelines.train import TrainConfig, run
+from pipelines.train import main as train_main
 from tests.helpers import kill_a_training_worker
 
 pytestmark = pytest.mark.integration
@@ -78,6 +80,58 @@ def test_zero2_run_finishes_logs_and_exports(
     retrieval = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert retrieval["i2t_r@5"] == pytest.approx(logged["eval/retrieval/i2t_r5"], abs=1e-6)
     assert retrieval["t2i_r@1"] == pytest.approx(logged["eval/retrieval/t2i_r1"], abs=1e-6)
+
+
+def test_a_warm_start_at_lr_0_keeps_the_source_weights_and_metrics(
+    shards, sample_dir, mlflow_server, tmp_path, monkeypatch, capsys
+):
+    """``init.from=runs:/...`` with lr 0: the run starts from the source's weights, keeps them,
+    and evaluates exactly as the source's last evaluation did; MLflow has the lineage. (The
+    patch stem: a conv stem's BatchNorm statistics move in training even at lr 0.)"""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    common = [
+        f"data.path={shards}", f"data.val_path={shards}", "model.vision.stem=patch",
+        "schedule.global_batch=16", f"eval.zeroshot=[{sample_dir / 'zeroshot' / 'shape'}]",
+        "eval.max_pairs=1000", "tracking.experiment=test-train-init",
+    ]  # fmt: skip
+    tiny = "pipelines/configs/train/tiny.yaml"
+    source = run(load_config(TrainConfig, tiny, [*common, "schedule.max_steps=3",
+                                                 "schedule.checkpoint_every=3",
+                                                 f"output={tmp_path / 'a'}"]))  # fmt: skip
+    warm_args = [*common, "schedule.max_steps=1", "schedule.checkpoint_every=1", "optim.lr=0",
+                 f"init.from={source['model_uri']}", f"output={tmp_path / 'b'}"]  # fmt: skip
+    warm = run(load_config(TrainConfig, tiny, warm_args))
+
+    evals = {k: v for k, v in source["metrics"].items() if k.startswith("eval/")}
+    assert evals and {k: warm["metrics"][k] for k in evals} == pytest.approx(evals, abs=1e-6)
+    before, after = load(source["model_uri"]).state_dict(), load(warm["model_uri"]).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    run_ = mlflow.MlflowClient(mlflow_server.url).get_run(warm["run_id"])
+    assert run_.data.params["init.from"] == source["model_uri"]
+    assert run_.data.tags["mmray.init.run_id"] == source["run_id"]
+    init = mlflow.artifacts.load_dict(f"runs:/{warm['run_id']}/init.json")
+    assert init["fresh"] == [] and len(init["loaded"]) == len(before)
+
+    # A source that is not there, or does not fit, fails before any work (exit 2).
+    assert train_main(["--config", tiny, "--data", str(shards), "init.from=runs:/nope/model",
+                       f"output={tmp_path / 'c'}"]) == 2  # fmt: skip
+    assert "init.from" in capsys.readouterr().err
+    hybrid = ["model.fusion=hybrid", "model.vision.stem=patch", "loss.terms={clip: 1.0, itm: 1.0}"]
+    assert (
+        train_main(
+            [
+                "--config",
+                tiny,
+                "--data",
+                str(shards),
+                *hybrid,
+                f"init.from={source['model_uri']}",
+                f"output={tmp_path / 'c'}",
+            ]
+        )
+        == 2
+    )
+    assert "image_to_fusion.weight: not in the source" in capsys.readouterr().err
 
 
 def test_a_killed_zero3_worker_resumes_from_its_partitioned_checkpoint(

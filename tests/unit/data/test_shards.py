@@ -48,6 +48,7 @@ def test_pieces_to_shard(tmp_path: Path) -> None:
         staged(["00000000", "00000001"], ["success", "failed_to_download"]), pieces
     )
     assert summary["shard"].tolist() == [0] and summary["rows"].tolist() == [2]
+    assert summary["kept"].tolist() == [1]
     assert staged_rows(pieces) == {0: 4}
 
     dropped = {"00000003": ("duplicate", "00000000")}

@@ -1,0 +1,74 @@
+"""Progress lines (a log) and bars (a terminal), and the demo following them in a job's log."""
+
+from __future__ import annotations
+
+import io
+
+from pipelines.progress import Follow, Progress, parse
+from pipelines.train import progress_fields
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_log_gets_plain_lines_that_parse_back() -> None:
+    out = io.StringIO()
+    with Progress("curate", total=400, unit="rows", every_s=0, file=out) as progress:
+        progress.update(100, kept=90)
+        progress.update(300, kept=250)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2  # one per update, the last not repeated at close
+    first = parse(lines[0])
+    assert first == {"stage": "curate", "n": 100, "total": 400, "unit": "rows",
+                     "rest": first["rest"], "line": lines[0]}  # fmt: skip
+    assert "rows/s | ETA " in lines[0] and lines[0].endswith("| kept 90")
+    assert lines[1].startswith("progress: curate 400/400 rows (100%)")
+
+    quiet = io.StringIO()  # a line every every_s (none in the first), the last at the end
+    with Progress("train", total=10, unit="steps", done=2, file=quiet) as progress:
+        for _ in range(8):
+            progress.update(1, loss=1.23456)
+    lines = quiet.getvalue().splitlines()
+    assert [parse(x)["n"] for x in lines] == [10] and "loss 1.23" in lines[-1]
+
+
+def test_a_terminal_gets_a_bar_redrawn_in_place() -> None:
+    out = Terminal()
+    with Progress("serve", total=2, unit="replicas", file=out) as progress:
+        progress.update(1)
+        progress.update(1)
+    text = out.getvalue()
+    assert "\r" in text and "2/2" in text and "progress:" not in text
+
+
+def test_follow_shows_the_stages_lines_from_a_growing_log() -> None:
+    out = io.StringIO()
+    follow = Follow(("tune", "train"), file=out, every_s=3600)
+    log = "(RayTrainWorker pid=1) progress: train 10/100 steps (10%) | 2 steps/s | ETA 00:45\n"
+    follow.update(log + "noise\nprogress: curate 1/2 rows (50%)\nprogress: tune 0/4 tr")
+    log += "noise\nprogress: curate 1/2 rows (50%)\nprogress: tune 0/4 trials (0%) | running 1\n"
+    follow.update(log)
+    log += "progress: train 20/100 steps (20%)\nprogress: train 30/100 steps (30%)\n"
+    follow.update(log)
+    follow.close()
+    assert out.getvalue().splitlines() == [
+        "    progress: train 10/100 steps (10%) | 2 steps/s | ETA 00:45",
+        "    progress: tune 0/4 trials (0%) | running 1",  # once whole
+        "    progress: train 30/100 steps (30%)",  # throttled; the latest at close
+    ]
+    bars = Terminal()
+    follow = Follow(("train",), file=bars)
+    follow.update("progress: train 50/100 steps (50%) | loss 2\n")
+    follow.update("progress: train 50/100 steps (50%) | loss 2\nprogress: train 5/100 steps (5%)\n")
+    follow.close()
+    assert "50/100" in bars.getvalue() and "5/100" in bars.getvalue()  # a new run, a new bar
+
+
+def test_train_progress_shows_loss_throughput_and_the_last_evaluation() -> None:
+    metrics = {"train/loss": 2.5, "train/samples_per_s": 230.0, "train/lr": 1e-3,
+               "eval/zeroshot/shape/top1": 0.7, "eval/zeroshot/shape/top5": 1.0,
+               "eval/retrieval/i2t_r5": 0.8, "eval/retrieval/t2i_r1": 0.5}  # fmt: skip
+    assert progress_fields(metrics) == {"loss": 2.5, "samples/s": 230.0, "shape": 0.7,
+                                        "i2t_r5": 0.8}  # fmt: skip
