@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,19 @@ import numpy as np
 import requests
 
 from pipelines.local import mlflow_server
+from pipelines.progress import Follow
+from pipelines.report import Report, render
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CLUSTER = ROOT / "cluster" / "local.sh"
 STATE = "services.json"
+EVAL_PAIRS = 300  # held-out pairs the retrieval metrics are measured on
+PER_SHAPE = 4  # held-out images of each shape the demo classifies
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")  # terminal control in job logs
-# (train steps, sweep samples per trial, sample rows, sweep overrides): the full demo, and
-# --quick for tests (2 trials: late and hybrid fusion with the CLIP loss).
-SIZES = {"full": (400, 6400, 600, ""), "quick": (8, 256, 200, " 'space.loss=[{clip: 1.0}]'")}
+# (sample rows, base training steps, each sweep trial's samples): the full demo (the tiny
+# recipe's 1500 steps on an 8000-row crawl, then two 80-step fine-tunes of it), and --quick
+# for tests.
+SIZES = {"full": (8000, 1500, 80 * 64), "quick": (200, 8, 4 * 64)}
 
 
 class StageFailed(RuntimeError):
@@ -92,8 +98,10 @@ def auth_headers() -> dict[str, str]:
 
 
 def run_job(client, stage: str, entrypoint: str, workdir: Path, env: dict[str, str]) -> dict:
-    """Submit one stage as a Ray job, show its progress, and return the JSON line it printed
-    last; ``StageFailed`` (with the log's tail) unless the job succeeded."""
+    """Submit one stage as a Ray job, show its progress (the ``progress:`` lines its log
+    gets, ``pipelines.progress``; a sweep's also those of the trial training), and return
+    the JSON line it printed last; ``StageFailed`` (with the log's tail and path) unless the
+    job succeeded. The whole log is kept in WORKDIR/logs/STAGE.log."""
     from ray.job_submission import JobStatus
 
     job = client.submit_job(
@@ -102,23 +110,20 @@ def run_job(client, stage: str, entrypoint: str, workdir: Path, env: dict[str, s
                      "excludes": [".venv*", ".demo", ".cache", "bench/out", "mlruns", ".git"]},
     )  # fmt: skip
     say(f"    job {job}: {entrypoint}")
-    t0, last = time.monotonic(), ""
-    while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                         JobStatus.STOPPED):  # fmt: skip
+    t0, follow = time.monotonic(), Follow((stage, "train") if stage == "tune" else (stage,))
+    ended = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    while (status := client.get_job_status(job)) not in ended:
         time.sleep(2)
-        lines = [ln for ln in ANSI.sub("", client.get_job_logs(job)).splitlines() if ln.strip()]
-        # The driver's own lines (Tune's trial status, results) over Ray actors' "(pid=...)".
-        driver = [ln for ln in lines if not ln.startswith("(") and " INFO " not in ln]
-        line = (driver or lines or [""])[-1].strip()
-        if line and line != last:
-            last = line
-            say(f"    {stage} {time.monotonic() - t0:4.0f}s | {line[:110]}")
+        follow.update(ANSI.sub("", client.get_job_logs(job)))
     logs = ANSI.sub("", client.get_job_logs(job))
-    (workdir / "logs").mkdir(exist_ok=True)
-    (workdir / "logs" / f"{stage}.log").write_text(logs)
+    follow.update(logs)
+    follow.close()
+    path = workdir / "logs" / f"{stage}.log"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(logs)
     if status != JobStatus.SUCCEEDED:
         tail = "\n".join(logs.splitlines()[-15:])
-        raise StageFailed(f"the {stage} job {status.value.lower()}: {tail}")
+        raise StageFailed(f"the {stage} job {status.value.lower()} (log: {path}): {tail}")
     say(f"    {stage} succeeded in {time.monotonic() - t0:.0f} s")
     return last_json(logs)
 
@@ -136,26 +141,68 @@ def last_json(logs: str) -> dict:
     return {}
 
 
+def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    res = requests.post(url, json=body, timeout=30)
+    res.raise_for_status()
+    return res.json()
+
+
 def requests_demo(url: str, workdir: Path) -> dict[str, Any]:
-    """A few real requests; the classify latency over 20 of them."""
+    """The page's requests, for real: held-out images of each shape (colour × shape
+    compositions the crawl never had) classified among the shape names, with their latency,
+    and a search for a shape."""
     import base64
 
-    images = sorted((workdir / "raw" / "zeroshot" / "colour").rglob("*.png"))
-    image = base64.b64encode(images[0].read_bytes()).decode()
-    labels = sorted(p.name for p in (workdir / "raw" / "zeroshot" / "colour").iterdir())
-    latencies, answer = [], None
-    for _ in range(20):
+    folder = workdir / "raw" / "zeroshot" / "shape"
+    labels = sorted(p.name for p in folder.iterdir())
+    images = [(s, base64.b64encode(p.read_bytes()).decode())
+              for s in labels for p in sorted((folder / s).glob("*.png"))[:PER_SHAPE]]  # fmt: skip
+    answers, latencies = [], []
+    for truth, image in images:
         t0 = time.perf_counter()
-        res = requests.post(f"{url}/v1/classify", json={"image": image, "labels": labels},
-                            timeout=30)  # fmt: skip
-        res.raise_for_status()
+        top = post(f"{url}/v1/classify", {"image": image, "labels": labels})["labels"][0]
         latencies.append(1000 * (time.perf_counter() - t0))
-        answer = res.json()["labels"][0]
-    hits = requests.post(f"{url}/v1/search", json={"text": "a red circle", "k": 3}, timeout=30)
-    hits.raise_for_status()
-    say(f"    classify {images[0].parent.name}/{images[0].name}: {answer}")
-    say(f"    search 'a red circle': {[h['caption'] for h in hits.json()['hits']]}")
-    return {"p50": float(np.percentile(latencies, 50)), "p95": float(np.percentile(latencies, 95))}
+        answers.append({"image": f"data:image/png;base64,{image}", "truth": truth,
+                        "answer": top["label"]})  # fmt: skip
+    right = sum(a["truth"] == a["answer"] for a in answers)
+    say(f"    classify {len(answers)} held-out images among {labels}: {right} right")
+    query, shape = "a circle", "circle"
+    hits = post(f"{url}/v1/search", {"text": query, "k": 5})["hits"]
+    say(f"    search {query!r}: {[h['caption'] for h in hits]}")
+    return {
+        "classify_right": right, "classify_of": len(answers),
+        "search_query": query, "search_hits_with_shape": sum(shape in h["caption"] for h in hits),
+        "search_hits": len(hits), "p50": float(np.percentile(latencies, 50)),
+        "p95": float(np.percentile(latencies, 95)),
+        "classify": answers, "hits": hits,  # for the report
+    }  # fmt: skip
+
+
+def write_report(
+    workdir: Path, mlflow_url: str, summary: dict[str, Any], answers: dict[str, Any],
+    status_counts: dict[str, int], table: list[tuple[str, str]],
+) -> Path:  # fmt: skip
+    """WORKDIR/report.html: the training run's curves and the sweep's plots from MLflow, the
+    curation counts and the served model's answers."""
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_url)
+    curves = {
+        name: [(m.step, m.value) for m in client.get_metric_history(summary["train_run"], name)]
+        for name in ("train/loss", "eval/zeroshot/shape/top1", "eval/zeroshot/colour/top1",
+                     "eval/retrieval/i2t_r5")
+    }  # fmt: skip
+    plots = Path(mlflow.artifacts.download_artifacts(
+        run_id=summary["sweep_run"], artifact_path="plots", tracking_uri=mlflow_url))  # fmt: skip
+    report = Report(
+        table=table, status_counts=status_counts, curves=curves,
+        ablation=[p.read_bytes() for p in sorted(plots.glob("*.png"))],
+        classify=answers["classify"], search_query=answers["search_query"],
+        search_hits=answers["hits"],
+    )  # fmt: skip
+    path = workdir / "report.html"
+    path.write_text(render(report))
+    return path
 
 
 def demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,8 +213,10 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     logging.getLogger("ray").setLevel(logging.WARNING)  # not the job SDK's upload chatter
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    steps, samples, rows, sweep = SIZES["quick" if args.quick else "full"]
+    rows, steps, samples = SIZES["quick" if args.quick else "full"]
     t_start = time.monotonic()
+    # The crawl is drawn while the services start (both take tens of seconds).
+    crawl = ThreadPoolExecutor(1).submit(make_sample_data, workdir / "raw", n=rows, seed=0)
     say(f"[1/7] MLflow server on 127.0.0.1:{args.mlflow_port} (SQLite + local artifacts)")
     pid, mlflow_url = start_mlflow(workdir, args.mlflow_port)
     dashboard = f"http://127.0.0.1:{args.dashboard_port}"
@@ -181,7 +230,7 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
            "MLFLOW_DISABLE_TELEMETRY": "true",
            "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}  # readable job logs  # fmt: skip
     say(f"[3/7] sample crawl: {rows} rows → {workdir / 'raw'}")
-    make_sample_data(workdir / "raw", n=rows, seed=0)
+    crawl.result()
     raw, shards = workdir / "raw", workdir / "shards"
     zeroshot = f"--zeroshot {raw}/zeroshot/colour --zeroshot {raw}/zeroshot/shape"
     jobs = {
@@ -189,11 +238,11 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
                   f"--input {raw}/metadata.parquet --output {shards}",
         "train": f"python -m pipelines.train --config pipelines/configs/train/tiny.yaml "
                  f"--data {shards} {zeroshot} schedule.max_steps={steps} "
-                 f"schedule.checkpoint_every={steps} eval.every={max(1, steps // 2)} "
-                 f"output={workdir}/runs",
+                 f"schedule.checkpoint_every={steps} eval.every={max(1, steps // 3)} "
+                 f"eval.max_pairs={EVAL_PAIRS} output={workdir}/runs",
         "tune": f"python -m pipelines.tune --config pipelines/configs/tune/demo.yaml "
                 f"--data {shards} {zeroshot} samples_per_trial={samples} "
-                f"output={workdir}/sweeps{sweep}",
+                f"output={workdir}/sweeps",  # + the trained model, below
         "serve": f"python -m pipelines.serve --detach --model models:/mmray-tiny@champion "
                  f"--index {shards} --port {args.serve_port}",
     }  # fmt: skip
@@ -201,12 +250,13 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
     curated = run_job(client, "curate", jobs["curate"], workdir, env)
     say(f"[5/7] train the tiny config, {steps} steps (Ray job: Ray Train + DeepSpeed ZeRO-2)")
     trained = run_job(client, "train", jobs["train"], workdir, env)
-    say("[6/7] tune: fusion × loss sweep at fixed compute, crowning the champion (Ray job)")
-    tuned = run_job(client, "tune", jobs["tune"], workdir, env)
+    say("[6/7] tune: a loss sweep warm-started from it, crowning the champion (Ray job)")
+    warm = f" trial.init.from={trained['model_uri']}"  # every trial fine-tunes the trained model
+    tuned = run_job(client, "tune", jobs["tune"] + warm, workdir, env)
     say(f"[7/7] serve models:/mmray-tiny@champion on {serve_url} (Ray job, then requests)")
     run_job(client, "serve", jobs["serve"], workdir, env)
     wait_for(f"{serve_url}/healthz", 180, "the Serve app")
-    latency = requests_demo(serve_url, workdir)
+    answers = requests_demo(serve_url, workdir)
     info = requests.get(f"{serve_url}/v1/model", timeout=30).json()
     metrics = trained.get("metrics", {})
     summary = {
@@ -217,11 +267,18 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
         "sweep_run": tuned["run_id"], "trials": tuned["trials"],
         "champion": f"models:/{info['name']}/{info['version']}", "champion_fusion": info["fusion"],
         "champion_metrics": info["metrics"],
-        "classify_ms_p50": round(latency["p50"], 1), "classify_ms_p95": round(latency["p95"], 1),
+        "classify_right": answers["classify_right"], "classify_of": answers["classify_of"],
+        "search_query": answers["search_query"],
+        "search_hits_with_shape": answers["search_hits_with_shape"],
+        "search_hits": answers["search_hits"],
+        "classify_ms_p50": round(answers["p50"], 1), "classify_ms_p95": round(answers["p95"], 1),
         "minutes": round((time.monotonic() - t_start) / 60, 1),
         "mlflow": mlflow_url, "dashboard": dashboard, "serve": serve_url,
+        "report": str(workdir / "report.html"),
     }  # fmt: skip
-    print_summary(summary)
+    rows = summary_rows(summary)
+    write_report(workdir, mlflow_url, summary, answers, curated["status_counts"], rows)
+    print_summary(summary, rows)
     return summary
 
 
@@ -229,19 +286,26 @@ def key_metric(name: str) -> bool:
     return name.endswith(("top1", "_r5"))  # the table shows these; the JSON line has all
 
 
-def print_summary(s: dict[str, Any]) -> None:
-    rows = [
+def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
         ("samples kept", f"{s['samples_kept']} of {s['samples_in']} input rows"),
         *[(f"train {k}", f"{v:.3f}") for k, v in s["train_metrics"].items() if key_metric(k)],
         ("sweep", f"{s['trials']} trials (MLflow run {s['sweep_run']})"),
         ("champion", f"{s['champion']} ({s['champion_fusion']})"),
         *[(f"champion {k}", f"{v:.3f}") for k, v in s["champion_metrics"].items()
           if key_metric(k)],
+        ("classify", f"{s['classify_right']} of {s['classify_of']} held-out shapes right"),
+        ("search", f"{s['search_hits_with_shape']} of the top {s['search_hits']} for "
+                   f"{s['search_query']!r} have that shape"),
         ("classify latency", f"p50 {s['classify_ms_p50']} ms, p95 {s['classify_ms_p95']} ms"),
         ("wall time", f"{s['minutes']} min"),
         ("MLflow UI", s["mlflow"]), ("Ray dashboard", s["dashboard"]),
         ("Serve", f"{s['serve']}/  (API docs: {s['serve']}/docs)"),
+        ("report", s["report"]),
     ]  # fmt: skip
+
+
+def print_summary(s: dict[str, Any], rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     say("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
     say("\nThe services keep running; stop them with: mmray demo --stop")

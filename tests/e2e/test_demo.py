@@ -37,10 +37,16 @@ def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         steps = [line for line in run.stdout.splitlines() if line.startswith("[")]
         assert [s[:5] for s in steps] == [f"[{i}/7]" for i in range(1, 8)]
+        for stage, unit in [("curate", "rows"), ("train", "steps"), ("tune", "trials"),
+                            ("serve", "replicas")]:  # fmt: skip
+            assert f"    progress: {stage} " in run.stdout and f" {unit} (" in run.stdout, stage
+        assert "    progress: tune 2/2 trials (100%)" in run.stdout
         summary = json.loads(run.stdout.strip().splitlines()[-1])
         assert summary["samples_kept"] > 100 and summary["trials"] == 2
         assert summary["champion"].startswith("models:/mmray-tiny/")
         assert summary["classify_ms_p95"] > 0 and summary["train_metrics"]
+        assert summary["classify_of"] == 20 and summary["search_hits"] == 5
+        _report_renders(Path(summary["report"]))
 
         # Left running: the app, MLflow with the runs, the cluster with two nodes and the jobs.
         assert requests.get(f"{summary['serve']}/healthz", timeout=10).ok
@@ -126,3 +132,24 @@ def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
         requests.get(f"{dashboard}/api/version", timeout=5)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{ports['mlflow']}/health", timeout=5)
+
+
+def _report_renders(report: Path) -> None:
+    """The demo's report in headless Chromium (the page test's): every section there, every
+    chart and thumbnail decoded."""
+    from playwright.sync_api import sync_playwright
+
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
+        page = browser.new_page()
+        page.goto(report.as_uri())
+        for section in ("summary", "curation", "training", "ablation", "classify", "search"):
+            assert page.locator(f"#{section}").count() == 1, section
+        assert page.locator("#ablation img").count() == 2  # the sweep's two plots
+        assert page.locator("#classify .card").count() == 20
+        assert page.locator("#search .card").count() == 5
+        widths = page.evaluate("[...document.images].map(i => i.complete && i.naturalWidth)")
+        assert len(widths) == 2 + 2 + 20 + 5 and min(widths) > 0  # every image decoded
+        browser.close()

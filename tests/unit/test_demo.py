@@ -1,8 +1,9 @@
-"""The demo's reading of job logs (the stages themselves run in tests/e2e)."""
+"""The demo's reading of job logs and its report (the stages themselves run in tests/e2e)."""
 
 from __future__ import annotations
 
 from pipelines.demo import ANSI, last_json
+from pipelines.report import Report, data_url, render
 
 
 def test_last_json_finds_the_result_line_among_progress_output() -> None:
@@ -14,3 +15,23 @@ def test_last_json_finds_the_result_line_among_progress_output() -> None:
     )
     assert last_json(ANSI.sub("", logs)) == {"run_id": "abc", "metrics": {"eval/x": 0.5}}
     assert last_json("no result here\n") == {}
+
+
+def test_the_report_holds_every_section_inline() -> None:
+    dot = data_url(b"\x89PNG fake")
+    report = Report(
+        table=[("champion", "models:/mmray-tiny/1 <late>")],
+        status_counts={"success": 90, "duplicate": 3},
+        curves={"train/loss": [(1, 4.0), (2, 3.0)], "eval/zeroshot/shape/top1": [(2, 0.7)]},
+        ablation=[b"\x89PNG one"], classify=[{"image": dot, "truth": "circle", "answer": "circle"},
+                                             {"image": dot, "truth": "cross", "answer": "square"}],
+        search_query="a circle",
+        search_hits=[{"thumbnail": dot, "caption": "a red circle", "score": 0.5}],
+    )  # fmt: skip
+    page = render(report)
+    for section in ("summary", "curation", "training", "ablation", "classify", "search"):
+        assert f'<section id="{section}">' in page
+    assert "&lt;late&gt;" in page  # escaped
+    assert page.count("data:image/png;base64,") == 2 + 1 + 3  # charts, ablation, answers
+    assert '<b class="right">circle</b>' in page and '<b class="wrong">square</b>' in page
+    assert "http" not in page  # nothing to fetch: it opens from disk or as an artifact
