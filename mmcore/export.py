@@ -3,7 +3,8 @@ weights), and the Hugging Face CLIP export. Model URIs resolve in ``mmcore.track
 
 save_model(model, "out/model")      # a local export folder, the model URI's simplest form
 model = load_model("out/model")
-export_hf(model, "hf-model/")       # transformers' CLIPModel / CLIPProcessor load it
+export_hf(model, "hf-model/")       # transformers loads it (CLIPModel, or AutoModel with
+                                    # trust_remote_code=True), with its CLIPProcessor
 """
 
 from __future__ import annotations
@@ -77,23 +78,28 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ImageT
 
 
 def export_hf(model: ImageTextModel, folder: str | Path) -> Path:
-    """Write a folder that ``transformers.CLIPModel``/``CLIPProcessor.from_pretrained`` load:
-    same embeddings as ``model`` for late-fusion models with CLIP-style towers."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from mmcore.data.transforms import MEAN, STD
-    from mmcore.models.towers import tokenizer
-
+    """Write a folder transformers loads, with its ``CLIPProcessor``: ``CLIPModel`` itself
+    for late-fusion models with CLIP-style towers (``vision.stem=patch``,
+    ``text.kind=transformer``); for every other model the encoders as an ``AutoModel`` with
+    its modelling code in the folder (``trust_remote_code=True``; mmray not needed). Both
+    give the same embeddings as ``model``."""
     cfg = model.cfg
+    folder = Path(folder)
     if model.scores_pairs or cfg.text.kind != "transformer" or cfg.vision.stem != "patch":
-        raise ConfigError(
-            "Hugging Face CLIP export needs fusion=late, text.kind=transformer and "
-            "vision.stem=patch (CLIPModel has no conv stem)"
-        )
+        _export_remote_code(model, folder)
+    else:
+        _export_clip(model, folder)
+    _save_processor(model, folder)
+    return folder
+
+
+def _export_clip(model: ImageTextModel, folder: Path) -> None:
+    from transformers import CLIPConfig, CLIPModel
+
     config = CLIPConfig(
         text_config=model.text.model.config.to_dict(),
         vision_config=model.vision.model.config.to_dict(),
-        projection_dim=cfg.embed_dim,
+        projection_dim=model.cfg.embed_dim,
         logit_scale_init_value=float(model.logit_scale.detach()[0]),
     )
     hf = CLIPModel(config)
@@ -108,9 +114,39 @@ def export_hf(model: ImageTextModel, folder: str | Path) -> Path:
         elif key != "logit_bias":
             state[key] = value
     hf.load_state_dict(state, strict=True)
-    folder = Path(folder)
     hf.save_pretrained(folder)
-    size = cfg.vision.image_size
+
+
+def _export_remote_code(model: ImageTextModel, folder: Path) -> None:
+    """``mmcore/hf_remote/modeling_mmray.py`` (registered for the auto classes, so
+    ``save_pretrained`` copies it and writes its ``auto_map``) and the encoders' weights
+    under mmray's names; a fusion module and its heads stay behind (embeddings need none)."""
+    from mmcore.hf_remote.modeling_mmray import MmrayConfig, MmrayModel
+    from mmcore.warmstart import group_of
+
+    cfg = model.cfg
+    MmrayConfig.register_for_auto_class()
+    MmrayModel.register_for_auto_class("AutoModel")
+    config = MmrayConfig(
+        vision_config=model.vision.model.config.to_dict(),
+        text_config=model.text.model.config.to_dict(), text_kind=cfg.text.kind,
+        stem=cfg.vision.stem, stem_channels=cfg.vision.stem_channels, embed_dim=cfg.embed_dim,
+        architectures=["MmrayModel"], mmray=to_dict(cfg),
+    )  # fmt: skip
+    hf = MmrayModel(config)
+    encoders = {"vision", "text", "projections"}
+    state = {k: v for k, v in model.state_dict().items() if group_of(k) in encoders}
+    hf.load_state_dict(state, strict=True)
+    hf.save_pretrained(folder)
+
+
+def _save_processor(model: ImageTextModel, folder: Path) -> None:
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    from mmcore.data.transforms import MEAN, STD
+    from mmcore.models.towers import tokenizer
+
+    size = model.cfg.vision.image_size
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessor(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size},
@@ -118,6 +154,5 @@ def export_hf(model: ImageTextModel, folder: str | Path) -> Path:
         ),
         tokenizer=tokenizer(),
     )  # fmt: skip
-    processor.tokenizer.model_max_length = cfg.text.context_length
+    processor.tokenizer.model_max_length = model.cfg.text.context_length
     processor.save_pretrained(folder)
-    return folder

@@ -144,8 +144,8 @@ def read_weights(folder: Path) -> tuple[str, dict[str, torch.Tensor]]:
     """An mmray export's or a transformers ``CLIPModel`` folder's weights, under mmray's keys."""
     meta = json.loads((folder / "config.json").read_text())
     weights = load_file(folder / "model.safetensors")
-    if meta.get("format") == "mmray-model":
-        return "mmray", weights
+    if meta.get("format") == "mmray-model" or meta.get("model_type") == "mmray":
+        return "mmray", weights  # an export, or its transformers remote-code folder
     if meta.get("model_type") == "clip":
         return "hf-clip", {_hf_key(k): _hf_value(k, v) for k, v in weights.items()}
     raise ConfigError(

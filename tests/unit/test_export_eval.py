@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,11 @@ from transformers import CLIPModel, CLIPProcessor
 
 from mmcore.eval.run import zeroshot_eval
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder
-from mmcore.export import export_hf, load_model, save_model
+from mmcore.export import load_model, save_model
 from mmcore.inference import Engine
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig, VisionConfig
+from mmcore.warmstart import InitConfig, plan
 from pipelines import evaluate, export
 
 LATE = ModelConfig(text=TextConfig(kind="transformer"))
@@ -69,14 +72,62 @@ def test_hf_export_gives_the_same_embeddings_and_zeroshot_accuracy(
     np.testing.assert_allclose(engine.embed_texts(prompts), txt.numpy(), rtol=0, atol=2e-6)
 
 
-def test_hf_export_refuses_non_clip_towers(tmp_path) -> None:
-    with pytest.raises(ValueError, match="text.kind=transformer"):
-        export_hf(build_model(ModelConfig()), tmp_path)  # MiniLM text tower
-    conv = ModelConfig(text=TextConfig(kind="transformer"), vision=VisionConfig(stem="conv"))
-    with pytest.raises(ValueError, match="vision.stem=patch"):
-        export_hf(build_model(conv), tmp_path)
-    conv_dir = save_model(build_model(conv), tmp_path / "conv")  # the command: exit 2, a message
-    assert export.main(["--model", str(conv_dir), "--output", str(tmp_path / "hf")]) == 2
+# Loads an exported folder with mmray unimportable: transformers' AutoModel (remote code)
+# and CLIPProcessor; prints the embeddings of the sample images and captions as JSON.
+LOAD_WITHOUT_MMRAY = """
+import json, sys
+from pathlib import Path
+for name in ("mmcore", "pipelines"):
+    sys.modules[name] = None  # importing them now raises ImportError
+import torch
+from PIL import Image
+from transformers import AutoModel, CLIPProcessor
+folder, images, texts = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+processor = CLIPProcessor.from_pretrained(folder, trust_remote_code=True)
+pixels = processor(images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")
+tokens = processor(text=texts, padding="max_length", max_length=32, truncation=True,
+                   return_tensors="pt")
+with torch.no_grad():
+    out = model(pixel_values=pixels["pixel_values"], input_ids=tokens["input_ids"],
+                attention_mask=tokens["attention_mask"])
+print(json.dumps({k: v.tolist() for k, v in out.items()}))
+"""
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(vision=VisionConfig(stem="conv")),  # the tiny recipe: conv stem, MiniLM
+    ModelConfig(fusion="hybrid", text=TextConfig(kind="transformer")),  # a fusion variant
+], ids=["conv-minilm", "hybrid"])  # fmt: skip
+def test_every_other_model_exports_for_automodel_with_remote_code(
+    cfg: ModelConfig, sample_dir, tmp_path
+) -> None:
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    src = save_model(model, tmp_path / "model")
+    assert (
+        export.main(["--model", str(src), "--format", "hf", "--output", str(tmp_path / "hf")]) == 0
+    )
+    assert (tmp_path / "hf" / "modeling_mmray.py").exists()
+    paths, _, _ = image_folder(sample_dir / "zeroshot" / "shape")
+    images, texts = [str(p) for p in paths[::40]], ["a red circle", "two blue squares", "a"]
+    run = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_MMRAY, str(tmp_path / "hf"),
+                          json.dumps(images), json.dumps(texts)], capture_output=True, text=True,
+                         cwd=tmp_path, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    engine = Engine(model)
+    ours_img = engine.embed_images([Image.open(p).convert("RGB") for p in images])
+    ours_txt = engine.embed_texts(texts)
+    np.testing.assert_allclose(theirs["image_embeds"], ours_img, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(theirs["text_embeds"], ours_txt, rtol=0, atol=1e-5)
+    scale = model.scales()[0].item()
+    np.testing.assert_allclose(theirs["logits_per_image"], scale * ours_img @ ours_txt.T,
+                               rtol=0, atol=1e-3)  # fmt: skip
+    # The folder is also a warm start: the same weights back into mmray
+    warm = plan(InitConfig(source=str(tmp_path / "hf"), modules=["towers", "projections"]),
+                build_model(cfg))  # fmt: skip
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in warm.state.items())
 
 
 def test_eval_commands_print_one_json_line(model_dir, sample_dir, tmp_path, capsys) -> None:
