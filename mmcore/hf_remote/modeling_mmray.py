@@ -48,8 +48,11 @@ class MmrayConfig(PretrainedConfig):
 
 
 class ConvStem(nn.Sequential):
-    """The patch embedding as a stack of 3×3 convolutions (BatchNorm, GELU between them)
-    down to the patch grid, as mmray builds it."""
+    """(B, 3, H, W) → (B, width, H/patch, W/patch), as the patch embedding it replaces: a 3×3
+    convolution at full resolution, then stride-2 3×3 convolutions (channels C, C, 2C, ...)
+    down to the patch grid, the last one to ``width``; BatchNorm and GELU between them, as
+    Xiao et al.'s stem has (BN, ReLU). The patch size is a power of two. (mmray's vision
+    tower uses this class too: ``mmcore.models.towers``.)"""
 
     def __init__(self, width: int, patch: int, channels: int) -> None:
         sizes = [channels] + [channels * 2**i for i in range(patch.bit_length() - 2)] + [width]

@@ -35,6 +35,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from mmcore.data.inputs import minilm_path, token_ids
+from mmcore.hf_remote.modeling_mmray import ConvStem  # one definition: exports bundle it
 
 # (hidden, mlp, layers, heads, patch)
 VISION_SIZES = {
@@ -80,24 +81,6 @@ def tokenize(texts: list[str], context_length: int) -> dict[str, torch.Tensor]:
     pipeline uses (``mmcore.data.inputs.token_ids``), as tensors."""
     ids, mask = token_ids(list(texts), context_length)
     return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-
-
-class ConvStem(nn.Sequential):
-    """(B, 3, H, W) → (B, width, H/patch, W/patch), as the patch embedding it replaces: a 3×3
-    convolution at full resolution, then stride-2 3×3 convolutions (channels C, C, 2C, ...)
-    down to the patch grid, the last one to ``width``; BatchNorm and GELU between them, as
-    Xiao et al.'s stem has (BN, ReLU). Every patch size in VISION_SIZES is a power of two."""
-
-    def __init__(self, width: int, patch: int, channels: int) -> None:
-        sizes = [channels] + [channels * 2**i for i in range(patch.bit_length() - 2)] + [width]
-        layers: list[nn.Module] = [nn.Conv2d(3, channels, 3, 1, 1)]
-        for c_in, c_out in itertools.pairwise(sizes):
-            layers += [nn.BatchNorm2d(c_in), nn.GELU(), nn.Conv2d(c_in, c_out, 3, 2, 1)]
-        super().__init__(*layers)
-
-    @property
-    def weight(self) -> torch.Tensor:  # transformers reads patch_embedding.weight.dtype
-        return self[-1].weight
 
 
 class VisionTower(nn.Module):
