@@ -56,7 +56,8 @@ def free_port() -> int:
 class ImageServer:
     """Serves ``root`` over HTTP on 127.0.0.1, with misbehaving endpoints:
 
-        /images/NAME        the file (404 when missing); ``delay_s`` before each answer
+        /images/NAME        the file (404 when missing); ``delay_s`` before each answer; a
+                            NAME in ``hold`` waits until ``released`` is set (at most 60 s)
         /status/CODE        an empty answer with that HTTP status
         /slow/SECONDS       waits, then answers 200 with a few bytes
         /late/SECONDS/NAME  waits, then sends the file (a slow host)
@@ -73,6 +74,8 @@ class ImageServer:
 
     def __init__(self, root: Path, delay_s: float = 0.0, port: int = 0) -> None:
         self.root, self.delay_s = Path(root), delay_s
+        self.hold: set[str] = set()  # images whose answer waits for `released`
+        self.released = threading.Event()
         self.hits: collections.Counter[str] = collections.Counter()
         self.user_agents: set[str] = set()
         self.max_in_flight: collections.Counter[str] = collections.Counter()
@@ -126,6 +129,8 @@ class ImageServer:
             def _route(self, kind: str, arg: str) -> None:
                 if kind == "images":
                     time.sleep(server.delay_s)
+                    if arg in server.hold:
+                        server.released.wait(60)
                     self._file(server.root / arg)
                 elif kind == "status":
                     self._send(int(arg), b"")

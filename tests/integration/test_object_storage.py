@@ -54,33 +54,38 @@ def crawl(s3, sample_dir: Path, image_server) -> str:
     return f"{BUCKET}/raw"
 
 
-# One task per CPU, so the killed run's tasks come in waves: a shard is staged while later
-# tasks still fetch (with every task at once, all shards are staged in the same second).
-SLOW = ["tracking.enabled=false", "fetch.threads=2", "compute.num_cpus=1"]
+# The killed run waits on the image server for the rows past HELD (all in the second
+# shard) until it is killed, so the first shard is staged and the second is not, however
+# fast the machine; a held answer stays within the fetch timeout.
+SETTINGS = ["tracking.enabled=false", "fetch.threads=2", "fetch.timeout_s=60"]
+HELD = 256
 
 
 def curate_config(crawl: str, out: str) -> CurateConfig:
-    return load_config(CurateConfig, TINY, [f"input.path={crawl}", f"output.path={out}", *SLOW])
+    return load_config(CurateConfig, TINY, [f"input.path={crawl}", f"output.path={out}",
+                                            *SETTINGS])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def bucket_shards(ray_cluster, crawl, image_server, tmp_path_factory) -> str:
+def bucket_shards(ray_cluster, crawl, image_server, sample_dir, tmp_path_factory) -> str:
     """Curate into the bucket in a real process, SIGKILL it once a shard is staged there,
     resume: the objects equal those of an uninterrupted run on local disk."""
     local = tmp_path_factory.mktemp("local") / "shards"
     reference = curate(curate_config(crawl, str(local)))
     out = f"{BUCKET}/shards"
     env = os.environ | {"RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(Path.cwd())}
-    image_server.delay_s = 0.1  # slow enough to be killed halfway
+    files = pq.read_table(sample_dir / "metadata.parquet").column("file").to_pylist()
+    image_server.hold, image_server.released = set(files[HELD:]), threading.Event()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines.curate", "--config", TINY, "--input", crawl,
-         "--output", out, *SLOW],
+         "--output", out, *SETTINGS],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         sigkill_when(proc, lambda: _some_shard_staged(out))
     finally:
-        image_server.delay_s = 0.0
+        image_server.released.set()
+        image_server.hold = set()
         if proc.poll() is None:
             proc.kill()
     assert _some_shard_staged(out) and not storage.exists(f"{out}/manifest.json")
