@@ -109,8 +109,8 @@ def group_of(key: str) -> str | None:
 def plan(cfg: InitConfig, model: torch.nn.Module) -> WarmStart:
     """What ``model`` takes from ``cfg.source``; ``ConfigError`` (naming the tensors) when the
     source cannot be read or, with ``strict``, does not fit the parts named."""
-    ref, folder = _resolve(cfg.source)
-    kind, source = read_weights(folder)
+    ref = _resolve(cfg.source)
+    kind, source = read_weights(ref.folder)
     target = model.state_dict()
     groups = set(cfg.groups())
     state, skipped, problems = {}, {}, []
@@ -167,8 +167,8 @@ def _hf_value(key: str, value: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _resolve(source: str) -> tuple[Any, Path]:
-    """The source's ``ModelRef`` and local folder, downloaded once per process (a job checks
+def _resolve(source: str) -> Any:
+    """The source's ``ModelRef`` (its local folder downloaded once per process: a job checks
     the warm start before work starts, then reads it)."""
     from mmcore.tracking import check_model, resolve_model
 
@@ -177,4 +177,4 @@ def _resolve(source: str) -> tuple[Any, Path]:
         ref = resolve_model(source)
     except ConfigError as e:
         raise ConfigError(f"init.from: {e}") from e
-    return ref, ref.folder
+    return ref

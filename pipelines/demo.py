@@ -267,18 +267,16 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
         "sweep_run": tuned["run_id"], "trials": tuned["trials"],
         "champion": f"models:/{info['name']}/{info['version']}", "champion_fusion": info["fusion"],
         "champion_metrics": info["metrics"],
-        "classify_right": answers["classify_right"], "classify_of": answers["classify_of"],
-        "search_query": answers["search_query"],
-        "search_hits_with_shape": answers["search_hits_with_shape"],
-        "search_hits": answers["search_hits"],
+        **{k: answers[k] for k in ("classify_right", "classify_of", "search_query",
+                                   "search_hits_with_shape", "search_hits")},
         "classify_ms_p50": round(answers["p50"], 1), "classify_ms_p95": round(answers["p95"], 1),
         "minutes": round((time.monotonic() - t_start) / 60, 1),
         "mlflow": mlflow_url, "dashboard": dashboard, "serve": serve_url,
         "report": str(workdir / "report.html"),
     }  # fmt: skip
-    rows = summary_rows(summary)
-    write_report(workdir, mlflow_url, summary, answers, curated["status_counts"], rows)
-    print_summary(summary, rows)
+    table = summary_rows(summary)
+    write_report(workdir, mlflow_url, summary, answers, curated["status_counts"], table)
+    print_summary(summary, table)
     return summary
 
 

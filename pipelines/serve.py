@@ -263,12 +263,11 @@ def _run_showing_replicas(app: Any, replicas: int) -> None:
     thread.start()
     try:
         serve.run(app, name=APP, route_prefix="/")
-        done.set()
-        thread.join(timeout=5)
-        progress.update(replicas - progress.n)  # running: every replica is up
     finally:
         done.set()
-        progress.close()
+        thread.join(timeout=5)
+    progress.update(replicas - progress.n)  # running: every replica is up
+    progress.close()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
