@@ -51,6 +51,7 @@ class SpaceConfig:
     # Continuous/choice keys, same dotted names as the training config, e.g.
     # optim.lr: {loguniform: [3.0e-4, 3.0e-3]}; drawn at random per trial.
     sample: dict[str, dict[str, list]] = dataclasses.field(default_factory=dict)
+    draw_seed: int = 0  # seeds the draws of `sample`: the same sweep draws the same values
     num_samples: int = 1  # random draws per (fusion, loss, seed) cell
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
 
@@ -176,6 +177,7 @@ def param_space(sweep: SweepConfig, parent_run_id: str) -> dict:
 def _tuner(sweep: SweepConfig, path: str, space: dict) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     trainable = tune.with_resources(trial_fn, {"CPU": DRIVER_CPUS})
     if tune.Tuner.can_restore(path):
@@ -199,8 +201,10 @@ def _tuner(sweep: SweepConfig, path: str, space: dict) -> Any:
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
+            # Tune's default search with the draws seeded; it takes the concurrency limit itself.
+            search_alg=BasicVariantGenerator(random_state=sweep.space.draw_seed,
+                                             max_concurrent=sweep.max_concurrent_trials),
             num_samples=sweep.space.num_samples,
-            max_concurrent_trials=sweep.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(name=sweep.name, storage_path=job.output_root(sweep.output),
                                   callbacks=[_progress(sweep)]),  # fmt: skip

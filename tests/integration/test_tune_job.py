@@ -31,8 +31,9 @@ def test_a_killed_sweep_restores_logs_the_ablation_and_crowns_a_champion(
     Tune has recorded its first trial as finished. The same sweep again restores it: that
     trial is kept, the others run, ASHA stops the weak ones, the champion is crowned."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    # One worker with deterministic data: every trial's curve, and so ASHA's decisions, are
-    # the same on every run. 30 % held out: 48 validation pairs, a metric with room to differ.
+    # One worker, deterministic data and the sweep's seeded learning-rate draws: every trial's
+    # curve, and so ASHA's decisions, are the same on every run. 30 % held out: 48 validation
+    # pairs, a metric with room to differ.
     training = {
         "data.path": str(shards), "scaling.num_workers": 1, "schedule.global_batch": 16,
         "schedule.log_every": 1, "eval.every": 2, "eval.max_pairs": 48,
