@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
@@ -94,12 +95,14 @@ def run_one(folder: Path, rows: int, near: bool) -> dict:
         DedupConfig(near=near), storage.list_files(str(folder / "pieces")), 9, [], work, rows
     )
     wall = time.perf_counter() - t0
-    found = [storage.read_parquet(p, ["status"]).column("status").to_pylist()
-             for p in storage.list_files(decisions)]  # fmt: skip
-    counts = collections.Counter(s for statuses in found for s in statuses)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # before counting the results
+    counts = collections.Counter()
+    for path in storage.list_files(decisions):
+        found = pc.value_counts(storage.read_parquet(path, ["status"]).column("status"))
+        counts.update({v["values"].as_py(): v["counts"].as_py() for v in found})
     return {
         "rows": rows, "near": near, "wall_s": round(wall, 1),
-        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "driver_peak_rss_mb": round(peak / 1024),
         "driver_rss_after_ray_init_mb": round(rss_start / 1024),
         "exact_duplicates": counts["duplicate"], "near_duplicates": counts["near_duplicate"],
     }  # fmt: skip
@@ -107,8 +110,6 @@ def run_one(folder: Path, rows: int, near: bool) -> dict:
 
 def one_process_index(folder: Path, rows: int) -> dict:
     """The hash columns of every kept row in this process, as the driver once loaded them."""
-    import pyarrow.compute as pc
-
     from mmcore import storage
 
     columns = ["key", "sha256", "phash", "thumb"]

@@ -161,28 +161,53 @@ def band_rows(batch: Batch, threshold: int) -> Batch:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def near_pairs(group: Batch, cfg: DedupConfig, first_current: int, block: int = 512) -> Batch:
+def near_pairs(group: Batch, cfg: DedupConfig, first_current: int) -> Batch:
     """One band bucket's near pairs (``later``, ``earlier`` orders) where ``later`` is this
     job's row (orders from ``first_current`` on): within the Hamming threshold and the
-    colour tolerance. Compared a block of rows at a time against all earlier ones."""
+    colour tolerance."""
     idx = np.argsort(group["order"], kind="stable")
-    order, phash = group["order"][idx], group["phash"][idx].astype(np.uint64)
-    later, earlier = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    start = max(1, int(np.searchsorted(order, first_current)))
-    for lo in range(start, len(order), block):
-        hi = min(lo + block, len(order))
-        distance = np.bitwise_count(phash[lo:hi, None] ^ phash[None, :hi])  # (rows, earlier)
-        rows, cols = np.nonzero(distance <= cfg.phash_threshold)
-        rows, cols = rows[cols < rows + lo], cols[cols < rows + lo]  # earlier rows only
-        if not len(rows):
-            continue
+    order = group["order"][idx]
+    rows, cols = close_pairs(group["phash"][idx].astype(np.uint64), cfg.phash_threshold)
+    mine = order[rows] >= first_current
+    rows, cols = rows[mine], cols[mine]
+    if len(rows):
         thumbs = group["thumb"][idx]
-        a = np.stack([np.frombuffer(thumbs[lo + r], np.uint8) for r in rows]).astype(np.int16)
+        a = np.stack([np.frombuffer(thumbs[r], np.uint8) for r in rows]).astype(np.int16)
         b = np.stack([np.frombuffer(thumbs[c], np.uint8) for c in cols]).astype(np.int16)
         close = np.abs(a - b).max(axis=1) <= cfg.colour_tolerance
-        later.append(order[lo + rows[close]])
-        earlier.append(order[cols[close]])
-    return {"later": np.concatenate(later), "earlier": np.concatenate(earlier)}
+        rows, cols = rows[close], cols[close]
+    return {"later": order[rows], "earlier": order[cols]}
+
+
+def close_pairs(phash: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair of positions (i, j), i > j, whose hashes are within ``threshold`` bits.
+
+    A band bucket holds rows / 2^(band bits) rows, so comparing all its pairs would grow with
+    the square of the rows. The pigeonhole split applies again to the bits its rows do not all
+    share: a close pair agrees on one of threshold+1 chunks of them. Per chunk, the rows sorted
+    by its value put the candidates side by side, and each row is compared with the next ones
+    of the same value only: the work follows the candidates, not the square of the bucket."""
+    n = len(phash)
+    differ = int(np.bitwise_or.reduce(phash ^ phash[0])) if n else 0
+    free = [bit for bit in range(64) if differ >> bit & 1]
+    found_i, found_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for chunk in np.array_split(np.array(free, np.uint64), threshold + 1):
+        value = np.zeros(n, np.uint64)
+        for k, bit in enumerate(chunk):
+            value |= ((phash >> bit) & np.uint64(1)) << np.uint64(k)
+        pos = np.argsort(value, kind="stable")  # equal values together, each run in order
+        value = value[pos]
+        start, step = np.arange(n - 1), 1  # rows compared with the row `step` further on
+        while len(start):
+            start = start[start + step < n]
+            start = start[value[start + step] == value[start]]  # still within a run
+            i, j = pos[start + step], pos[start]
+            close = np.bitwise_count(phash[i] ^ phash[j]) <= threshold
+            found_i.append(i[close])
+            found_j.append(j[close])
+            step += 1
+    pairs = np.unique(np.stack([np.concatenate(found_i), np.concatenate(found_j)], 1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
 
 
 def resolve_near(later: np.ndarray, earlier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,12 +4,14 @@ import collections
 import random
 
 import numpy as np
+import pytest
 
 from mmcore.data.dedup import (
     ORDER_BASE,
     DedupConfig,
     Sources,
     band_rows,
+    close_pairs,
     exact_group,
     find_duplicates,
     near_pairs,
@@ -136,3 +138,24 @@ def test_rows_matching_an_earlier_output_name_it() -> None:
         "00000000": ("duplicate", "s3://old/shards#00000000"),  # the same bytes
         "00000001": ("near_duplicate", "s3://old/shards#00000001"),  # 2 bits away
     }
+
+
+@pytest.mark.parametrize("shared_bits", [0, 9, 60, 64])
+def test_close_pairs_finds_every_pair_within_the_threshold(shared_bits: int) -> None:
+    """Against all pairs: random hashes sharing their top ``shared_bits`` (a band bucket's
+    rows; 64: all identical), with near copies 0-8 bits away and copies of copies."""
+    rng = np.random.default_rng(shared_bits)
+    base = rng.integers(0, 2**63, 600, dtype=np.uint64) | (rng.integers(0, 2, 600, np.uint64) << 63)
+    for _ in range(400):  # copies of earlier hashes, a few bits flipped
+        flips = rng.choice(64, rng.integers(0, 9), replace=False)
+        copy = base[rng.integers(len(base))] ^ np.uint64(sum(1 << int(b) for b in flips))
+        base = np.append(base, copy)
+    keep = np.uint64(2**64 - 2 ** (64 - shared_bits)) if shared_bits else np.uint64(0)
+    phash = (base & ~keep) | (np.uint64(0xA5A5A5A5A5A5A5A5) & keep)
+    for threshold in (0, 3, 6):
+        i, j = close_pairs(phash, threshold)
+        distance = np.bitwise_count(phash[:, None] ^ phash[None, :])
+        a, b = np.nonzero(distance <= threshold)
+        want = {(x, y) for x, y in zip(a.tolist(), b.tolist(), strict=True) if x > y}
+        assert set(zip(i.tolist(), j.tolist(), strict=True)) == want and len(i) == len(want)
+    assert all(len(x) == 0 for x in close_pairs(phash[:1], 6) + close_pairs(phash[:0], 6))
