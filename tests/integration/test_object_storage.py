@@ -4,8 +4,9 @@
 A crawl whose metadata is a prefix of parquet files in a bucket is curated into shards in the
 bucket, the job killed with SIGKILL and resumed there, to the same bytes as a run on local
 disk; training reads those shards and keeps its checkpoints in the bucket, a worker is killed
-and the run resumes from them; `mmray serve` loads the model and its search index from the
-bucket. Bad credentials, a missing bucket and a missing prefix are refused before any work.
+and the run resumes from them; a sweep keeps its state and trials there and restores from
+them; `mmray serve` loads the model and its search index from the bucket. Bad credentials,
+a missing bucket and a missing prefix are refused before any work.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from pipelines.curate import run as curate
 from pipelines.local import free_port
 from pipelines.train import TrainConfig
 from pipelines.train import run as train
+from pipelines.tune import SweepConfig
+from pipelines.tune import run as tune
 from tests.helpers import kill_a_training_worker, sigkill_when
 
 pytestmark = pytest.mark.integration
@@ -176,6 +179,39 @@ def _registered_checkpoints(runs: str) -> int:
         except (json.JSONDecodeError, KeyError, OSError, FileNotFoundError):
             return 0
     return 0
+
+
+def test_a_sweep_keeps_its_state_and_trials_in_the_bucket(
+    bucket_shards, sample_dir, mlflow_server, monkeypatch
+) -> None:
+    """`output=s3://…` for a sweep: Tune's experiment state, the sweep's own state and every
+    trial's checkpoints land in the bucket; the champion is crowned; the same sweep again
+    restores from the bucket and runs no trial twice."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    trial = {"data.path": bucket_shards, "scaling.num_workers": 1, "schedule.global_batch": 16,
+             "eval.every": 2, "eval.max_pairs": 32, "optim.warmup_steps": 0,
+             "eval.zeroshot": [str(sample_dir / "zeroshot" / "colour")]}  # fmt: skip
+    sweep = load_config(SweepConfig, "pipelines/configs/tune/tiny.yaml", [
+        "name=bucket-sweep", f"output={BUCKET}/sweeps", f"trial={json.dumps(trial)}",
+        "space.fusion=[late]", "space.loss=[{clip: 1.0}, {siglip: 1.0}]", "samples_per_trial=32",
+        "asha.enabled=false", "registered_model=test-bucket-sweep",
+        "tracking.experiment=test-object-storage",
+    ])  # fmt: skip
+    result = tune(sweep)
+    assert result["trials"] == 2 and result["champion_moved"]
+    root = f"{BUCKET}/sweeps/bucket-sweep"
+    names = _ls(root)
+    assert "mmray_sweep.json" in names and any(n.startswith("experiment_state") for n in names)
+    runs = [r for r in _ls(f"{root}/trials") if r.startswith("train-")]
+    assert len(runs) == 2, runs
+    for run in runs:  # each trial's DeepSpeed checkpoint and export, in the bucket
+        files = {storage.name(p) for p in _walk(f"{root}/trials/{run}")}
+        assert {"mp_rank_00_model_states.pt", "config.yaml"} <= files, files
+    champion = load("models:/test-bucket-sweep@champion")
+    assert champion.cfg.fusion == "late"
+    again = tune(sweep)
+    assert again["run_id"] == result["run_id"] and again["trials"] == 2
+    assert [r for r in _ls(f"{root}/trials") if r.startswith("train-")] == runs
 
 
 def test_serve_loads_the_model_and_the_search_index_from_the_bucket(
