@@ -67,14 +67,18 @@ def local_folder(folder: str | Path) -> Path:
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ImageTextModel:
     """Build the model from an export folder's ``config.json`` and load its safetensors
     weights (strict). A model URI (``runs:/``, ``models:/``): ``mmcore.tracking.load``."""
+    model = build_model(read_config(folder))
+    model.load_state_dict(load_file(Path(folder) / WEIGHTS, device=str(device)), strict=True)
+    return model.eval()
+
+
+def read_config(folder: str | Path) -> ModelConfig:
+    """The model config of a local export folder (reads no weights)."""
     check_folder(folder)
-    folder = Path(folder)
-    meta = json.loads((folder / CONFIG).read_text())
+    meta = json.loads((Path(folder) / CONFIG).read_text())
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{folder} is not an mmray model export (format {meta.get('format')!r})")
-    model = build_model(from_dict(ModelConfig, meta["model"]))
-    model.load_state_dict(load_file(folder / WEIGHTS, device=str(device)), strict=True)
-    return model.eval()
+    return from_dict(ModelConfig, meta["model"])
 
 
 def export_hf(model: ImageTextModel, folder: str | Path) -> Path:

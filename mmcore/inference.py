@@ -110,6 +110,26 @@ class Engine:
             return self.onnx.encode_text(ids.numpy(), mask.numpy())
         return self.model.encode_text(ids, mask).numpy()
 
+    @torch.no_grad()
+    def embed_pairs(
+        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[str, np.ndarray]:
+        """Preprocessed (image, caption) pairs → unit image and text embeddings (B, E) and each
+        pair's ``alignment``: the embeddings' cosine, or the ITM match probability where the
+        variant scores pairs."""
+        ids, mask = trim_padding(input_ids, attention_mask)
+        out = self.model(pixels, ids, mask)
+        if self.model.scores_pairs:
+            alignment = self.model.itm_logits(out.image_tokens, out.text_tokens, mask)
+            alignment = alignment.softmax(-1)[:, 1]
+        else:
+            alignment = (out.image_embeds * out.text_embeds).sum(-1)
+        return {
+            "image_embedding": out.image_embeds.numpy(),
+            "text_embedding": out.text_embeds.numpy(),
+            "alignment": alignment.numpy(),
+        }
+
     def logit_scale(self) -> float:
         return float(self.model.scales()[0])
 

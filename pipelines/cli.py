@@ -6,8 +6,9 @@
     mmray tune --config FILE --data SHARDS [key.sub=value ...] | mmray tune report SWEEP
     mmray serve --model URI [--index SHARDS] [--host 127.0.0.1] [--port 8000] [key.sub=value ...]
     mmray demo [--quick] | mmray demo --stop
+    mmray embed --model URI --data SHARDS --output DIR [key.sub=value ...]
     mmray eval {zeroshot,retrieval} --model URI ...
-    mmray export --model URI --format {hf,safetensors} --output DIR
+    mmray export --model URI --format {hf,safetensors,onnx,torch-export,torchscript} --output DIR
 Each job is also ``python -m pipelines.<job>`` (for ``ray job submit``).
 """
 
@@ -59,6 +60,7 @@ COMMANDS = {
     "tune": _job("tune"),
     "serve": _job("serve"),
     "demo": _job("demo"),
+    "embed": _job("embed"),
     "eval": _job("evaluate"),
     "export": _job("export"),
 }

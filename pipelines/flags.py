@@ -53,7 +53,12 @@ SERVE = [
     Flag("--model", "model.uri", "folder, runs:/ID/model or models:/NAME@ALIAS"),
     Flag("--index", "index", "curated shards to search over"),
 ]
-JOBS = {"curate": CURATE, "train": TRAIN, "tune": TUNE, "serve": SERVE}
+EMBED = [
+    Flag("--model", "model", "folder, runs:/ID/model or models:/NAME@ALIAS"),
+    Flag("--data", "data", "folder of curated shards"),
+    Flag("--output", "output", "where the embedding parquet goes"),
+]
+JOBS = {"curate": CURATE, "train": TRAIN, "tune": TUNE, "serve": SERVE, "embed": EMBED}
 
 
 def parser(
