@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import api, cli, curate, demo, evaluate, export, serve, train, tune
+from pipelines import api, cli, curate, demo, embed, evaluate, export, serve, train, tune
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs" / "guides").glob("*.md"))]
@@ -54,6 +54,8 @@ def parse(argv: list[str]) -> object:
             return evaluate.parse_args(rest)
         case "export":
             return export.parse_args(rest)
+        case "embed":
+            return embed.parse_args(rest)
         case "demo":
             return demo.parse_args(rest)
     raise AssertionError(f"unknown command {name}")
@@ -61,7 +63,17 @@ def parse(argv: list[str]) -> object:
 
 def test_the_docs_show_every_stage() -> None:
     shown = {argv[0] for _, argv in commands()}
-    assert shown >= {"sample-data", "curate", "train", "tune", "serve", "eval", "export", "demo"}
+    assert shown >= {
+        "sample-data",
+        "curate",
+        "train",
+        "tune",
+        "serve",
+        "eval",
+        "export",
+        "demo",
+        "embed",
+    }
 
 
 @pytest.mark.parametrize(("where", "argv"), commands(), ids=lambda v: str(v)[:70])
