@@ -55,7 +55,7 @@ class ServeConfig:
     """The application's arguments (``args`` in serve.yaml)."""
 
     model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
-    index: str | None = None  # curated shards to search over
+    index: str | None = None  # curated shards, or a saved search index (mmray index)
     index_limit: int | None = None  # index at most this many samples
     templates: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     replicas: ReplicaConfig = dataclasses.field(default_factory=ReplicaConfig)

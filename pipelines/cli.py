@@ -7,6 +7,7 @@
     mmray serve --model URI [--index SHARDS] [--host 127.0.0.1] [--port 8000] [key.sub=value ...]
     mmray demo [--quick] | mmray demo --stop
     mmray embed --model URI --data SHARDS --output DIR [key.sub=value ...]
+    mmray index --embeddings DIR --output DIR
     mmray eval {zeroshot,retrieval} --model URI ...
     mmray export --model URI --format {hf,safetensors,onnx,torch-export,torchscript} --output DIR
 Each job is also ``python -m pipelines.<job>`` (for ``ray job submit``).
@@ -61,6 +62,7 @@ COMMANDS = {
     "serve": _job("serve"),
     "demo": _job("demo"),
     "embed": _job("embed"),
+    "index": _job("index"),
     "eval": _job("evaluate"),
     "export": _job("export"),
 }

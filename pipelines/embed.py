@@ -7,11 +7,12 @@ embeddings and how well they align, as parquet.
 Ray Data reads the shards and decodes and preprocesses them on CPU tasks; a pool of actors
 (``compute.concurrency``, each ``compute.num_cpus`` CPUs and ``compute.num_gpus`` GPUs) holds
 the model and embeds ``compute.batch_size`` pairs a call. Each call writes one part,
-``parts/<first key>.parquet``: ``key``, ``image_embedding``, ``text_embedding`` (unit norm) and
-``alignment`` (the pair's cosine; the ITM match probability for fusion variants), its file
-metadata naming the model version. ``manifest.json`` is written last. Run again, the same
-command skips the samples already in parts (a killed job resumes), and refuses an output
-that another model version wrote.
+``parts/<first key>.parquet``: ``key``, ``image_embedding``, ``text_embedding`` (unit norm),
+``alignment`` (the pair's cosine; the ITM match probability for fusion variants) and
+``caption``, its file metadata naming the model version. ``manifest.json`` is written last.
+Run again, the same command skips the samples already in parts (a killed job resumes), and
+refuses an output that another model version wrote. ``mmray index`` builds a search index
+from the output.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class Embedder:
             name: pa.FixedSizeListArray.from_arrays(pa.array(out[name].ravel()), width)
             for name in ("image_embedding", "text_embedding")
         }
-        table = pa.table(columns | {"alignment": pa.array(out["alignment"])})
+        captions = pa.array([str(c) for c in batch["caption"]])
+        table = pa.table(columns | {"alignment": pa.array(out["alignment"]), "caption": captions})
         table = table.replace_schema_metadata({MODEL_KEY: self.model.encode()})
         storage.write_parquet(storage.join(self.parts, f"{min(keys)}.parquet"), table)
         return {"rows": np.asarray([len(table)])}
@@ -120,9 +122,11 @@ def _prepare(batch: dict[str, np.ndarray], done: frozenset[str], **kwargs: Any) 
             "input_ids": np.zeros((0, length), np.int64),
             "attention_mask": np.zeros((0, length), np.int64),
             "key": np.zeros(0, str),
+            "caption": np.zeros(0, str),
         }
     batch = {k: v[keep] for k, v in batch.items()}
-    return preprocess(batch, **kwargs) | {"key": batch["__key__"]}
+    captions = [t.decode() if isinstance(t, bytes) else str(t) for t in batch["txt"]]
+    return preprocess(batch, **kwargs) | {"key": batch["__key__"], "caption": np.asarray(captions)}
 
 
 def done_keys(parts: str, model: str) -> frozenset[str]:

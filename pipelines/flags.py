@@ -51,14 +51,19 @@ TRAIN = [
 TUNE = [dataclasses.replace(f, key=f"trial.{f.key}") for f in TRAIN]
 SERVE = [
     Flag("--model", "model.uri", "folder, runs:/ID/model or models:/NAME@ALIAS"),
-    Flag("--index", "index", "curated shards to search over"),
+    Flag("--index", "index", "curated shards, or a search index (mmray index) to search over"),
 ]
 EMBED = [
     Flag("--model", "model", "folder, runs:/ID/model or models:/NAME@ALIAS"),
     Flag("--data", "data", "folder of curated shards"),
     Flag("--output", "output", "where the embedding parquet goes"),
 ]
-JOBS = {"curate": CURATE, "train": TRAIN, "tune": TUNE, "serve": SERVE, "embed": EMBED}
+INDEX = [
+    Flag("--embeddings", "embeddings", "a finished mmray embed output"),
+    Flag("--output", "output", "where the index goes"),
+]
+JOBS = {"curate": CURATE, "train": TRAIN, "tune": TUNE, "serve": SERVE, "embed": EMBED,
+        "index": INDEX}  # fmt: skip
 
 
 def parser(

@@ -38,6 +38,7 @@ from mmcore.eval.zeroshot import class_prompts
 from mmcore.inference import Engine, Index
 from mmcore.serving import BadInput, IndexRecords, Limits, decode_image, read_index
 from mmcore.tracking import check_model
+from mmcore.vectors import VectorIndex, locate, read_meta
 from pipelines import api, flags, job
 from pipelines.progress import Progress
 
@@ -58,19 +59,25 @@ class _Loaded:
     prompts: OrderedDict = dataclasses.field(default_factory=OrderedDict)  # text → (E,)
 
 
-def _load(spec: api.ModelSpec, records: IndexRecords | None) -> _Loaded:
+def _load(spec: api.ModelSpec, records: IndexRecords | None, vectors: str | None) -> _Loaded:
+    """The model ``spec`` names, and its search index: the shards' images embedded by it, or
+    the saved index at ``vectors`` (refused unless that model version built it)."""
     from mmcore.export import load_model
     from mmcore.tracking import resolve_model
 
     ref = resolve_model(spec.uri)  # an alias resolved once: the weights and the info agree
     engine = Engine(load_model(ref.folder), spec.backend)
     cfg = engine.cfg
+    if vectors is not None:
+        index = VectorIndex.load(vectors, ref.resolved)
+    else:
+        index = engine.index(records.images) if records is not None else None
     info = ref.info() | {
              "fusion": cfg.fusion, "embed_dim": cfg.embed_dim, "backend": engine.backend,
              "image_size": cfg.vision.image_size, "revision": spec.revision,
-             "index_size": len(records.keys) if records is not None else 0,
+             "index_size": len(index.image_embeds if isinstance(index, Index) else index.keys)
+                           if index is not None else 0,
              "replica": serve.get_replica_context().replica_id.unique_id}  # fmt: skip
-    index = engine.index(records.images) if records is not None else None
     log.info("loaded %s (%s, %s)", info["resolved"], cfg.fusion, engine.backend)
     return _Loaded(engine, info, index)
 
@@ -86,7 +93,8 @@ class Model:
         self, index: str | None, index_limit: int | None, limits: dict[str, Any],
         templates: list[str],
     ) -> None:  # fmt: skip
-        self.records = read_index(index, index_limit) if index else None
+        self.vectors = locate(index) if index else None  # a saved search index's folder
+        self.records = read_index(index, index_limit) if index and not self.vectors else None
         self.limits = from_dict(Limits, limits)
         self.templates = templates
         self.loaded: _Loaded | None = None
@@ -96,7 +104,7 @@ class Model:
         """Load the model that ``user_config`` (an api.ModelSpec) names beside the current one,
         then swap: requests keep being answered by the old one while the new one loads."""
         spec = from_dict(api.ModelSpec, dict(user_config))
-        loaded = await asyncio.to_thread(_load, spec, self.records)
+        loaded = await asyncio.to_thread(_load, spec, self.records, self.vectors)
         self._encode.set_max_batch_size(spec.max_batch_size)
         self._encode.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
         self.loaded = loaded
@@ -182,6 +190,14 @@ class Model:
         loaded = self.loaded
         if loaded.index is None:
             raise BadInput("no search index is loaded: start the server with --index SHARDS", 404)
+        if isinstance(loaded.index, VectorIndex):  # a saved index: ITC embeddings, no images
+            query = await self._encode((loaded, "text", req.text) if image is None
+                                       else (loaded, "image", image))  # fmt: skip
+            vectors = loaded.index
+            return {"hits": [{"key": vectors.keys[i], "caption": vectors.captions[i],
+                              "score": score, "thumbnail": None}
+                             for i, score in vectors.search(query, req.k)],
+                    "score": "cosine"}  # fmt: skip
         hits, kind = await asyncio.to_thread(
             loaded.engine.search, loaded.index, req.k, text=req.text, image=image
         )
@@ -226,8 +242,8 @@ def build(cfg: api.ServeConfig):
 def app(args: dict[str, Any]):
     """Serve's application builder: ``import_path: pipelines.serve:app`` with ``args``."""
     cfg = from_dict(api.ServeConfig, dict(args))
-    if cfg.index:  # `serve run` builds the app here: a bad index stops it before deploying
-        job.shard_paths(cfg.index, "index")  # (the model comes later, in the user_config)
+    if cfg.index and not locate(cfg.index):  # `serve run` builds the app here: a bad index
+        job.shard_paths(cfg.index, "index")  # stops it (the model comes in the user_config)
     return build(cfg)
 
 
@@ -235,7 +251,11 @@ def check(cfg: api.ServeConfig) -> None:
     """The model and the index must resolve here, before Ray and Serve start: a replica that
     cannot load its model only says "Failed to update the deployments"."""
     check_model(cfg.model.uri)
-    if cfg.index:
+    if cfg.index and (folder := locate(cfg.index)):  # a saved index: for this model version
+        from mmcore.tracking import resolve_model
+
+        read_meta(folder, resolve_model(cfg.model.uri).resolved)
+    elif cfg.index:
         job.shard_paths(cfg.index, "index")
 
 

@@ -5,6 +5,11 @@ registry, parquet parts that resume."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -12,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import requests
 import torch
 
 from mmcore.config import load_config
@@ -21,11 +27,15 @@ from mmcore.inference import Transforms
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig
 from mmcore.tracking import TrackingConfig, log_model, start_run
-from pipelines import embed
+from mmcore.vectors import VectorIndex, locate
+from pipelines import embed, index
 from pipelines.embed import EmbedConfig
+from pipelines.index import IndexConfig
+from pipelines.local import free_port
 
 pytestmark = pytest.mark.integration
 NAME = "test-embed"
+MMRAY = str(Path(sys.executable).with_name("mmray"))
 
 
 def _model(seed: int, fusion: str = "late") -> torch.nn.Module:
@@ -37,17 +47,25 @@ def _parts(out: Path) -> pa.Table:
     return pa.concat_tables(pq.read_table(p) for p in sorted((out / "parts").glob("*.parquet")))
 
 
-def test_embeddings_equal_the_models_encoders_and_a_rerun_resumes(
-    ray_cluster, shards, mlflow_server, tmp_path, monkeypatch
-) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    models = {}
+@pytest.fixture(scope="module")
+def models(mlflow_server, tmp_path_factory) -> Iterator[dict[int, torch.nn.Module]]:
+    """Registered versions: 1 a late-fusion model (alias champion), 2 a hybrid. The module's
+    tests (and the processes they start) use the MLflow server."""
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server.url
+    folder, models = tmp_path_factory.mktemp("models"), {}
     for version, fusion in enumerate(["late", "hybrid"], start=1):
         models[version] = _model(version, fusion)
-        export = save_model(models[version], tmp_path / f"model{version}")
+        export = save_model(models[version], folder / f"model{version}")
         with start_run(TrackingConfig(experiment="test-embed")):
             log_model(export, registered_name=NAME)
     mlflow.MlflowClient(mlflow_server.url).set_registered_model_alias(NAME, "champion", "1")
+    yield models
+    del os.environ["MLFLOW_TRACKING_URI"]
+
+
+def test_embeddings_equal_the_models_encoders_and_a_rerun_resumes(
+    ray_cluster, shards, mlflow_server, models, tmp_path
+) -> None:
     out = tmp_path / "embeddings"
     values = {"model": f"models:/{NAME}@champion", "data": str(shards), "output": str(out),
               "compute.batch_size": 32, "tracking.experiment": "test-embed"}  # fmt: skip
@@ -104,6 +122,58 @@ def test_embeddings_equal_the_models_encoders_and_a_rerun_resumes(
     assert json.loads((tmp_path / "hybrid" / "manifest.json").read_text())["alignment"] == "itm"
     probs = _parts(tmp_path / "hybrid").column("alignment").to_numpy()
     assert ((probs >= 0) & (probs <= 1)).all()
+
+
+def test_an_index_of_the_embeddings_is_logged_with_its_model_and_serves_search(
+    ray_cluster, shards, mlflow_server, models, tmp_path
+) -> None:
+    """mmray index → an artifact of model version 1's run, the version tagged with it; Serve
+    loads it from MLflow and answers /v1/search with exact search's hits; for version 2 the
+    index is refused before anything starts."""
+    out = tmp_path / "embeddings"
+    embed.work(load_config(EmbedConfig, None, values={
+        "model": f"models:/{NAME}/1", "data": str(shards), "output": str(out)}))  # fmt: skip
+    built = index.work(IndexConfig(embeddings=str(out), output=str(tmp_path / "index")))
+    client = mlflow.MlflowClient(mlflow_server.url)
+    run_id = client.get_model_version(NAME, "1").run_id
+    assert built["artifact_uri"] == f"runs:/{run_id}/indexes/embeddings" and built["kind"] == "flat"
+    assert (
+        client.get_model_version(NAME, "1").tags["mmray.index.embeddings"] == built["artifact_uri"]
+    )
+    folder = locate(built["artifact_uri"])
+    loaded = VectorIndex.load(folder, f"models:/{NAME}/1")
+    assert loaded.keys == sorted(_parts(out).column("key").to_pylist())
+    with pytest.raises(ValueError, match=f"built from models:/{NAME}/1's embeddings"):
+        VectorIndex.load(folder, f"models:/{NAME}/2")
+
+    # Exact search with the model itself: its image embeddings against the query's.
+    table = _parts(out).sort_by("key")
+    images = np.stack(table.column("image_embedding").to_numpy(zero_copy_only=False))
+    model = models[1].eval()
+    with torch.no_grad():
+        query = model.encode_text(*Transforms.of(model.cfg).tokens(["a red circle"]))[0].numpy()
+    exact = [table.column("key")[int(i)].as_py() for i in np.argsort(-(images @ query))[:5]]
+
+    port, log = free_port(), open(tmp_path / "serve.log", "w")  # noqa: SIM115
+    cmd = [MMRAY, "serve", "--model", f"models:/{NAME}/1", "--index", built["artifact_uri"],
+           "--port", str(port), "replicas.max_replicas=1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        line = proc.stdout.readline()  # one JSON line once the app is up
+        assert line, f"mmray serve exited: {(tmp_path / 'serve.log').read_text()[-3000:]}"
+        url = json.loads(line)["url"]
+        assert requests.get(f"{url}/v1/model", timeout=30).json()["index_size"] == len(table)
+        hits = requests.post(f"{url}/v1/search", json={"text": "a red circle", "k": 5},
+                             timeout=60).json()["hits"]  # fmt: skip
+        assert [h["key"] for h in hits] == exact and all(h["caption"] for h in hits)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    other = subprocess.run([*cmd[:3], f"models:/{NAME}/2", *cmd[4:]], capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert other.returncode == 2 and f"built from models:/{NAME}/1's embeddings" in other.stderr
 
 
 def test_bad_input_fails_before_any_work(shards, tmp_path, capsys) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import api, cli, curate, demo, embed, evaluate, export, serve, train, tune
+from pipelines import api, cli, curate, demo, embed, evaluate, export, index, serve, train, tune
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs" / "guides").glob("*.md"))]
@@ -56,6 +56,8 @@ def parse(argv: list[str]) -> object:
             return export.parse_args(rest)
         case "embed":
             return embed.parse_args(rest)
+        case "index":
+            return index.parse_args(rest)
         case "demo":
             return demo.parse_args(rest)
     raise AssertionError(f"unknown command {name}")
