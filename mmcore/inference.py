@@ -75,6 +75,9 @@ class Index:
     image_embeds: np.ndarray  # (N, E), unit norm
     image_tokens: torch.Tensor | None  # (N, P, Dv): pair-scoring variants score from these
 
+    def __len__(self) -> int:
+        return len(self.image_embeds)
+
 
 class Engine:
     """One loaded model on one backend. Torch runs every variant; the ONNX backends run the

@@ -58,6 +58,9 @@ class VectorIndex:
         meta = {"model_version": model_version, "dim": dim, "kind": kind, "rows": rows}
         return cls(index, keys, captions, meta)
 
+    def __len__(self) -> int:
+        return len(self.keys)
+
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         """The ``k`` rows nearest ``query`` (E,), best first: (row, inner product)."""
         import faiss

@@ -75,8 +75,7 @@ def _load(spec: api.ModelSpec, records: IndexRecords | None, vectors: str | None
     info = ref.info() | {
              "fusion": cfg.fusion, "embed_dim": cfg.embed_dim, "backend": engine.backend,
              "image_size": cfg.vision.image_size, "revision": spec.revision,
-             "index_size": len(index.image_embeds if isinstance(index, Index) else index.keys)
-                           if index is not None else 0,
+             "index_size": len(index) if index is not None else 0,
              "replica": serve.get_replica_context().replica_id.unique_id}  # fmt: skip
     log.info("loaded %s (%s, %s)", info["resolved"], cfg.fusion, engine.backend)
     return _Loaded(engine, info, index)

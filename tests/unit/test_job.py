@@ -46,6 +46,7 @@ def test_under_ray_job_submit_relative_outputs_and_the_embedded_store_are_refuse
     job.check_tracking(TrackingConfig(enabled=False))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     job.check_tracking(TrackingConfig())
+    monkeypatch.chdir(tmp_path)  # the job's copy of the working directory, without data/
     with pytest.raises(ConfigError, match="leaves out what .gitignore lists"):
         job.check_input("data.path", "data/shards")  # ignored folders are not uploaded
 
