@@ -222,7 +222,7 @@ def resolve_model(uri: str | Path) -> ModelRef:
     text = str(uri)
     if not text.startswith(MODEL_URI_SCHEMES):
         return ModelRef(text, text, local_folder(text), storage.name(text))
-    ref = _registry_ref(text)
+    ref = registry_ref(text)
     ref.folder = find_export(download_artifacts(ref.resolved))
     return ref
 
@@ -245,7 +245,9 @@ def check_model(uri: str | Path) -> None:
         check_folder(uri)
 
 
-def _registry_ref(text: str) -> ModelRef:
+def registry_ref(text: str) -> ModelRef:
+    """A ``runs:/`` or ``models:/`` URI → what it names in the tracking store (run, registered
+    name and version, the run's eval metrics), downloading nothing: ``folder`` is unset."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri())
@@ -282,7 +284,7 @@ def check_model_uri(uri: str) -> None:
             "the store that holds it"
         )
     try:
-        ref = _registry_ref(uri)
+        ref = registry_ref(uri)
         if uri.startswith("runs:/"):
             path = uri.removeprefix("runs:/").partition("/")[2]
             if not mlflow.MlflowClient(store).list_artifacts(ref.run_id, path or None):

@@ -15,7 +15,6 @@ built by another model version than the one that will query it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -101,13 +100,13 @@ def locate(uri: str) -> str | None:
     """The folder of the saved index ``uri`` names (a folder, a bucket prefix, or an MLflow
     artifact URI such as ``runs:/ID/indexes/NAME``, downloaded), or None if it holds none."""
     if uri.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        import mlflow
+        from mmcore.tracking import download_artifacts
 
         try:
-            local = mlflow.artifacts.download_artifacts(uri)
+            local = download_artifacts(uri)
         except Exception as e:  # noqa: BLE001 - MLflow's errors vary by store
             raise ConfigError(f"the index {uri} cannot be downloaded: {e}") from e
-        return local if (Path(local) / META).exists() else None
+        return str(local) if (local / META).exists() else None
     return uri if storage.exists(storage.join(uri, META)) else None
 
 
@@ -117,7 +116,7 @@ def read_meta(folder: str | Path, model_version: str | None = None) -> dict[str,
     path = storage.join(str(folder), META)
     if not storage.exists(path):
         raise ConfigError(f"{folder} holds no search index ({META}): build one with mmray index")
-    meta = json.loads(storage.read_text(path))
+    meta = storage.read_json(path)
     if model_version is not None and meta["model_version"] != model_version:
         raise ConfigError(
             f"the index {folder} was built from {meta['model_version']}'s embeddings; the "

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from mmcore import storage
 from mmcore.config import ConfigError, load_config, to_dict
-from mmcore.data.inputs import preprocess
+from mmcore.data.inputs import preprocess, texts
 from mmcore.export import read_config
 from mmcore.models.model import VARIANTS
 from mmcore.tracking import ModelRef, TrackingConfig, resolve_model, start_run, tracking_uri
@@ -38,7 +38,7 @@ from pipelines.progress import Progress
 
 log = logging.getLogger(__name__)
 MODEL_KEY = b"mmray.model"  # a part's file metadata: the model version that wrote it
-MANIFEST = "manifest.json"
+MANIFEST, PARTS = "manifest.json", "parts"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -125,8 +125,10 @@ def _prepare(batch: dict[str, np.ndarray], done: frozenset[str], **kwargs: Any) 
             "caption": np.zeros(0, str),
         }
     batch = {k: v[keep] for k, v in batch.items()}
-    captions = [t.decode() if isinstance(t, bytes) else str(t) for t in batch["txt"]]
-    return preprocess(batch, **kwargs) | {"key": batch["__key__"], "caption": np.asarray(captions)}
+    return preprocess(batch, **kwargs) | {
+        "key": batch["__key__"],
+        "caption": np.asarray(texts(batch)),
+    }
 
 
 def done_keys(parts: str, model: str) -> frozenset[str]:
@@ -154,7 +156,7 @@ def work(cfg: EmbedConfig) -> dict[str, Any]:
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours instead
     ref, out = _model(cfg.model), storage.absolute(cfg.output)
     model_cfg = read_config(ref.folder)
-    parts = storage.join(out, "parts")
+    parts = storage.join(out, PARTS)
     done = done_keys(parts, ref.resolved)
     data = storage.absolute(cfg.data)
     curated = storage.join(data, "manifest.json")
@@ -181,8 +183,9 @@ def work(cfg: EmbedConfig) -> dict[str, Any]:
         total = curated["n_samples"] - len(done) if curated else 0
         with Progress("embed", total, "rows") as progress:
             for batch in written.iter_batches(batch_size=None, batch_format="numpy"):
-                new += int(batch["rows"].sum())
-                progress.update(int(batch["rows"].sum()))
+                rows = int(batch["rows"].sum())
+                new += rows
+                progress.update(rows)
         wall = time.perf_counter() - start
         rows = len(done) + new
         manifest = {

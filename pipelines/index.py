@@ -6,11 +6,11 @@ embedded it.
 
 The index (``mmcore.vectors``: exact up to 20 000 rows, a 4-bit product-quantised scan with
 exact re-ranking above) goes to ``--output`` (a folder or bucket prefix) and, where the
-embeddings came from a registered version or a run (``models:/NAME/VERSION``, ``runs:/``),
-into that run's artifacts under ``indexes/<name>``, with the version tagged
-``mmray.index.<name>``: the index and the model version it belongs to stay together. Serve
-loads it with ``--index`` (the output folder or the artifact URI) and refuses it for another
-model version.
+embeddings came from a registered version, a logged model or a run (``models:/NAME/VERSION``,
+``models:/m-…``, ``runs:/``), into that run's artifacts under ``indexes/<name>``, a
+registered version tagged ``mmray.index.<name>``: the index and the model version it belongs
+to stay together. Serve loads it with ``--index`` (the output folder or the artifact URI) and
+refuses it for another model version.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ import pyarrow as pa
 
 from mmcore import storage
 from mmcore.config import ConfigError, load_config
-from mmcore.tracking import TrackingConfig, tracking_uri
+from mmcore.tracking import MODEL_URI_SCHEMES, registry_ref, tracking_uri
 from mmcore.vectors import VectorIndex
 from pipelines import flags, job
+from pipelines.embed import MANIFEST, PARTS
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,9 @@ class IndexConfig:
     embeddings: str = ""  # a finished `mmray embed` output
     output: str = ""  # where the index goes
     name: str = ""  # its name among the model's indexes; default: the embeddings folder's
-    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    # Log it into the MLflow run of the model version that embedded (MLFLOW_TRACKING_URI, or
+    # the embedded store); the job starts no run of its own.
+    register: bool = True
 
     def validate(self) -> None:
         missing = [f"--{k}" for k in ("embeddings", "output") if not getattr(self, k)]
@@ -48,35 +51,21 @@ class IndexConfig:
 
 
 def _manifest(embeddings: str) -> dict[str, Any]:
-    path = storage.join(embeddings, "manifest.json")
+    path = storage.join(embeddings, MANIFEST)
     if not storage.exists(path):
-        raise ConfigError(f"{embeddings} is no finished `mmray embed` output (no manifest.json)")
+        raise ConfigError(f"{embeddings} is no finished `mmray embed` output (no {MANIFEST})")
     return storage.read_json(path)
 
 
 def read_embeddings(embeddings: str) -> tuple[np.ndarray, list[str], list[str]]:
     """Every part's image embeddings (N, E), keys and captions, in key order."""
-    parts = storage.list_files(storage.join(embeddings, "parts"), ".parquet")
+    parts = storage.list_files(storage.join(embeddings, PARTS), ".parquet")
     columns = ["key", "caption", "image_embedding"]
     table = pa.concat_tables(storage.read_parquet(p, columns) for p in parts)
     table = table.sort_by("key")
     flat = table.column("image_embedding").combine_chunks()
     vectors = flat.flatten().to_numpy().reshape(len(table), flat.type.list_size)
     return vectors, table.column("key").to_pylist(), table.column("caption").to_pylist()
-
-
-def _source_run(model_version: str) -> tuple[str, tuple[str, str] | None] | None:
-    """The run whose artifacts hold the model (and the registered name and version)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri())
-    if model_version.startswith("runs:/"):
-        return model_version.removeprefix("runs:/").split("/")[0], None
-    if model_version.startswith("models:/") and model_version.count("/") == 2:
-        name, version = model_version.removeprefix("models:/").split("/")
-        if version.isdigit():
-            return client.get_model_version(name, version).run_id, (name, version)
-    return None
 
 
 def work(cfg: IndexConfig) -> dict[str, Any]:
@@ -92,14 +81,14 @@ def work(cfg: IndexConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         index.save(folder)
         storage.upload_dir(folder, out := storage.absolute(cfg.output))
-        source = _source_run(version) if cfg.tracking.enabled else None
-        if source is not None:
-            run_id, registered = source
+        tracked = cfg.register and version.startswith(MODEL_URI_SCHEMES)
+        ref = registry_ref(version) if tracked else None
+        if ref is not None and ref.run_id:
             client = mlflow.MlflowClient(tracking_uri())
-            client.log_artifacts(run_id, folder, f"indexes/{name}")
-            artifact = f"runs:/{run_id}/indexes/{name}"
-            if registered is not None:
-                client.set_model_version_tag(*registered, f"mmray.index.{name}", artifact)
+            client.log_artifacts(ref.run_id, folder, f"indexes/{name}")
+            artifact = f"runs:/{ref.run_id}/indexes/{name}"
+            if ref.version is not None:  # a registered version
+                client.set_model_version_tag(ref.name, ref.version, f"mmray.index.{name}", artifact)
         else:
             log.info("%s is no MLflow model version: the index is at %s only", version, out)
     return {"output": out, "artifact_uri": artifact, "model_version": version,

@@ -37,7 +37,7 @@ from mmcore.config import from_dict, to_dict
 from mmcore.eval.zeroshot import class_prompts
 from mmcore.inference import Engine, Index
 from mmcore.serving import BadInput, IndexRecords, Limits, decode_image, read_index
-from mmcore.tracking import check_model
+from mmcore.tracking import MODEL_URI_SCHEMES, check_model, registry_ref
 from mmcore.vectors import VectorIndex, locate, read_meta
 from pipelines import api, flags, job
 from pipelines.progress import Progress
@@ -251,9 +251,8 @@ def check(cfg: api.ServeConfig) -> None:
     cannot load its model only says "Failed to update the deployments"."""
     check_model(cfg.model.uri)
     if cfg.index and (folder := locate(cfg.index)):  # a saved index: for this model version
-        from mmcore.tracking import resolve_model
-
-        read_meta(folder, resolve_model(cfg.model.uri).resolved)
+        uri = cfg.model.uri  # its version, without downloading the model here
+        read_meta(folder, registry_ref(uri).resolved if uri.startswith(MODEL_URI_SCHEMES) else uri)
     elif cfg.index:
         job.shard_paths(cfg.index, "index")
 

@@ -77,9 +77,14 @@ def preprocess(
         pixels = np.stack(
             [train_transform(img, augment, rng) for img, rng in zip(images, rngs, strict=True)]
         )
-    captions = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch["txt"]]
+    captions = texts(batch)
     ids, mask = token_ids(captions, context_length)  # fixed T: batches stack
     return {"pixels": pixels, "input_ids": ids, "attention_mask": mask}
+
+
+def texts(batch: dict[str, np.ndarray]) -> list[str]:
+    """Shard rows' captions (``txt``: bytes, or str once decoded) as strings."""
+    return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in batch["txt"]]
 
 
 def held_out(key: str, fraction: float) -> bool:
