@@ -15,6 +15,7 @@ built by another model version than the one that will query it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ import pyarrow as pa
 from mmcore import storage
 from mmcore.config import ConfigError
 
+# faiss logs at INFO which of its builds it tried to load (AVX2, then generic) on import.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 EXACT_MAX = 20_000
 K_FACTOR = 64
 META, FAISS, RECORDS = "index.json", "index.faiss", "records.parquet"

@@ -177,7 +177,8 @@ def work(cfg: EmbedConfig) -> dict[str, Any]:
             Embedder, fn_constructor_kwargs={"model": ref.resolved, "parts": parts,
                                              "store": tracking_uri()},
             batch_size=cfg.compute.batch_size, batch_format="numpy",
-            concurrency=cfg.compute.concurrency, num_cpus=cfg.compute.num_cpus,
+            compute=ray.data.ActorPoolStrategy(size=cfg.compute.concurrency),
+            num_cpus=cfg.compute.num_cpus,
             num_gpus=cfg.compute.num_gpus,
         )  # fmt: skip
         total = curated["n_samples"] - len(done) if curated else 0
