@@ -126,3 +126,32 @@ def read_meta(folder: str | Path, model_version: str | None = None) -> dict[str,
             f"model is {model_version}: build one for it (mmray embed, then mmray index)"
         )
     return meta
+
+
+def close_pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair of rows of ``vectors`` (unit, N × E) whose inner product is at least
+    ``threshold``, as (later row, earlier row) arrays. Up to ``EXACT_MAX`` rows, exact; above,
+    an inverted-file index (``IVF{4√N},Flat``, 16 lists probed per query) range-searched, so
+    the work grows with N·√N, not N²: near copies sit close enough to share a list, which the
+    unit tests check on random vectors with planted copies."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    rows, dim = vectors.shape
+    if rows <= EXACT_MAX:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        lists = int(4 * np.sqrt(rows))
+        index = faiss.index_factory(dim, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors[np.random.default_rng(0).permutation(rows)[: 64 * lists]])
+        faiss.downcast_index(index).nprobe = 16
+    if rows:
+        index.add(vectors)
+    later, earlier = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for start in range(0, rows, 10_000):  # bounded result buffers
+        lims, _, found = index.range_search(vectors[start : start + 10_000], threshold)
+        query = start + np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
+        below = found < query  # each pair once, from its later row
+        later.append(query[below])
+        earlier.append(found[below])
+    return np.concatenate(later), np.concatenate(earlier).astype(np.int64)

@@ -1,6 +1,6 @@
 """The ``mmray`` command: one entry point, a subcommand per stage.
 
-    mmray sample-data OUT [--n N] [--seed S]
+    mmray sample-data OUT [--n N] [--seed S] [--noisy FRACTION]
     mmray curate --input META --output DIR [flags] [key.sub=value ...]
     mmray train --config FILE --data SHARDS [key.sub=value ...]
     mmray tune --config FILE --data SHARDS [key.sub=value ...] | mmray tune report SWEEP
@@ -27,6 +27,12 @@ def sample_data_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-px", type=int, default=96, help="smallest side of clean images")
     p.add_argument("--max-px", type=int, default=256, help="largest side of clean images")
+    p.add_argument(
+        "--noisy",
+        type=float,
+        default=0.0,
+        help="fraction of clean images given another scene's caption (kind noisy)",
+    )
     return p.parse_args(argv)
 
 
@@ -35,7 +41,12 @@ def sample_data(argv: list[str]) -> int:
 
     args = sample_data_args(argv)
     info = make_sample_data(
-        args.out, n=args.n, seed=args.seed, min_px=args.min_px, max_px=args.max_px
+        args.out,
+        n=args.n,
+        seed=args.seed,
+        min_px=args.min_px,
+        max_px=args.max_px,
+        noisy=args.noisy,
     )
     print(
         json.dumps({"out": args.out, "metadata": f"{args.out}/metadata.parquet"} | info["counts"])

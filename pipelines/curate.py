@@ -6,8 +6,11 @@
 Stages (every input row is accounted for in exactly one shard parquet row):
   1. plan      driver, streaming pyarrow: validate columns, key rows, write shard inputs
   2. stage     Ray Data: clean captions → fetch → decode/check/hash/resize/encode → pieces
+  2b. score    with alignment.model: an actor pool scores every decoded row and embeds its
+               image (pipelines/alignment.py)
   3. dedup     Ray Data group-bys over the hash columns (pipelines/dedup.py): exact (sha256)
-               and near (phash band + colour), also against earlier outputs (dedup.against)
+               and near (phash band + colour), also against earlier outputs (dedup.against);
+               then, with alignment.model, the alignment filter and semantic dedup
   4. finalize  Ray Data over shards: NNNNN.tar, NNNNN.parquet, NNNNN_stats.json (atomic)
   5. manifest  manifest.json, the summary table, the MLflow run
 Rerunning the same command resumes: staged and finished shards are kept, the rest is redone,
@@ -48,7 +51,7 @@ from mmcore.data.shards import (
     write_pieces,
 )
 from mmcore.tracking import start_run
-from pipelines import flags, job
+from pipelines import alignment, flags, job
 from pipelines.dedup import deduplicate, prior_shards, read_decisions
 from pipelines.progress import Progress
 
@@ -101,20 +104,24 @@ def _stage(cfg: CurateConfig, parts: list[str], pieces: str, total: int) -> None
 
 
 def _finalize_row(
-    row: dict[str, Any], pieces: str, decisions: str, out: str, image_ext: str
-) -> dict:
+    row: dict[str, Any], pieces: str, decisions: str, out: str, image_ext: str,
+    scores: str | None,
+) -> dict:  # fmt: skip
     shard = int(row["shard"])
-    finalize_shard(shard, pieces, out, read_decisions(decisions, shard), image_ext)
+    aligned = None if scores is None else alignment.read_scores(scores, shard)
+    finalize_shard(shard, pieces, out, read_decisions(decisions, shard), image_ext, aligned)
     return {"shard": row["shard"]}
 
 
-def _finalize(cfg: CurateConfig, shards: list[int], decisions: str, pieces: str) -> None:
+def _finalize(
+    cfg: CurateConfig, shards: list[int], decisions: str, pieces: str, scores: str | None
+) -> None:
     import ray.data
 
     items = [{"shard": s} for s in shards]
     out = storage.absolute(cfg.output.path)
     kwargs = {"pieces": pieces, "decisions": decisions, "out": out,
-              "image_ext": cfg.image.encode_format}  # fmt: skip
+              "image_ext": cfg.image.encode_format, "scores": scores}  # fmt: skip
     ds = ray.data.from_items(items).map(
         _finalize_row, fn_kwargs=kwargs, num_cpus=cfg.compute.num_cpus
     )
@@ -143,6 +150,13 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
     plan = _load_or_plan(cfg, work, identity)
     pieces = storage.join(work, "pieces")
     processed = _stage_missing(cfg, plan, pieces)
+    model = _alignment_model(cfg)
+    scores = storage.join(work, "scores") if model else None
+    if model:
+        t1 = time.perf_counter()
+        remove_partial_files(scores)
+        alignment.score_pieces(cfg, pieces, scores, model)
+        log.info("scored in %.1fs", time.perf_counter() - t1)
 
     done = finished_shards(out)
     if todo := [s for s in range(len(plan["shard_rows"])) if s not in done]:
@@ -152,15 +166,21 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
             cfg.dedup, piece_paths(pieces), width, cfg.dedup.against_uris, work, plan["n_rows"],
             cfg.compute.dedup_one_task_rows,
         )  # fmt: skip
+        if model:
+            decided = alignment.decide(cfg.alignment, scores, decisions)
+            storage.write_json(storage.join(work, alignment.SUMMARY), decided)
         log.info("dedup in %.1fs", time.perf_counter() - t1)
         t1 = time.perf_counter()
-        _finalize(cfg, todo, decisions, pieces)
+        _finalize(cfg, todo, decisions, pieces, scores)
         log.info("finalized shards in %.1fs", time.perf_counter() - t1)
 
     shards = [stats for _, stats in sorted(finished_shards(out).items())]
     manifest = build_manifest(identity, shards)
     if manifest["n_input"] != plan["n_rows"]:
         raise RuntimeError(f"accounting: {manifest['n_input']} rows written, {plan['n_rows']} read")
+    if model:  # the resolved version: an alias may move on
+        summary_ = storage.read_json(storage.join(work, alignment.SUMMARY))
+        manifest["alignment"] = {"model_version": model} | summary_
     failures = failures_by_host(shards)
     storage.write_text(storage.join(out, FAILURES), failures_csv(failures))
     storage.write_json(manifest_path, manifest)  # last: the dataset's commit marker
@@ -168,6 +188,15 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     run_id = _track(cfg, manifest, processed, elapsed)
     return summary(manifest, failures, processed, elapsed, run_id)
+
+
+def _alignment_model(cfg: CurateConfig) -> str | None:
+    """The resolved version of ``alignment.model`` (None: no model stage)."""
+    if not cfg.alignment.model:
+        return None
+    from pipelines.embed import embedding_model  # torch: only a job with a model needs it
+
+    return embedding_model(cfg.alignment.model, "alignment.model").resolved
 
 
 def _stage_missing(cfg: CurateConfig, plan: dict[str, Any], pieces: str) -> int:
@@ -238,6 +267,10 @@ def _track(cfg: CurateConfig, manifest: dict, processed: int, elapsed: float) ->
             "curate/elapsed_s": elapsed,
             "curate/samples_per_s": processed / elapsed if elapsed else 0.0,
         }
+        if model := manifest.get("alignment"):
+            tracker.set_tags({"mmray.alignment_model": model["model_version"]})
+            if model["cutoff"] is not None:
+                metrics["curate/alignment_cutoff"] = model["cutoff"]
         tracker.log_metrics(metrics)
         for artifact in (MANIFEST, FAILURES):  # read back: the output may be in a bucket
             tracker.log_text(storage.read_text(storage.join(out, artifact)), artifact)
@@ -264,6 +297,7 @@ def check(cfg: CurateConfig) -> None:
     for uri in cfg.dedup.against_uris:
         prior_shards(uri)
     job.check_tracking(cfg.tracking)
+    _alignment_model(cfg)
 
 
 def work(cfg: CurateConfig) -> dict[str, Any]:
@@ -274,7 +308,10 @@ def work(cfg: CurateConfig) -> dict[str, Any]:
 
 def need(cfg: CurateConfig) -> job.Need:
     # Room for one processing task at least; Ray Data needs no dashboard
-    return job.Need(cpus=cfg.compute.num_cpus, dashboard=False)
+    c = cfg.compute
+    if cfg.alignment.model:
+        return job.Need(cpus=max(c.num_cpus, c.model_cpus), gpus=c.model_gpus, dashboard=False)
+    return job.Need(cpus=c.num_cpus, dashboard=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -245,10 +245,11 @@ def _in_one_task(
     return _decide_near(pairs["later"], pairs["earlier"], decisions, sources)
 
 
-def read_decisions(folder: str, shard: int) -> dict[str, tuple[str, str]]:
-    """The dedup decisions for one shard: ``{key: (status, duplicate_of)}``."""
+def read_decisions(folder: str, shard: int) -> dict[str, tuple[str, str | None, str | None]]:
+    """The decisions for one shard (the hash dedup's, and the model stage's when on):
+    ``{key: (status, duplicate_of, error_message or None for "STATUS of KEY")}``."""
     out = {}
     for path in storage.list_files(folder, ".parquet", prefix=f"{shard:05d}_"):
         for row in storage.read_parquet(path).to_pylist():
-            out[row["key"]] = (row["status"], row["duplicate_of"])
+            out[row["key"]] = (row["status"], row["duplicate_of"], row.get("error_message"))
     return out

@@ -34,10 +34,10 @@ from mmcore.export import read_config
 from mmcore.models.model import VARIANTS
 from mmcore.tracking import ModelRef, TrackingConfig, resolve_model, start_run, tracking_uri
 from pipelines import flags, job
+from pipelines.alignment import MODEL_KEY  # a part's file metadata: the model version
 from pipelines.progress import Progress
 
 log = logging.getLogger(__name__)
-MODEL_KEY = b"mmray.model"  # a part's file metadata: the model version that wrote it
 MANIFEST, PARTS = "manifest.json", "parts"
 
 
@@ -217,12 +217,20 @@ def check(cfg: EmbedConfig) -> None:
     job.check_output("output", cfg.output)
     storage.check_writable("output", cfg.output)
     job.check_tracking(cfg.tracking)
-    model = read_config(_model(cfg.model).folder)
+    embedding_model(cfg.model, "--model")
+
+
+def embedding_model(uri: str, what: str) -> ModelRef:
+    """The model ``uri`` (the ``what`` setting) names, resolved and downloaded once per
+    process; ConfigError unless it embeds both images and text."""
+    ref = _model(uri)
+    model = read_config(ref.folder)
     if not VARIANTS[model.fusion].has_itc:
         raise ConfigError(
-            f"model {cfg.model} (fusion={model.fusion}) has no image and text embeddings "
-            "(contrastive heads): embed a late or hybrid model"
+            f"{what}: model {uri} (fusion={model.fusion}) has no image and text embeddings "
+            "(contrastive heads): use a late or hybrid model"
         )
+    return ref
 
 
 def need(cfg: EmbedConfig) -> job.Need:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from mmcore.config import to_dict
+from mmcore.data.alignment import AlignmentConfig
 from mmcore.data.captions import CaptionConfig, caption_status, clean_caption
 from mmcore.data.dedup import DedupConfig
 from mmcore.data.fetch import FetchConfig, fetch_many
@@ -117,6 +118,10 @@ class ComputeConfig:
     # Up to this many rows (with dedup.against's), dedup runs as one task, not as shuffles
     # whose start-up outweighs a small job's work; all-pairs near matching, O(rows²)
     dedup_one_task_rows: int = 20_000
+    # The model stage (alignment.model): actors holding the model, and each one's resources
+    model_actors: int = 1
+    model_cpus: float = 1.0
+    model_gpus: float = 0.0
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -127,6 +132,7 @@ class CurateConfig:
     fetch: FetchConfig = dataclasses.field(default_factory=FetchConfig)
     image: ImageConfig = dataclasses.field(default_factory=ImageConfig)
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
+    alignment: AlignmentConfig = dataclasses.field(default_factory=AlignmentConfig)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
     tracking: TrackingConfig = dataclasses.field(
         default_factory=lambda: TrackingConfig(experiment="mmray-curate")
@@ -137,6 +143,8 @@ class CurateConfig:
             raise ValueError("input.path (--input) and output.path (--output) are required")
         if self.output.samples_per_shard < 1 or self.compute.rows_per_task < 1:
             raise ValueError("samples_per_shard and rows_per_task must be >= 1")
+        if self.compute.model_actors < 1:
+            raise ValueError("compute.model_actors must be >= 1")
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the output; a resumed run must match them."""

@@ -3,6 +3,8 @@
 Writes, reproducibly for a seed:
   OUT/images/*.png|jpg|webp    rendered shapes on noisy backgrounds, plus junk files
   OUT/metadata.parquet         url (absolute path), caption, file (name under images/), kind
+                               ("noisy": a clean image whose caption describes another scene,
+                               the planted mismatches an alignment filter should drop)
   OUT/sample_info.json         counts per kind, the status each kind should end with, and
                                the held-out (colour, shape) compositions
   OUT/zeroshot/{colour,shape}/<class>/*.png   images of held-out compositions only, for
@@ -62,9 +64,11 @@ def heldout(colour: str, shape: str) -> bool:
 
 def make_sample_data(
     out: str | Path, n: int = 600, seed: int = 0, min_px: int = 96, max_px: int = 256,
-    zeroshot_per_class: int = 40,
+    zeroshot_per_class: int = 40, noisy: float = 0.0,
 ) -> dict:  # fmt: skip
-    """Write the crawl to ``out``; returns the contents of ``sample_info.json``."""
+    """Write the crawl to ``out``; returns the contents of ``sample_info.json``. ``noisy``:
+    the fraction of clean rows whose caption is replaced by one of a scene with another
+    colour and shape (kind ``noisy``); 0 leaves the crawl exactly as without it."""
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -74,12 +78,16 @@ def make_sample_data(
     if n_clean < n_junk:
         raise ValueError(f"n={n} is too small: need at least {n_junk * (len(JUNK) + 1)} rows")
 
+    if not 0 <= noisy < 1:
+        raise ValueError(f"noisy={noisy} must be in [0, 1)")
     rows = [_clean_row(rng, images, f"c{i:06d}", min_px, max_px) for i in range(n_clean)]
+    n_noisy = round(n_clean * noisy)
+    _mismatch(np.random.default_rng([seed, 1]), rows, n_noisy)  # its own stream: see above
     for kind in JUNK:
         for j in range(n_junk):
             # A duplicate goes after its original, the copy that curation keeps (smallest key).
             src = int(rng.integers(0, len(rows)))
-            while rows[src]["kind"] != "clean":
+            while rows[src]["kind"] not in ("clean", "noisy"):  # not a junk row
                 src = (src + 1) % len(rows)
             dup = kind in ("duplicate", "near_duplicate")
             pos = int(rng.integers(src + 1 if dup else 0, len(rows) + 1))
@@ -99,8 +107,12 @@ def make_sample_data(
     info = {
         "n": n,
         "seed": seed,
-        "counts": {"clean": n_clean} | {k: n_junk for k in JUNK},
-        "expected_status": {"clean": "success"} | JUNK,
+        "counts": {"clean": n_clean - n_noisy}
+        | {k: n_junk for k in JUNK}
+        | ({"noisy": n_noisy} if n_noisy else {}),
+        "expected_status": {"clean": "success"}
+        | JUNK
+        | ({"noisy": "low_alignment"} if n_noisy else {}),
         "heldout": [f"{c} {s}" for c in COLOURS for s in SHAPES if heldout(c, s)],
         "zeroshot": zs,
     }
@@ -194,7 +206,19 @@ def _clean_row(rng, images: Path, name: str, min_px: int, max_px: int) -> dict:
     objects, caption, background = _scene(rng)
     fmt = _pick(rng, ("jpg", "jpg", "png", "webp"))
     (images / f"{name}.{fmt}").write_bytes(_encode(render(rng, w, h, objects, background), fmt))
-    return {"file": f"{name}.{fmt}", "caption": caption, "kind": "clean"}
+    return {"file": f"{name}.{fmt}", "caption": caption, "kind": "clean", "objects": objects}
+
+
+def _mismatch(rng: np.random.Generator, rows: list[dict], n: int) -> None:
+    """Give ``n`` random clean rows the caption of another scene, one whose first object
+    differs from the image's in both colour and shape (kind ``noisy``)."""
+    for i in sorted(rng.choice(len(rows), size=n, replace=False)):
+        _, colour, shape, *_ = rows[i]["objects"][0]
+        while True:
+            objects, caption, _ = _scene(rng)
+            if objects[0][1] != colour and objects[0][2] != shape:
+                break
+        rows[i] |= {"caption": caption, "kind": "noisy"}
 
 
 def _junk_row(rng, images: Path, kind: str, name: str, original: dict | None, lo: int, hi: int):

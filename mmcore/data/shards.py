@@ -83,17 +83,23 @@ def finalize_shard(
     shard: int,
     pieces_dir: str,
     out_dir: str,
-    dropped: Mapping[str, tuple[str, str]],
+    dropped: Mapping[str, tuple],
     image_ext: str,
+    alignment: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Write the shard's tar, parquet and stats from its staged pieces; returns its stats."""
+    """Write the shard's tar, parquet and stats from its staged pieces; returns its stats.
+    ``dropped``: see ``_mark_dropped``; ``alignment``: the model's score per decoded row, a
+    column (after duplicate_of) when given."""
     name = f"{shard:05d}"
     table = pa.concat_tables(storage.read_parquet(p) for p in piece_paths(pieces_dir, shard))
     table = _mark_dropped(table.sort_by("key"), dropped)
+    if alignment is not None:
+        scores = [alignment.get(k) for k in table.column("key").to_pylist()]
+        table = table.append_column("alignment", pa.array(scores, pa.float32()))
     images = table.column("image").to_pylist()
     table = table.drop_columns([c for c in _INTERNAL if c in table.column_names])
-    extras = [c for c in table.column_names if c not in PARQUET_COLUMNS]
-    table = table.select(PARQUET_COLUMNS + extras)
+    first = PARQUET_COLUMNS + (["alignment"] if alignment is not None else [])
+    table = table.select(first + [c for c in table.column_names if c not in first])
     rows = table.to_pylist()
 
     members = [(r, img) for r, img in zip(rows, images, strict=True) if r["status"] == SUCCESS]
@@ -144,15 +150,16 @@ def _write_tar(path: Path, members: list[tuple[dict, bytes]], image_ext: str) ->
                 tar.addfile(info, io.BytesIO(data))
 
 
-def _mark_dropped(table: pa.Table, dropped: Mapping[str, tuple[str, str]]) -> pa.Table:
-    """Set status, error_message and duplicate_of for the rows dedup dropped."""
+def _mark_dropped(table: pa.Table, dropped: Mapping[str, tuple]) -> pa.Table:
+    """Set status, error_message and duplicate_of for the rows dedup (or the model) dropped:
+    ``{key: (status, duplicate_of)}`` or ``(status, duplicate_of, error_message)``."""
     status = table.column("status").to_pylist()
     errors = table.column("error_message").to_pylist()
     kept_of: list[str | None] = [None] * len(table)
     for i, key in enumerate(table.column("key").to_pylist()):
         if key in dropped:
-            status[i], kept_of[i] = dropped[key]
-            errors[i] = f"{status[i]} of {kept_of[i]}"
+            status[i], kept_of[i], *message = dropped[key]
+            errors[i] = (message and message[0]) or f"{status[i]} of {kept_of[i]}"
     table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
     idx = table.schema.get_field_index("error_message")
     table = table.set_column(idx, "error_message", pa.array(errors, pa.string()))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mmcore.config import ConfigError
-from mmcore.vectors import EXACT_MAX, VectorIndex, locate
+from mmcore.vectors import EXACT_MAX, VectorIndex, close_pairs, locate
 
 
 def _unit(rows: int, dim: int, seed: int) -> np.ndarray:
@@ -53,3 +53,15 @@ def test_a_large_index_keeps_recall_against_exact_search() -> None:
 def test_an_empty_index_is_refused() -> None:
     with pytest.raises(ValueError, match="empty"):
         VectorIndex.build(np.zeros((0, 8), np.float32), [], [], "x")
+
+
+@pytest.mark.parametrize("rows", [2_000, EXACT_MAX + 5_000])  # exact; inverted lists
+def test_close_pairs_finds_planted_copies_and_nothing_below_the_threshold(rows: int) -> None:
+    vectors = _unit(rows, 64, 2)
+    copies = np.arange(0, rows - 1, 7)
+    vectors[copies + 1] = vectors[copies] + 0.03 * _unit(len(copies), 64, 3)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    later, earlier = close_pairs(vectors, 0.95)
+    assert set(zip(later.tolist(), earlier.tolist(), strict=True)) == {
+        (int(c) + 1, int(c)) for c in copies
+    }  # random unit vectors in 64 dimensions are far apart: only the copies are close

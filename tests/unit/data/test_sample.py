@@ -38,3 +38,32 @@ def test_heldout_compositions_never_appear_in_the_crawl(tmp_path: Path) -> None:
         assert all(
             len(list((tmp_path / "zeroshot" / task / c).glob("*.png"))) == 40 for c in classes
         )
+
+
+def test_noisy_rows_carry_another_scenes_caption_and_nothing_else_changes(tmp_path: Path) -> None:
+    plain = make_sample_data(tmp_path / "plain", n=300, seed=4, zeroshot_per_class=1)
+    noisy = make_sample_data(tmp_path / "noisy", n=300, seed=4, zeroshot_per_class=1, noisy=0.3)
+    a, b = (pq.read_table(tmp_path / d / "metadata.parquet").to_pylist() for d in ("plain",
+            "noisy"))  # fmt: skip
+    assert [r["file"] for r in a] == [r["file"] for r in b]  # the same images, in order
+    changed = [(x, y) for x, y in zip(a, b, strict=True) if x["kind"] != y["kind"]]
+    assert len(changed) == noisy["counts"]["noisy"] == round(0.3 * plain["counts"]["clean"])
+    for x, y in zip(a, b, strict=True):  # copies of a noisy row repeat its caption
+        assert x["caption"] == y["caption"] or y["kind"] in ("noisy", "duplicate",
+                                                             "near_duplicate")  # fmt: skip
+    assert noisy["counts"]["clean"] + len(changed) == plain["counts"]["clean"]
+    assert noisy["expected_status"]["noisy"] == "low_alignment" and "noisy" not in plain["counts"]
+    for x, y in changed:
+        assert x["kind"] == "clean" and y["kind"] == "noisy" and x["caption"] != y["caption"]
+        # the first object named: another colour and another shape than the image's
+        for vocabulary in (COLOURS, SHAPES):
+            was, now = (_first(c["caption"], vocabulary) for c in (x, y))
+            assert was is None or now is None or was != now
+    for name in (r["file"] for r in a[:40]):
+        assert (tmp_path / "plain/images" / name).read_bytes() == (
+            tmp_path / "noisy/images" / name
+        ).read_bytes()
+
+
+def _first(caption: str, vocabulary) -> str | None:
+    return next((w for w in caption.split() if w in vocabulary), None)

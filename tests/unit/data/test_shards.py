@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from mmcore.data.shards import (
@@ -77,3 +78,20 @@ def test_pieces_to_shard(tmp_path: Path) -> None:
     manifest = build_manifest({"k": 1}, list(finished_shards(out).values()))
     assert manifest["n_input"] == 4 and manifest["n_samples"] == 2
     assert manifest["shards"][0]["sha256"] == stats["sha256"] and len(manifest["digest"]) == 64
+
+
+def test_a_shard_carries_the_models_scores_and_its_reasons(tmp_path: Path) -> None:
+    pieces, out = tmp_path / "pieces", tmp_path / "out"
+    keys = ["00000000", "00000001", "00000002"]
+    write_pieces(staged(keys, ["success", "success", "failed_to_download"]), pieces)
+    dropped = {"00000001": ("low_alignment", None, "alignment 0.1000 below the cut-off 0.5")}
+    stats = finalize_shard(0, pieces, out, dropped, "jpg", {"00000000": 0.75, "00000001": 0.1})
+    assert stats["status_counts"] == {"failed_to_download": 1, "low_alignment": 1, "success": 1}
+    table = pq.read_table(out / "00000.parquet")
+    assert table.column_names.index("alignment") == table.column_names.index("duplicate_of") + 1
+    rows = table.to_pylist()
+    assert [r["alignment"] for r in rows] == [0.75, pytest.approx(0.1), None]
+    assert rows[1]["error_message"] == "alignment 0.1000 below the cut-off 0.5"
+    assert rows[1]["duplicate_of"] is None
+    with tarfile.open(out / "00000.tar") as tar:
+        assert json.load(tar.extractfile("00000000.json"))["alignment"] == 0.75
