@@ -32,7 +32,14 @@ from mmcore.config import ConfigError, load_config, to_dict
 from mmcore.data.inputs import preprocess, texts
 from mmcore.export import read_config
 from mmcore.models.model import VARIANTS
-from mmcore.tracking import ModelRef, TrackingConfig, resolve_model, start_run, tracking_uri
+from mmcore.tracking import (
+    ModelRef,
+    TrackingConfig,
+    check_model,
+    resolve_model,
+    start_run,
+    tracking_uri,
+)
 from pipelines import flags, job
 from pipelines.alignment import MODEL_KEY  # a part's file metadata: the model version
 from pipelines.progress import Progress
@@ -222,7 +229,8 @@ def check(cfg: EmbedConfig) -> None:
 
 def embedding_model(uri: str, what: str) -> ModelRef:
     """The model ``uri`` (the ``what`` setting) names, resolved and downloaded once per
-    process; ConfigError unless it embeds both images and text."""
+    process; ConfigError unless it names a model that embeds both images and text."""
+    check_model(uri)  # what was not found where, before any download
     ref = _model(uri)
     model = read_config(ref.folder)
     if not VARIANTS[model.fusion].has_itc:
