@@ -1,0 +1,141 @@
+"""Text from an image: the image-grounded causal decoder that the ``caption`` objective trains
+(the variants that keep text tokens: ``early``, ``cross_attention``, ``hybrid``).
+
+Greedy search, beam search (``num_beams``) and nucleus sampling (``top_p``, ``temperature``,
+seeded), batched over images. Each sequence starts with ``[CLS]`` and ends at ``[SEP]`` or
+after ``max_new_tokens``; its score is the mean log-probability of its tokens (``[SEP]``
+included), by which beams are ranked, so greedy search equals beam search with one beam.
+
+No key/value cache: every step runs the decoder over the whole prefix again. The image tower,
+by far the largest part, runs once per image; the decoder is a few layers of width 128 over
+at most ``context_length`` (32) tokens, so a step costs about as much as one cached step of a
+decoder at the lengths captions have, and the code stays one call of ``caption_logits``. That
+call is causal (a position never sees a later one, tested), so the logits of the last
+position are those a cached decoder would give.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from mmcore.models.towers import tokenizer
+
+
+@dataclasses.dataclass(kw_only=True)
+class GenerationConfig:
+    max_new_tokens: int = 20  # tokens after [CLS], [SEP] included
+    num_beams: int = 1  # 1: greedy (or sampling with top_p)
+    top_p: float | None = None  # nucleus sampling: the smallest set of tokens with this mass
+    temperature: float = 1.0  # sampling only
+    seed: int | None = None  # sampling only: the same seed, the same text
+
+    def validate(self, context_length: int = 32) -> None:
+        if not 1 <= self.max_new_tokens < context_length:
+            raise ValueError(f"max_new_tokens must be in [1, {context_length - 1}]")
+        if self.num_beams < 1:
+            raise ValueError("num_beams must be >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_p is not None and self.num_beams > 1:
+            raise ValueError("give num_beams or top_p, not both")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+
+
+@torch.no_grad()
+def generate(model, pixels: torch.Tensor, cfg: GenerationConfig) -> list[tuple[str, float]]:
+    """Preprocessed images (B, 3, S, S) → (text, score) for each; ``model.generates``."""
+    if not model.generates:
+        raise ValueError(f"fusion={model.cfg.fusion!r} has no decoder: it cannot generate text")
+    cfg.validate(model.cfg.text.context_length)
+    image_tokens = model.vision(pixels)[0]
+    search = _beam if cfg.num_beams > 1 else _sample if cfg.top_p is not None else _greedy
+    ids, scores = search(model, image_tokens, cfg)
+    tok = tokenizer()
+    return [(_text(tok, row), float(s)) for row, s in zip(ids.tolist(), scores, strict=True)]
+
+
+def _text(tok, ids: list[int]) -> str:
+    ids = ids[1:]  # [CLS]
+    if tok.sep_token_id in ids:
+        ids = ids[: ids.index(tok.sep_token_id)]
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def _step(model, image_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the next token after each prefix: (B, T) → (B, V)."""
+    logits = model.caption_logits(image_tokens, ids, torch.ones_like(ids))[:, -1]
+    return logits.float().log_softmax(-1)
+
+
+def _start(n: int) -> torch.Tensor:
+    return torch.full((n, 1), tokenizer().cls_token_id, dtype=torch.long)
+
+
+def _greedy(model, image_tokens, cfg: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    return _decode(model, image_tokens, cfg, lambda logp: logp.argmax(-1))
+
+
+def _sample(model, image_tokens, cfg: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+
+    def pick(logp: torch.Tensor) -> torch.Tensor:
+        probs = (logp / cfg.temperature).softmax(-1)
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= cfg.top_p  # mass before it ≥ p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return order.gather(-1, choice)[:, 0]
+
+    return _decode(model, image_tokens, cfg, pick)
+
+
+def _decode(model, image_tokens, cfg: GenerationConfig, pick) -> tuple[torch.Tensor, ...]:
+    """One sequence per image, a token at a time; finished ones repeat [SEP] at no cost."""
+    sep = tokenizer().sep_token_id
+    ids = _start(len(image_tokens))
+    total = torch.zeros(len(ids))
+    length = torch.zeros(len(ids))
+    done = torch.zeros(len(ids), dtype=torch.bool)
+    for _ in range(cfg.max_new_tokens):
+        logp = _step(model, image_tokens, ids)
+        token = torch.where(done, sep, pick(logp))
+        total += torch.where(done, 0.0, logp.gather(-1, token[:, None])[:, 0])
+        length += (~done).float()
+        ids = torch.cat([ids, token[:, None]], 1)
+        done |= token == sep
+        if done.all():
+            break
+    return ids, total / length
+
+
+def _beam(model, image_tokens, cfg: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search, ``num_beams`` per image, batched as (B·K) rows; each image's best
+    sequence by mean log-probability."""
+    k, sep, n = cfg.num_beams, tokenizer().sep_token_id, len(image_tokens)
+    images = image_tokens.repeat_interleave(k, 0)
+    ids = _start(n * k)
+    total = torch.full((n, k), float("-inf"))
+    total[:, 0] = 0.0  # one live beam to start: the others would repeat it
+    length = torch.zeros(n, k)
+    done = torch.zeros(n, k, dtype=torch.bool)
+    for _ in range(cfg.max_new_tokens):
+        logp = _step(model, images, ids).view(n, k, -1)
+        finished = torch.full_like(logp[0, 0], float("-inf"))
+        finished[sep] = 0.0  # a finished beam continues with [SEP], unchanged
+        logp = torch.where(done[..., None], finished, logp)
+        best, flat = (total[..., None] + logp).view(n, -1).topk(k, dim=-1)
+        beam, token = flat // logp.shape[-1], flat % logp.shape[-1]
+        rows = (torch.arange(n)[:, None] * k + beam).view(-1)
+        length = length.gather(1, beam) + (~done.gather(1, beam)).float()
+        done = done.gather(1, beam) | (token == sep)
+        ids = torch.cat([ids[rows], token.view(-1, 1)], 1)
+        total = best
+        if done.all():
+            break
+    mean = total / length.clamp(min=1)
+    pick = mean.argmax(-1)
+    rows = torch.arange(n) * k + pick
+    return ids[rows], mean.gather(1, pick[:, None])[:, 0]
