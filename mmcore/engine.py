@@ -137,5 +137,6 @@ class Evaluator:
         if self.val is None and self.load_val is not None:  # read once, kept
             batch = self.load_val()
             self.val = (batch["pixels"], *trim_padding(batch["input_ids"], batch["attention_mask"]))
-        metrics = eval_metrics(self.model, self.cfg.eval.zeroshot, self.val)
+        captions = self.model.generates and "caption" in self.cfg.loss.terms
+        metrics = eval_metrics(self.model, self.cfg.eval.zeroshot, self.val, captions)
         return {f"eval/{k}": v for k, v in metrics.items()}

@@ -32,6 +32,7 @@ from PIL import Image
 
 from mmcore.data.transforms import eval_transform
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, class_prompts, zeroshot_classifier
+from mmcore.generate import GenerationConfig, generate
 from mmcore.models.model import ImageTextModel, ModelConfig
 from mmcore.models.towers import tokenize
 
@@ -132,6 +133,16 @@ class Engine:
             "text_embedding": out.text_embeds.numpy(),
             "alignment": alignment.numpy(),
         }
+
+    def caption(
+        self, images: Sequence[Image.Image], cfg: GenerationConfig | None = None
+    ) -> list[tuple[str, float]]:
+        """(text, mean token log-probability) per image, from the caption decoder."""
+        cfg = cfg or GenerationConfig()
+        out: list[tuple[str, float]] = []
+        for chunk in _chunks(images):
+            out += generate(self.model, self.transforms.pixels(chunk), cfg)
+        return out
 
     def logit_scale(self) -> float:
         return float(self.model.scales()[0])

@@ -2,6 +2,7 @@
 
     mmray eval zeroshot --model URI --image-folder DIR [--template "a photo of a {}." ...]
     mmray eval retrieval --model URI --data SHARDS [--limit N] [--shortlist K]
+    mmray eval caption --model URI --data SHARDS [--max-pairs N] [--num-beams K]
 URI: a model folder, runs:/ID/model, or models:/NAME@ALIAS.
 """
 
@@ -12,8 +13,9 @@ import sys
 from typing import Any
 
 from mmcore.config import ConfigError
-from mmcore.eval.run import read_shards, retrieval_eval, zeroshot_eval
+from mmcore.eval.run import caption_eval, read_shards, retrieval_eval, zeroshot_eval
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES
+from mmcore.generate import GenerationConfig
 from mmcore.tracking import check_model, load
 from pipelines import job
 
@@ -30,7 +32,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     rt.add_argument("--data", required=True, help="a folder of .tar shards, or one .tar")
     rt.add_argument("--limit", type=int, default=None, help="use the first N pairs")
     rt.add_argument("--shortlist", type=int, default=16, help="hybrid: re-rank ITC top-k")
+    cap = sub.add_parser("caption", help="BLEU-4 and CIDEr of generated captions over shards")
+    cap.add_argument("--model", required=True)
+    cap.add_argument("--data", required=True, help="a folder of .tar shards, or one .tar")
+    cap.add_argument("--max-pairs", type=int, default=None, help="use the first N pairs")
+    cap.add_argument("--num-beams", type=int, default=1, help="1: greedy")
+    cap.add_argument("--max-new-tokens", type=int, default=20)
     args = p.parse_args(argv)
+    if args.task == "caption":
+        args.generation = GenerationConfig(max_new_tokens=args.max_new_tokens,
+                                           num_beams=args.num_beams)  # fmt: skip
+        args.generation.validate()
     if args.task == "zeroshot":
         args.template = args.template or list(DEFAULT_TEMPLATES)
         if any("{}" not in t for t in args.template):
@@ -52,9 +64,17 @@ def work(args: argparse.Namespace) -> dict[str, Any]:
     model = load(args.model)
     if args.task == "zeroshot":
         metrics = zeroshot_eval(model, args.image_folder, args.template)
-    else:
+    elif args.task == "retrieval":
         _, images, captions = read_shards(args.data, args.limit)
         metrics = retrieval_eval(model, images, captions, args.shortlist)
+    else:
+        if not model.generates:
+            raise ConfigError(
+                f"model {args.model} (fusion={model.cfg.fusion}) has no caption decoder: "
+                "train early, cross_attention or hybrid with the caption objective"
+            )
+        _, images, captions = read_shards(args.data, args.max_pairs)
+        metrics = caption_eval(model, images, captions, args.generation)
     return {"task": args.task, "model": str(args.model)} | metrics
 
 

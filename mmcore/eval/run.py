@@ -10,16 +10,20 @@ import itertools
 import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
 from mmcore import storage
 from mmcore.config import ConfigError
+from mmcore.eval.caption import caption_metrics
 from mmcore.eval.retrieval import recall_at_k
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder
+from mmcore.generate import GenerationConfig, generate
 from mmcore.inference import Engine
 from mmcore.models.model import ImageTextModel
+from mmcore.models.towers import tokenizer
 
 
 def zeroshot_eval(
@@ -42,13 +46,28 @@ def retrieval_eval(
     return recall_at_k(scores) | {"n_pairs": len(images)}
 
 
+def caption_eval(
+    model: ImageTextModel, images: Sequence[Image.Image], captions: Sequence[str],
+    cfg: GenerationConfig | None = None, examples: int = 5,
+) -> dict[str, Any]:  # fmt: skip
+    """Captions generated for ``images`` against ``captions``: BLEU-4, CIDEr and a few
+    (reference, generated) examples."""
+    generated = [text for text, _ in Engine(model).caption(images, cfg)]
+    return caption_metrics(captions, generated) | {
+        "n_images": len(images),
+        "examples": [{"reference": r, "generated": g}
+                     for r, g in zip(captions[:examples], generated, strict=False)],
+    }  # fmt: skip
+
+
 def eval_metrics(
     model: ImageTextModel, zeroshot_folders: Sequence[str | Path],
-    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, captions: bool = False,
 ) -> dict[str, float]:  # fmt: skip
     """The training job's evaluation: ``zeroshot/<folder name>/top1|top5`` per folder and, given
     validation pairs (pixels, input_ids, attention_mask), ``retrieval/i2t_rK|t2i_rK|n_pairs``
-    (MLflow metric names allow no "@")."""
+    (MLflow metric names allow no "@") and, with ``captions`` (a model trained with the
+    caption objective), ``caption/bleu4|cider`` of greedy captions against the pairs' texts."""
     metrics = {}
     for folder in zeroshot_folders:
         zs = zeroshot_eval(model, folder)
@@ -56,6 +75,12 @@ def eval_metrics(
     if val is not None:
         recalls = recall_at_k(Engine(model).score_inputs(*val)) | {"n_pairs": len(val[0])}
         metrics |= {f"retrieval/{k.replace('@', '')}": v for k, v in recalls.items()}
+    if val is not None and captions:
+        pixels, ids, _ = val
+        references = tokenizer().batch_decode(ids, skip_special_tokens=True)
+        generated = [t for chunk in pixels.split(64)
+                     for t, _ in generate(model, chunk, GenerationConfig())]  # fmt: skip
+        metrics |= {f"caption/{k}": v for k, v in caption_metrics(references, generated).items()}
     return metrics
 
 
