@@ -43,6 +43,8 @@ class Limits:
     max_labels: int = 256
     max_templates: int = 16
     max_k: int = 100
+    max_beams: int = 5  # per /v1/caption request
+    max_new_tokens: int = 30
 
     def validate(self) -> None:
         if min(dataclasses.astuple(self)) < 1:

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 
 from mmcore.config import ConfigError, apply_overrides, from_dict, merge
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES
+from mmcore.generate import GenerationConfig
 from mmcore.serving import BadInput, Limits
 
 IMPORT_PATH = "pipelines.serve:app"
@@ -104,7 +105,7 @@ def config_from(
 
 routes = FastAPI(
     title="mmray",
-    description="Image-text embeddings, zero-shot classification, search and matching.",
+    description="Image-text embeddings, zero-shot classification, search, matching and captions.",
     version="1",
 )
 
@@ -133,6 +134,15 @@ class SearchRequest(_Request):
 class MatchRequest(_Request):
     image: str | bytes
     texts: list[str]
+
+
+class CaptionRequest(_Request):
+    image: str | bytes
+    num_beams: int = 1
+    max_new_tokens: int = 20
+    top_p: float | None = None  # nucleus sampling
+    temperature: float = 1.0
+    seed: int | None = None
 
 
 LIST_FIELDS = {"texts", "images", "labels", "templates"}
@@ -262,3 +272,26 @@ def check_search(req: SearchRequest, limits: Limits) -> None:
 
 def check_match(req: MatchRequest, limits: Limits) -> None:
     check_texts("texts", req.texts, limits.max_texts, limits, least=1)
+
+
+def check_caption(
+    req: CaptionRequest, limits: Limits, generates: bool, fusion: str
+) -> GenerationConfig:
+    """The request's ``GenerationConfig``; 422 for a model without a caption decoder or for
+    settings out of range (beams and tokens capped by ``limits``)."""
+    if not generates:
+        raise BadInput(
+            f"this model (fusion={fusion}) has no caption decoder: serve a model trained with "
+            "the caption objective (early, cross_attention or hybrid fusion)",
+            422,
+        )
+    if req.num_beams > limits.max_beams:
+        raise BadInput(f"num_beams: at most {limits.max_beams}", 422)
+    if req.max_new_tokens > limits.max_new_tokens:
+        raise BadInput(f"max_new_tokens: at most {limits.max_new_tokens}", 422)
+    cfg = GenerationConfig(**req.model_dump(exclude={"image"}))
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise BadInput(str(e), 422) from e
+    return cfg

@@ -35,6 +35,7 @@ from ray import serve
 
 from mmcore.config import from_dict, to_dict
 from mmcore.eval.zeroshot import class_prompts
+from mmcore.generate import GenerationConfig
 from mmcore.inference import Engine, Index
 from mmcore.serving import BadInput, IndexRecords, Limits, decode_image, read_index
 from mmcore.tracking import MODEL_URI_SCHEMES, check_model, registry_ref
@@ -75,6 +76,7 @@ def _load(spec: api.ModelSpec, records: IndexRecords | None, vectors: str | None
     info = ref.info() | {
              "fusion": cfg.fusion, "embed_dim": cfg.embed_dim, "backend": engine.backend,
              "image_size": cfg.vision.image_size, "revision": spec.revision,
+             "generates": engine.model.generates,
              "index_size": len(index) if index is not None else 0,
              "replica": serve.get_replica_context().replica_id.unique_id}  # fmt: skip
     log.info("loaded %s (%s, %s)", info["resolved"], cfg.fusion, engine.backend)
@@ -124,6 +126,24 @@ class Model:
             embeds = await asyncio.to_thread(encode, [items[i][2] for i in rows])
             for i, embed in zip(rows, embeds, strict=True):
                 out[i] = embed
+        return out
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _caption(
+        self, items: list[tuple[_Loaded, Image.Image, GenerationConfig]]
+    ) -> list[tuple[str, float]]:
+        """(model, image, settings) → (text, score), batched over requests with the same model
+        and settings; a seeded sample alone, so that its seed alone decides its text."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (loaded, _, cfg) in enumerate(items):
+            alone = i if cfg.top_p is not None else None
+            groups[id(loaded), dataclasses.astuple(cfg), alone].append(i)
+        out: list = [None] * len(items)
+        for rows in groups.values():
+            loaded, _, cfg = items[rows[0]]
+            texts = await asyncio.to_thread(loaded.engine.caption, [items[i][1] for i in rows], cfg)
+            for i, text in zip(rows, texts, strict=True):
+                out[i] = text
         return out
 
     async def _embed_all(self, loaded: _Loaded, kind: str, values: list) -> list[np.ndarray]:
@@ -217,6 +237,15 @@ class Model:
         image = self._image(req.image)
         scores, kind = await asyncio.to_thread(self.loaded.engine.match, image, req.texts)
         return {"scores": scores.tolist(), "score": kind}
+
+    @api.routes.post("/v1/caption", openapi_extra=api.body_doc(api.CaptionRequest))
+    async def caption(self, request: Request) -> dict[str, Any]:
+        req = await api.read_request(request, api.CaptionRequest, self.limits)
+        loaded = self.loaded
+        model = loaded.engine.model
+        cfg = api.check_caption(req, self.limits, model.generates, model.cfg.fusion)
+        text, score = await self._caption((loaded, self._image(req.image), cfg))
+        return {"caption": text, "score": score, "score_kind": "mean token log-probability"}
 
     @api.routes.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> str:

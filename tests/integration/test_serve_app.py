@@ -244,6 +244,7 @@ BAD = [
         422,
     ),
     ("wrong type", "/v1/embed", {"json": {"texts": "a red circle"}}, 422),
+    ("caption from a late model", "/v1/caption", {"json": {"image": b64(png_bytes())}}, 422),
     ("wrong item type", "/v1/match", {"json": {"image": b64(png_bytes()), "texts": [1, 2]}}, 422),
     ("unknown field", "/v1/embed", {"json": {"text": ["a"]}}, 422),
     ("nothing to embed", "/v1/embed", {"json": {}}, 422),
@@ -329,6 +330,9 @@ def test_page_in_headless_chromium(served, tmp_path) -> None:
         natural = "[...document.querySelectorAll('#hits img')].map(i => i.naturalWidth)"
         assert min(page.evaluate(natural)) > 0  # every thumbnail decoded
 
+        assert "has no caption decoder" in page.locator("#caption-out").text_content()
+        assert page.locator("#caption").is_disabled()  # the late champion cannot caption
+
         page.fill("#labels", "")  # no labels: the API's message is shown, not a crash
         page.click("#classify")
         page.wait_for_selector("#probs .error")
@@ -381,3 +385,47 @@ def test_switching_the_champion_under_load_loses_no_request(served) -> None:
     assert set(codes) == {200} and codes[200] > 20, codes
     got = served.post("/v1/match", json={"image": b64(png_bytes()), "texts": ["a"]}).json()
     assert got["score"] == "itm" and 0 < got["scores"][0] < 1
+
+
+def test_captions_after_the_switch_equal_the_engines(served, tmp_path) -> None:
+    """After the switch above, the champion is version 2, a hybrid: it has a decoder."""
+    from playwright.sync_api import sync_playwright
+
+    from mmcore.generate import GenerationConfig
+
+    engine = Engine(load(f"models:/{NAME}/2"))
+    colours = [(220, 30, 30), (30, 30, 230), (30, 200, 30), (240, 220, 40)]
+    images = [Image.open(io.BytesIO(png_bytes(c))).convert("RGB") for c in colours]
+    for beams in (1, 3):
+        want = engine.caption(images, GenerationConfig(num_beams=beams, max_new_tokens=8))
+        bodies = [{"image": b64(png_bytes(c)), "num_beams": beams, "max_new_tokens": 8}
+                  for c in colours]  # fmt: skip
+        with ThreadPoolExecutor(4) as pool:  # concurrent: batched on the server
+            got = list(pool.map(lambda body: served.post("/v1/caption", json=body).json(), bodies))
+        assert [g["caption"] for g in got] == [t for t, _ in want]
+        assert [g["score"] for g in got] == pytest.approx([s for _, s in want], abs=1e-4)
+    sampled = {"image": b64(png_bytes()), "top_p": 0.9, "seed": 3, "max_new_tokens": 8}
+    assert served.post("/v1/caption", json=sampled).json() == served.post(
+        "/v1/caption", json=sampled).json()  # fmt: skip
+    for bad in ({"num_beams": 6}, {"max_new_tokens": 31}, {"num_beams": 2, "top_p": 0.5},
+                {"temperature": 0}, {"top_p": 1.5}):  # fmt: skip
+        res = served.post("/v1/caption", json={"image": b64(png_bytes())} | bad)
+        assert res.status_code == 422 and res.json()["error"], (bad, res.text)
+
+    image = tmp_path / "red.png"
+    image.write_bytes(png_bytes())
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox"])
+        page = browser.new_page()
+        page.goto(served.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('hybrid')")
+        page.set_input_files("#file", str(image))
+        page.wait_for_function("document.getElementById('preview').src.startsWith('data:')")
+        page.click("#caption")
+        page.wait_for_selector("#caption-out .caption")
+        text = page.locator("#caption-out .caption").text_content()
+        browser.close()
+    caption, score = engine.caption(images[:1])[0]
+    assert text.startswith(f"{caption} (") and float(text[len(caption) + 2 : -1]) == pytest.approx(
+        score, abs=1e-3
+    )
