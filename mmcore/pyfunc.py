@@ -3,7 +3,9 @@
 Input: a DataFrame with a ``text`` column and/or an ``image`` column (base64-encoded image
 bytes); empty cells are skipped. Output: ``text_embedding`` / ``image_embedding`` columns
 (unit-norm lists). With ``params={"labels": [...]}``, zero-shot probabilities over the labels
-for each image instead (``probs``, in label order). The weights stay a safetensors export in
+for each image instead (``probs``, in label order). With ``params={"task": "caption"}`` (and
+``num_beams``, ``max_new_tokens``), each image's generated ``caption`` and its ``score``, from
+a model with a caption decoder. The weights stay a safetensors export in
 the model's artifacts; only this small wrapper class goes through MLflow's pickling.
 """
 
@@ -20,7 +22,14 @@ SIGNATURE = ModelSignature(
         [ColSpec("string", "text", required=False), ColSpec("string", "image", required=False)]
     ),
     outputs=Schema([ColSpec("string", "text_embedding", required=False)]),
-    params=ParamSchema([ParamSpec("labels", "string", default=[], shape=(-1,))]),
+    params=ParamSchema(
+        [
+            ParamSpec("labels", "string", default=[], shape=(-1,)),
+            ParamSpec("task", "string", default="embed"),  # or "caption"
+            ParamSpec("num_beams", "long", default=1),
+            ParamSpec("max_new_tokens", "long", default=20),
+        ]
+    ),  # fmt: skip
 )
 
 
@@ -38,7 +47,17 @@ class ImageTextPyfunc(mlflow.pyfunc.PythonModel):
     ) -> pd.DataFrame:
         out = pd.DataFrame(index=model_input.index)
         images = _images(model_input)
-        labels = (params or {}).get("labels")
+        params = params or {}
+        if params.get("task", "embed") == "caption":
+            from mmcore.generate import GenerationConfig
+
+            beams, tokens = int(params.get("num_beams", 1)), int(params.get("max_new_tokens", 20))
+            cfg = GenerationConfig(num_beams=beams, max_new_tokens=tokens)
+            captions = self.engine.caption(list(images.values), cfg)
+            out.loc[images.index, "caption"] = [text for text, _ in captions]
+            out.loc[images.index, "score"] = [score for _, score in captions]
+            return out
+        labels = params.get("labels")
         if labels is not None and len(labels):
             probs = self.engine.classify(list(images.values), list(labels))
             out.loc[images.index, "probs"] = pd.Series(probs.tolist(), index=images.index)

@@ -7,6 +7,7 @@ import io
 
 import mlflow
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
@@ -48,3 +49,26 @@ def test_pyfunc_round_trip_and_model_uris(mlflow_server, tmp_path, monkeypatch) 
             torch.testing.assert_close(
                 loaded.encode_text(**tokenize(["a red circle"], 32))[0], expected
             )
+
+
+def test_pyfunc_captions_equal_the_engines(mlflow_server, tmp_path, monkeypatch) -> None:
+    from mmcore.generate import GenerationConfig
+    from mmcore.inference import Engine
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(fusion="hybrid", text=TextConfig(kind="transformer"))).eval()
+    with start_run(TrackingConfig(experiment="test-models")):
+        uri = log_model(save_model(model, tmp_path / "export"))
+    images = [Image.new("RGB", (64, 48), c) for c in ((200, 30, 30), (30, 30, 200))]
+    encoded = []
+    for image in images:
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        encoded.append(base64.b64encode(buf.getvalue()).decode())
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    params = {"task": "caption", "num_beams": 2, "max_new_tokens": 6}
+    out = pyfunc.predict(pd.DataFrame({"image": encoded}), params=params)
+    want = Engine(model).caption(images, GenerationConfig(num_beams=2, max_new_tokens=6))
+    assert out["caption"].tolist() == [t for t, _ in want]
+    assert out["score"].tolist() == pytest.approx([s for _, s in want], abs=1e-5)
