@@ -40,6 +40,15 @@ def test_merge_sets_dotted_keys_and_replaces_mappings() -> None:
         replace(cfg, {"schedule.global_batch": 15})
 
 
+def test_the_caption_sweep_selects_on_cider_over_the_variants_that_generate(monkeypatch) -> None:
+    monkeypatch.chdir(flags.__file__.rsplit("/pipelines/", 1)[0])
+    sweep = tune.parse_args(["--config", "pipelines/configs/tune/caption.yaml", "--data", "s"])
+    assert sweep.metric == "eval/caption/cider" and sweep.mode == "max"
+    cells = sweep.space.cells()
+    assert len(cells) == 3 and all("caption" in c["loss.terms"] for c in cells)
+    assert {c["model.fusion"] for c in cells} == {"cross_attention", "hybrid"}
+
+
 def test_a_sweep_builds_its_base_once_and_trials_from_it(monkeypatch) -> None:
     monkeypatch.chdir(flags.__file__.rsplit("/pipelines/", 1)[0])
     sweep = tune.parse_args(["--config", "pipelines/configs/tune/tiny.yaml", "--data", "s",
