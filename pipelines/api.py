@@ -274,15 +274,13 @@ def check_match(req: MatchRequest, limits: Limits) -> None:
     check_texts("texts", req.texts, limits.max_texts, limits, least=1)
 
 
-def check_caption(
-    req: CaptionRequest, limits: Limits, generates: bool, fusion: str
-) -> GenerationConfig:
-    """The request's ``GenerationConfig``; 422 for a model without a caption decoder or for
-    settings out of range (beams and tokens capped by ``limits``)."""
-    if not generates:
+def check_caption(req: CaptionRequest, limits: Limits, model: Any) -> GenerationConfig:
+    """The request's ``GenerationConfig`` for ``model``; 422 for a model without a caption
+    decoder or for settings out of range (beams and tokens capped by ``limits``)."""
+    if not model.generates:
         raise BadInput(
-            f"this model (fusion={fusion}) has no caption decoder: serve a model trained with "
-            "the caption objective (early, cross_attention or hybrid fusion)",
+            f"this model (fusion={model.cfg.fusion}) has no caption decoder: serve a model "
+            "trained with the caption objective (early, cross_attention or hybrid fusion)",
             422,
         )
     if req.num_beams > limits.max_beams:
@@ -291,7 +289,7 @@ def check_caption(
         raise BadInput(f"max_new_tokens: at most {limits.max_new_tokens}", 422)
     cfg = GenerationConfig(**req.model_dump(exclude={"image"}))
     try:
-        cfg.validate()
+        cfg.validate(model.cfg.text.context_length)
     except ValueError as e:
         raise BadInput(str(e), 422) from e
     return cfg

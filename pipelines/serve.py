@@ -242,8 +242,7 @@ class Model:
     async def caption(self, request: Request) -> dict[str, Any]:
         req = await api.read_request(request, api.CaptionRequest, self.limits)
         loaded = self.loaded
-        model = loaded.engine.model
-        cfg = api.check_caption(req, self.limits, model.generates, model.cfg.fusion)
+        cfg = api.check_caption(req, self.limits, loaded.engine.model)
         text, score = await self._caption((loaded, self._image(req.image), cfg))
         return {"caption": text, "score": score, "score_kind": "mean token log-probability"}
 
