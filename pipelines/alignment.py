@@ -23,6 +23,7 @@ from mmcore import storage
 from mmcore.config import ConfigError
 from mmcore.data import alignment
 from mmcore.data.curate import CurateConfig
+from mmcore.data.dedup import DedupConfig
 from mmcore.data.shards import SUCCESS, piece_paths
 from mmcore.tracking import tracking_uri
 from pipelines.progress import Progress
@@ -90,17 +91,21 @@ def score_pieces(cfg: CurateConfig, pieces: str, scores: str, model: str) -> Non
             progress.update(len(batch["rows"]))
 
 
-def decide(cfg: alignment.AlignmentConfig, scores: str, decisions: str) -> dict[str, Any]:
+def decide(
+    cfg: alignment.AlignmentConfig, dedup: DedupConfig, scores: str, decisions: str
+) -> dict[str, Any]:
     """The model's decisions over the whole job, in one Ray task: see the module's doc."""
     import ray
 
-    summary = ray.get(ray.remote(_decide).remote(cfg, scores, decisions))
+    summary = ray.get(ray.remote(_decide).remote(cfg, dedup, scores, decisions))
     log.info("alignment: %s", summary)
     return summary
 
 
-def _decide(cfg: alignment.AlignmentConfig, scores: str, decisions: str) -> dict[str, Any]:
-    columns = ["key", "alignment"] + (["image_embedding"] if cfg.semantic else [])
+def _decide(
+    cfg: alignment.AlignmentConfig, dedup: DedupConfig, scores: str, decisions: str
+) -> dict[str, Any]:
+    columns = ["key", "alignment"] + (["image_embedding"] if dedup.semantic else [])
     files = storage.list_files(scores, ".parquet") if storage.exists(scores) else []
     counts = dict.fromkeys((alignment.LOW_ALIGNMENT, alignment.SEMANTIC_DUPLICATE), 0)
     if not files:  # no row decoded
@@ -116,11 +121,11 @@ def _decide(cfg: alignment.AlignmentConfig, scores: str, decisions: str) -> dict
     messages = [f"alignment {scores_[i]:.4f} below the cut-off {cutoff:.4f}" for i in low]
     _write(decisions, "alignment.parquet", keys[low], alignment.LOW_ALIGNMENT, None, messages)
     counts[alignment.LOW_ALIGNMENT] = len(low)
-    if cfg.semantic:
+    if dedup.semantic:
         kept = np.flatnonzero(keep)
         vectors = pool.column("image_embedding").combine_chunks().flatten().to_numpy()
         vectors = vectors.reshape(len(pool), -1)
-        rows, of = alignment.semantic_duplicates(vectors[kept], cfg.semantic_threshold)
+        rows, of = alignment.semantic_duplicates(vectors[kept], dedup.semantic_threshold)
         _write(decisions, "semantic.parquet", keys[kept[rows]], alignment.SEMANTIC_DUPLICATE,
                keys[kept[of]], None)  # fmt: skip
         counts[alignment.SEMANTIC_DUPLICATE] = len(rows)

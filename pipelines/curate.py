@@ -11,6 +11,7 @@ Stages (every input row is accounted for in exactly one shard parquet row):
   3. dedup     Ray Data group-bys over the hash columns (pipelines/dedup.py): exact (sha256)
                and near (phash band + colour), also against earlier outputs (dedup.against);
                then, with alignment.model, the alignment filter and semantic dedup
+               (dedup.semantic)
   4. finalize  Ray Data over shards: NNNNN.tar, NNNNN.parquet, NNNNN_stats.json (atomic)
   5. manifest  manifest.json, the summary table, the MLflow run
 Rerunning the same command resumes: staged and finished shards are kept, the rest is redone,
@@ -167,7 +168,7 @@ def run(cfg: CurateConfig) -> dict[str, Any]:
             cfg.compute.dedup_one_task_rows,
         )  # fmt: skip
         if model:
-            decided = alignment.decide(cfg.alignment, scores, decisions)
+            decided = alignment.decide(cfg.alignment, cfg.dedup, scores, decisions)
             storage.write_json(storage.join(work, alignment.SUMMARY), decided)
         log.info("dedup in %.1fs", time.perf_counter() - t1)
         t1 = time.perf_counter()

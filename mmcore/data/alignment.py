@@ -8,9 +8,10 @@ the image embedding), then decisions over the whole job (``decide``):
   1. rows the hash dedup kept are the pool; ``min_score`` keeps those scoring at least it,
      ``keep_fraction`` the best scoring fraction of the pool (ties: smaller key first);
      the others become ``low_alignment``, the score and the cut-off in ``error_message``;
-  2. among the rows still kept, with ``semantic``, a row whose image embedding has cosine
-     ``>= semantic_threshold`` with an earlier kept row becomes ``semantic_duplicate`` of the
-     smallest such key (the key-order rule of the hash dedup, over ANN pairs).
+  2. among the rows still kept, with ``dedup.semantic``, a row whose image embedding has
+     cosine ``>= dedup.semantic_threshold`` with an earlier kept row becomes
+     ``semantic_duplicate`` of the smallest such key (the key-order rule of the hash dedup,
+     over ANN pairs).
 
 The alignment is the embeddings' cosine for late fusion, the ITM match probability for
 variants that score pairs (``Engine.embed_pairs``). Rows are scored in fixed batches in key
@@ -40,9 +41,6 @@ class AlignmentConfig:
     min_score: float | None = None  # keep rows scoring at least this
     keep_fraction: float | None = None  # or keep this best-scoring fraction (DataComp: 0.3)
     batch_size: int = 64  # rows per model call (fixed: the numbers depend on it, slightly)
-    # Semantic dedup over the model's image embeddings (needs the model; off by default)
-    semantic: bool = False
-    semantic_threshold: float = 0.99  # cosine at or above which a row duplicates a kept one
 
     def validate(self) -> None:
         if self.min_score is not None and self.keep_fraction is not None:
@@ -51,15 +49,10 @@ class AlignmentConfig:
             raise ValueError(f"alignment.min_score={self.min_score} must be in [-1, 1]")
         if self.keep_fraction is not None and not 0 < self.keep_fraction <= 1:
             raise ValueError(f"alignment.keep_fraction={self.keep_fraction} must be in (0, 1]")
-        if not 0 < self.semantic_threshold <= 1:
-            raise ValueError(
-                f"alignment.semantic_threshold={self.semantic_threshold} must be in (0, 1]"
-            )
         if self.batch_size < 1:
             raise ValueError("alignment.batch_size must be >= 1")
-        wants = self.min_score is not None or self.keep_fraction is not None or self.semantic
-        if wants and not self.model:
-            raise ValueError("alignment.min_score, keep_fraction and semantic need alignment.model")
+        if (self.min_score is not None or self.keep_fraction is not None) and not self.model:
+            raise ValueError("alignment.min_score and keep_fraction need alignment.model")
 
 
 def score(

@@ -145,6 +145,9 @@ class CurateConfig:
             raise ValueError("samples_per_shard and rows_per_task must be >= 1")
         if self.compute.model_actors < 1:
             raise ValueError("compute.model_actors must be >= 1")
+        if self.dedup.semantic and not self.alignment.model:
+            raise ValueError("dedup.semantic compares the image embeddings of alignment.model: "
+                             "give one")  # fmt: skip
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the output; a resumed run must match them."""

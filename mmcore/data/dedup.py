@@ -42,6 +42,10 @@ class DedupConfig:
     # Earlier curated outputs (folders or URIs, comma-separated) whose kept images are not
     # kept again: a match is a duplicate / near_duplicate of "URI#KEY" (incremental crawls).
     against: str = ""
+    # Semantic dedup: a row whose image embedding (by alignment.model, which it needs) has
+    # cosine >= semantic_threshold with a kept row's is a semantic_duplicate of it
+    semantic: bool = False
+    semantic_threshold: float = 0.99
 
     @property
     def against_uris(self) -> list[str]:
@@ -52,6 +56,8 @@ class DedupConfig:
             raise ValueError("phash_threshold must be in [0, 16]")
         if not 0 <= self.colour_tolerance <= 255:
             raise ValueError("colour_tolerance must be in [0, 255]")
+        if not 0 < self.semantic_threshold <= 1:
+            raise ValueError(f"semantic_threshold={self.semantic_threshold} must be in (0, 1]")
 
 
 @dataclasses.dataclass

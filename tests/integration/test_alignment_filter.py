@@ -148,8 +148,8 @@ def test_semantic_dedup_drops_planted_copies(ray_cluster, scorer, noisy, tmp_pat
         noisy,
         tmp_path / "shards",
         f"alignment.model={SCORER}",
-        "alignment.semantic=true",
-        "alignment.semantic_threshold=0.995",
+        "dedup.semantic=true",
+        "dedup.semantic_threshold=0.995",
         "dedup.exact=false",
         "dedup.near=false",
     )
@@ -222,6 +222,8 @@ def test_a_bad_model_or_threshold_fails_before_any_work(scorer, noisy, tmp_path,
     assert "fusion=early) has no image and text embeddings" in capsys.readouterr().err
     assert main([*base, f"alignment.model={SCORER}", "alignment.keep_fraction=1.5"]) == 2
     assert "alignment.keep_fraction=1.5 must be in (0, 1]" in capsys.readouterr().err
-    assert main([*base, "alignment.semantic=true"]) == 2
-    assert "need alignment.model" in capsys.readouterr().err
+    assert main([*base, "dedup.semantic=true"]) == 2
+    assert "dedup.semantic compares the image embeddings of alignment.model" in (
+        capsys.readouterr().err
+    )
     assert not (tmp_path / "out").exists()

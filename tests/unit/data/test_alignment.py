@@ -87,11 +87,12 @@ def test_semantic_dedup_is_the_key_order_rule_over_close_embeddings(rows: int) -
     "overrides, message",
     [
         (["alignment.min_score=0.3"], "need alignment.model"),
+        (["dedup.semantic=true"], "dedup.semantic compares the image embeddings"),
         (["alignment.model=m", "alignment.min_score=1.5"], "must be in [-1, 1]"),
         (["alignment.model=m", "alignment.keep_fraction=0"], "must be in (0, 1]"),
         (["alignment.model=m", "alignment.keep_fraction=0.3", "alignment.min_score=0.1"],
          "not both"),
-        (["alignment.model=m", "alignment.semantic_threshold=1.2"], "must be in (0, 1]"),
+        (["alignment.model=m", "dedup.semantic_threshold=1.2"], "must be in (0, 1]"),
     ],
 )  # fmt: skip
 def test_a_bad_alignment_setting_fails_before_work(overrides: list[str], message: str) -> None:
