@@ -1,6 +1,6 @@
 """Captioning at tiny scale: train a decoder, score its captions, time them through Serve.
 
-    python bench/caption.py [--n 3000] [--steps 600] [--requests 40]
+    python -m bench.caption [--n 3000] [--steps 600] [--requests 40]
 
 1. A sample crawl (seed 20) is curated and the tiny config trained on it as `hybrid` with the
    clip, itm and caption objectives (`mmray train`, Ray Train + DeepSpeed): its evaluation

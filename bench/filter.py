@@ -1,7 +1,7 @@
 """Does filtering by a model help? Curate a noisy crawl with and without `alignment.model=`,
 train the tiny config at the same compute on both, and compare.
 
-    python bench/filter.py [--n 3000] [--noisy 0.3] [--steps 600] [--keep-fraction 0.7]
+    python -m bench.filter [--n 3000] [--noisy 0.3] [--steps 600] [--keep-fraction 0.7]
 
 1. A clean crawl (seed 10) is curated and the tiny config trained on it for `--filter-steps`:
    the filter model (DataComp's recipe: a model trained on other, clean data scores pairs).
