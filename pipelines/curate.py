@@ -54,7 +54,7 @@ from mmcore.data.shards import (
 from mmcore.tracking import start_run
 from pipelines import alignment, flags, job
 from pipelines.dedup import deduplicate, prior_shards, read_decisions
-from pipelines.progress import Progress
+from pipelines.progress import Progress, ray_data_bars_off
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,8 @@ def _stage(cfg: CurateConfig, parts: list[str], pieces: str, total: int) -> None
 
     # A single-operator pipeline: per-operator reservation only holds CPUs back from it
     # (with 2 CPUs it ran one task at a time); let the operator use every CPU it can.
-    context = ray.data.DataContext.get_current()  # read when the dataset is built
+    context = ray_data_bars_off()  # ours reports rows (below); read when the dataset is built
     context.op_resource_reservation_enabled = False
-    # Ray Data's own progress reports operators and blocks; ours reports rows (below).
-    context.enable_progress_bars = False
     # One task per planned part: every stage takes the whole part as its batch. Two traps
     # in Ray 2.60 that this avoids: read_parquet coalesces small files into one block, and
     # fused map_batches bundle max(batch_size) input blocks into each task.

@@ -42,7 +42,7 @@ from mmcore.tracking import (
 )
 from pipelines import flags, job
 from pipelines.alignment import MODEL_KEY  # a part's file metadata: the model version
-from pipelines.progress import Progress
+from pipelines.progress import Progress, ray_data_bars_off
 
 log = logging.getLogger(__name__)
 MANIFEST, PARTS = "manifest.json", "parts"
@@ -160,7 +160,7 @@ def done_keys(parts: str, model: str) -> frozenset[str]:
 def work(cfg: EmbedConfig) -> dict[str, Any]:
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours instead
+    ray_data_bars_off()  # ours instead
     ref, out = _model(cfg.model), storage.absolute(cfg.output)
     model_cfg = read_config(ref.folder)
     parts = storage.join(out, PARTS)

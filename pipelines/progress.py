@@ -23,6 +23,19 @@ LINE = re.compile(
 )
 
 
+def ray_data_bars_off() -> Any:
+    """Ray Data's own progress bars off (they count blocks and operators; ours count rows or
+    steps), without the warning Ray logs about it. Returns the current ``DataContext``."""
+    import logging
+
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    return context
+
+
 class Progress:
     """Counts toward ``total``; ``fields`` (name → value) follow the rate and ETA. On a
     terminal a tqdm bar redrawn in place; otherwise ``file`` (stderr) gets a line at most every

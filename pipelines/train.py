@@ -41,7 +41,7 @@ from mmcore.tracking import (
 from mmcore.training import TrainConfig, within
 from mmcore.warmstart import plan
 from pipelines import flags, job
-from pipelines.progress import Progress
+from pipelines.progress import Progress, ray_data_bars_off
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,7 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
 
     # Progress bars drawn from the split coordinator and the workers reach the driver's
     # stderr as thousands of re-drawn lines; the training loop reports progress itself.
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    context = ray_data_bars_off()
     context.execution_options.preserve_order = cfg.data.deterministic
     seed = cfg.schedule.seed if cfg.data.deterministic else None
 
