@@ -20,7 +20,6 @@ import argparse
 import base64
 import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -30,11 +29,9 @@ import numpy as np
 import requests
 import webdataset as wds
 
-from bench.filter import mmray
+from bench.filter import mmray, train, workdir
 from mmcore.data.sample import BACKGROUNDS, COLOURS, SHAPES, heldout, render
 from pipelines.local import free_port
-
-TRAIN = "pipelines/configs/train/tiny.yaml"
 
 
 def heldout_shard(folder: Path, n: int, seed: int = 0) -> list[bytes]:
@@ -77,17 +74,19 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=40)
     p.add_argument("--out", default="bench/out/caption")
     args = p.parse_args()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out}/mlflow.db"
+    out = workdir(args.out)
     raw, shards = out / "raw", out / "shards"
     mmray("sample-data", str(raw), "--n", str(args.n), "--seed", "20")
     mmray("curate", "--config", "pipelines/configs/curate_tiny.yaml", "--input",
           f"{raw}/metadata.parquet", "--output", str(shards))  # fmt: skip
-    trained = mmray("train", "--config", TRAIN, "--data", str(shards), "model.fusion=hybrid",
-                    "loss.terms={clip: 1.0, itm: 1.0, caption: 1.0}",
-                    f"schedule.max_steps={args.steps}", f"schedule.checkpoint_every={args.steps}",
-                    f"eval.every={args.steps}", f"output={out}/runs")  # fmt: skip
+    trained = train(
+        shards,
+        raw,
+        args.steps,
+        out / "runs",
+        "model.fusion=hybrid",
+        "loss.terms={clip: 1.0, itm: 1.0, caption: 1.0}",
+    )
     model = trained["model_uri"]
     metrics = trained["metrics"]
     result: dict = {

@@ -49,12 +49,21 @@ def mismatched_kept(shards: Path) -> dict[str, float]:
     return {"kept": len(kept), "mismatched_kept": noisy / max(1, len(kept))}
 
 
-def train(shards: Path, raw: Path, steps: int, out: Path) -> str:
+def workdir(path: str) -> Path:
+    """The benchmark's folder, with its own MLflow store (SQLite) for every command."""
+    out = Path(path).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out}/mlflow.db"
+    return out
+
+
+def train(shards: Path, raw: Path, steps: int, out: Path, *overrides: str) -> dict:
+    """The tiny config for ``steps``, evaluated once at the end (zero-shot on ``raw``'s
+    held-out sets); the training job's result."""
     zeroshot = [f"--zeroshot={raw}/zeroshot/{task}" for task in ("colour", "shape")]
-    result = mmray("train", "--config", TRAIN, "--data", str(shards), *zeroshot,
-                   f"schedule.max_steps={steps}", f"schedule.checkpoint_every={steps}",
-                   f"eval.every={steps}", f"output={out}")  # fmt: skip
-    return result["model_uri"]
+    return mmray("train", "--config", TRAIN, "--data", str(shards), *zeroshot,
+                 f"schedule.max_steps={steps}", f"schedule.checkpoint_every={steps}",
+                 f"eval.every={steps}", f"output={out}", *overrides)  # fmt: skip
 
 
 def evaluate(model: str, raw: Path, clean_shards: Path) -> dict[str, float]:
@@ -79,16 +88,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600, help="training steps of each compared run")
     p.add_argument("--out", default="bench/out/filter")
     args = p.parse_args()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out}/mlflow.db"
+    out = workdir(args.out)
     clean, noisy = out / "clean", out / "noisy"
     mmray("sample-data", str(clean), "--n", str(args.n), "--seed", "10")
     mmray("sample-data", str(noisy), "--n", str(args.n), "--seed", "11", "--noisy",
           str(args.noisy))  # fmt: skip
     curate = ("curate", "--config", "pipelines/configs/curate_tiny.yaml")
     mmray(*curate, "--input", f"{clean}/metadata.parquet", "--output", f"{out}/clean-shards")
-    scorer = train(out / "clean-shards", clean, args.filter_steps, out / "runs")
+    scorer = train(out / "clean-shards", clean, args.filter_steps, out / "runs")["model_uri"]
     runs = {
         "unfiltered": [],
         "filtered": [f"alignment.model={scorer}", f"alignment.keep_fraction={args.keep_fraction}"],
@@ -100,7 +107,7 @@ def main() -> None:
                         *overrides)  # fmt: skip
         result[name] = mismatched_kept(shards) | {"elapsed_s": curated["elapsed_s"]}
     for name in runs:
-        model = train(out / f"{name}-shards", noisy, args.steps, out / "runs")
+        model = train(out / f"{name}-shards", noisy, args.steps, out / "runs")["model_uri"]
         result[name] |= evaluate(model, noisy, out / "clean-shards")
     print(json.dumps(result))
 
