@@ -6,12 +6,13 @@ seeded), batched over images. Each sequence starts with ``[CLS]`` and ends at ``
 after ``max_new_tokens``; its score is the mean log-probability of its tokens (``[SEP]``
 included), by which beams are ranked, so greedy search equals beam search with one beam.
 
-No key/value cache: every step runs the decoder over the whole prefix again. The image tower,
-by far the largest part, runs once per image; the decoder is a few layers of width 128 over
-at most ``context_length`` (32) tokens, so a step costs about as much as one cached step of a
-decoder at the lengths captions have, and the code stays one call of ``caption_logits``. That
-call is causal (a position never sees a later one, tested), so the logits of the last
-position are those a cached decoder would give.
+No key/value cache: every step runs the decoder over the whole prefix again. The image tower
+runs once per image; the decoder is 2 layers of width 128 over at most ``context_length``
+(32) tokens, so re-running it costs little at this size (a greedy caption through Serve takes
+~150 ms per image on 2 cores, docs/BENCHMARKS.md), and the code stays one call of
+``caption_logits``. That call is causal (a position never sees a later one, tested), so the
+logits of the last position are those a cached decoder would give. A larger decoder would
+want the cache.
 """
 
 from __future__ import annotations
