@@ -86,6 +86,9 @@ def main(
             result = work(cfg)
         except ConfigError as e:
             return _refuse(prog, e)
+        except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; the stack stops Ray
+            print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+            return 130
         print(json.dumps(result), file=out, flush=True)
     return 0
 

@@ -67,6 +67,13 @@ def test_job_main_prints_only_the_json_line_on_stdout(capsys) -> None:
     out, err = capsys.readouterr()
     assert out == "" and "mmray x: error: shards missing" in err
 
+    def interrupted(cfg: dict) -> dict:
+        raise KeyboardInterrupt  # Ctrl-C while the job runs: a line and 130, no traceback
+
+    assert job.main("mmray x", lambda: {"n": 1}, interrupted) == 130
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == "mmray x: interrupted"
+
 
 def test_the_tracking_store_opens_while_the_job_starts(monkeypatch, tmp_path) -> None:
     """job.main opens the MLflow store on a thread before the work; the work's run lands in
