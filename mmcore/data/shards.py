@@ -3,7 +3,8 @@
 Layout of an output folder (also in README.md):
   NNNNN.tar           KEY.jpg|KEY.webp, KEY.txt, KEY.json for every kept sample, in key order
   NNNNN.parquet       one row for EVERY input row of the shard: key, url, caption, status,
-                      error_message, sizes, hashes, duplicate_of, the input's extra columns
+                      error_message, sizes, hashes, duplicate_of, alignment (when a model
+                      scored the rows), the input's extra columns
   NNNNN_stats.json    counts by status for the shard, the tar's sha256
   manifest.json       the job's config, counts by status, every shard with count and sha256
 The folder may be local or in object storage (``mmcore.storage``). Every file appears whole
