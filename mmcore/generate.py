@@ -24,7 +24,7 @@ import torch
 from mmcore.models.towers import tokenizer
 
 
-@dataclasses.dataclass(kw_only=True)
+@dataclasses.dataclass(kw_only=True, frozen=True)  # hashable: Serve batches by settings
 class GenerationConfig:
     max_new_tokens: int = 20  # tokens after [CLS], [SEP] included
     num_beams: int = 1  # 1: greedy (or sampling with top_p)

@@ -51,8 +51,8 @@ class ImageTextPyfunc(mlflow.pyfunc.PythonModel):
         if params.get("task", "embed") == "caption":
             from mmcore.generate import GenerationConfig
 
-            beams, tokens = int(params.get("num_beams", 1)), int(params.get("max_new_tokens", 20))
-            cfg = GenerationConfig(num_beams=beams, max_new_tokens=tokens)
+            given = {k: int(params[k]) for k in ("num_beams", "max_new_tokens") if k in params}
+            cfg = GenerationConfig(**given)
             captions = self.engine.caption(list(images.values), cfg)
             out.loc[images.index, "caption"] = [text for text, _ in captions]
             out.loc[images.index, "score"] = [score for _, score in captions]

@@ -26,11 +26,17 @@ from mmcore.data.curate import CurateConfig
 from mmcore.data.dedup import DedupConfig
 from mmcore.data.shards import SUCCESS, piece_paths
 from mmcore.tracking import tracking_uri
+from pipelines.dedup import write_decisions
 from pipelines.progress import Progress
 
 log = logging.getLogger(__name__)
 SUMMARY = "alignment.json"
 MODEL_KEY = b"mmray.model"  # a scores file's metadata: the model version (as mmray embed's)
+
+
+def written_by(path: str) -> str:
+    """The model version a parquet file's metadata names (``MODEL_KEY``; "" for none)."""
+    return (storage.read_parquet_schema(path).metadata or {}).get(MODEL_KEY, b"").decode()
 
 
 class Scorer:
@@ -66,8 +72,7 @@ def score_pieces(cfg: CurateConfig, pieces: str, scores: str, model: str) -> Non
 
     done = set()
     for path in storage.list_files(scores, ".parquet") if storage.exists(scores) else []:
-        wrote = (storage.read_parquet_schema(path).metadata or {}).get(MODEL_KEY, b"").decode()
-        if wrote != model:
+        if (wrote := written_by(path)) != model:
             raise ConfigError(
                 f"{path} was scored by {wrote or 'another model'}, but alignment.model is now "
                 f"{model} (an alias moved?): use a new --output, or name the version"
@@ -136,20 +141,16 @@ def _write(
     folder: str, name: str, keys: np.ndarray, status: str, of: np.ndarray | None,
     messages: list[str] | None,
 ) -> None:  # fmt: skip
-    """Decisions as one file per shard, ``SSSSS_<name>`` (key, status, duplicate_of and an
-    error_message when given); keys start with their shard's five digits."""
-    shards = np.asarray([k[:5] for k in keys], object)
-    for shard in sorted(set(shards)):
-        rows = shards == shard
-        n = int(rows.sum())
-        columns = {
-            "key": pa.array(keys[rows].tolist(), pa.string()),
-            "status": pa.array([status] * n),
-            "duplicate_of": pa.array([None] * n if of is None else of[rows].tolist(), pa.string()),
-        }
-        if messages is not None:
-            columns["error_message"] = pa.array(np.asarray(messages, object)[rows].tolist())
-        storage.write_parquet(storage.join(folder, f"{shard}_{name}"), pa.table(columns))
+    """Decisions as one file per shard (``write_decisions``); keys start with their shard's
+    five digits."""
+    shards = np.asarray([int(k[:5]) for k in keys], np.int64)
+    for shard in np.unique(shards):
+        rows = np.flatnonzero(shards == shard)
+        write_decisions(
+            folder, int(shard), name, status, keys[rows].tolist(),
+            [None] * len(rows) if of is None else of[rows].tolist(),
+            None if messages is None else [messages[i] for i in rows],
+        )  # fmt: skip
 
 
 def read_scores(scores: str, shard: int) -> dict[str, float]:

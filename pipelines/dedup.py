@@ -152,12 +152,21 @@ def _write_decisions(
     shards = (dropped % ORDER_BASE) // 10**digits
     for shard in np.unique(shards):
         rows = shards == shard
-        table = pa.table({
-            "key": [sources.ref(o) for o in dropped[rows]],
-            "status": [status] * int(rows.sum()),
-            "duplicate_of": [sources.ref(o) for o in kept[rows]],
-        })  # fmt: skip
-        storage.write_parquet(storage.join(folder, f"{int(shard):05d}_{name}"), table)
+        write_decisions(folder, int(shard), name, status, [sources.ref(o) for o in dropped[rows]],
+                        [sources.ref(o) for o in kept[rows]])  # fmt: skip
+
+
+def write_decisions(
+    folder: str, shard: int, name: str, status: str, keys: Sequence[str],
+    duplicate_of: Sequence[str | None], messages: Sequence[str] | None = None,
+) -> None:  # fmt: skip
+    """One shard's decisions as ``SSSSS_<name>``: key, status, duplicate_of and, when given,
+    error_message (otherwise the shard says "STATUS of KEY"); ``read_decisions`` reads them."""
+    columns = {"key": pa.array(keys, pa.string()), "status": pa.array([status] * len(keys)),
+               "duplicate_of": pa.array(duplicate_of, pa.string())}  # fmt: skip
+    if messages is not None:
+        columns["error_message"] = pa.array(messages, pa.string())
+    storage.write_parquet(storage.join(folder, f"{shard:05d}_{name}"), pa.table(columns))
 
 
 def _written(ds: Any) -> list[str]:

@@ -41,7 +41,7 @@ from mmcore.tracking import (
     tracking_uri,
 )
 from pipelines import flags, job
-from pipelines.alignment import MODEL_KEY  # a part's file metadata: the model version
+from pipelines.alignment import MODEL_KEY, written_by  # parts name their model version
 from pipelines.progress import Progress, ray_data_bars_off
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def done_keys(parts: str, model: str) -> frozenset[str]:
     for path in storage.list_files(parts, ".parquet") if storage.exists(parts) else []:
         try:
             table = storage.read_parquet(path, ["key"])
-            wrote = (storage.read_parquet_schema(path).metadata or {}).get(MODEL_KEY, b"").decode()
+            wrote = written_by(path)
         except (OSError, pa.ArrowInvalid):
             log.warning("removing the unreadable part %s", path)
             storage.delete(path)

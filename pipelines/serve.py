@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,25 @@ def _load(spec: api.ModelSpec, records: IndexRecords | None, vectors: str | None
     return _Loaded(engine, info, index)
 
 
+async def _in_groups(
+    items: list[tuple[_Loaded, Any, Any]], run: Callable[[_Loaded, Any, list], Any],
+    alone: Callable[[Any], bool] = lambda setting: False,
+) -> list:  # fmt: skip
+    """A dynamic batch's (model, setting, value) items: one ``run(model, setting, values)`` in
+    a thread per model and setting (items of a batch may come from different models around a
+    switch; a setting that is ``alone`` runs item by item); the results in item order."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (loaded, setting, _) in enumerate(items):
+        groups[id(loaded), setting, i if alone(setting) else None].append(i)
+    out: list = [None] * len(items)
+    for rows in groups.values():
+        loaded, setting, _ = items[rows[0]]
+        results = await asyncio.to_thread(run, loaded, setting, [items[i][2] for i in rows])
+        for i, result in zip(rows, results, strict=True):
+            out[i] = result
+    return out
+
+
 @serve.deployment
 @serve.ingress(api.routes)
 class Model:
@@ -115,36 +135,25 @@ class Model:
         """(model, "text" | "image", one text or image) → its embedding (E,). Items of one
         batch may come from different models around a switch: each runs on its own. The
         forward pass runs in a thread, so the event loop parses the next requests meanwhile."""
-        groups: dict[tuple[int, str], list[int]] = defaultdict(list)
-        for i, (loaded, kind, _) in enumerate(items):
-            groups[id(loaded), kind].append(i)
-        out: list = [None] * len(items)
         self.batch_sizes[len(items)] += 1
-        for rows in groups.values():
-            loaded, kind, _ = items[rows[0]]
-            encode = loaded.engine.embed_texts if kind == "text" else loaded.engine.embed_images
-            embeds = await asyncio.to_thread(encode, [items[i][2] for i in rows])
-            for i, embed in zip(rows, embeds, strict=True):
-                out[i] = embed
-        return out
+
+        def encode(loaded: _Loaded, kind: str, values: list) -> Any:
+            engine = loaded.engine
+            return (engine.embed_texts if kind == "text" else engine.embed_images)(values)
+
+        return await _in_groups(items, encode)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _caption(
-        self, items: list[tuple[_Loaded, Image.Image, GenerationConfig]]
+        self, items: list[tuple[_Loaded, GenerationConfig, Image.Image]]
     ) -> list[tuple[str, float]]:
-        """(model, image, settings) → (text, score), batched over requests with the same model
+        """(model, settings, image) → (text, score), batched over requests with the same model
         and settings; a seeded sample alone, so that its seed alone decides its text."""
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (loaded, _, cfg) in enumerate(items):
-            alone = i if cfg.top_p is not None else None
-            groups[id(loaded), dataclasses.astuple(cfg), alone].append(i)
-        out: list = [None] * len(items)
-        for rows in groups.values():
-            loaded, _, cfg = items[rows[0]]
-            texts = await asyncio.to_thread(loaded.engine.caption, [items[i][1] for i in rows], cfg)
-            for i, text in zip(rows, texts, strict=True):
-                out[i] = text
-        return out
+
+        def caption(loaded: _Loaded, cfg: GenerationConfig, images: list) -> Any:
+            return loaded.engine.caption(images, cfg)
+
+        return await _in_groups(items, caption, alone=lambda cfg: cfg.top_p is not None)
 
     async def _embed_all(self, loaded: _Loaded, kind: str, values: list) -> list[np.ndarray]:
         return await asyncio.gather(*(self._encode((loaded, kind, v)) for v in values))
@@ -243,7 +252,7 @@ class Model:
         req = await api.read_request(request, api.CaptionRequest, self.limits)
         loaded = self.loaded
         cfg = api.check_caption(req, self.limits, loaded.engine.model)
-        text, score = await self._caption((loaded, self._image(req.image), cfg))
+        text, score = await self._caption((loaded, cfg, self._image(req.image)))
         return {"caption": text, "score": score, "score_kind": "mean token log-probability"}
 
     @api.routes.get("/", response_class=HTMLResponse, include_in_schema=False)
