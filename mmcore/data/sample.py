@@ -5,6 +5,12 @@ Writes, reproducibly for a seed:
   OUT/metadata.parquet         url (absolute path), caption, file (name under images/), kind
                                ("noisy": a clean image whose caption describes another scene,
                                the planted mismatches an alignment filter should drop)
+  OUT/qa.parquet               url, question, answer, type: questions about each image that
+                               curation keeps (``qa_pairs``); ``mmray curate input.qa=...`` joins
+                               them into each sample's ``.json``
+  OUT/heldout/00000.tar        a curated-format shard (KEY.jpg, KEY.txt, KEY.json with "qa")
+                               of scenes whose first object is a held-out composition, for
+                               ``mmray eval caption|vqa``
   OUT/sample_info.json         counts per kind, the status each kind should end with, and
                                the held-out (colour, shape) compositions
   OUT/zeroshot/{colour,shape}/<class>/*.png   images of held-out compositions only, for
@@ -18,7 +24,9 @@ from __future__ import annotations
 import io
 import json
 import struct
+import tarfile
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +72,7 @@ def heldout(colour: str, shape: str) -> bool:
 
 def make_sample_data(
     out: str | Path, n: int = 600, seed: int = 0, min_px: int = 96, max_px: int = 256,
-    zeroshot_per_class: int = 40, noisy: float = 0.0,
+    zeroshot_per_class: int = 40, noisy: float = 0.0, heldout_n: int = 200,
 ) -> dict:  # fmt: skip
     """Write the crawl to ``out``; returns the contents of ``sample_info.json``. ``noisy``:
     the fraction of clean rows whose caption is replaced by one of a scene with another
@@ -103,7 +111,11 @@ def make_sample_data(
         }),
         out / "metadata.parquet",
     )  # fmt: skip
+    qa = _qa_table(rows, images)
+    pq.write_table(qa, out / "qa.parquet")
     zs = _write_zeroshot(rng, out / "zeroshot", zeroshot_per_class)
+    # Their own streams, as the noise's: the crawl is the same with or without them.
+    _write_heldout(np.random.default_rng([seed, 2]), out / "heldout", heldout_n)
     info = {
         "n": n,
         "seed": seed,
@@ -115,6 +127,11 @@ def make_sample_data(
         | ({"noisy": "low_alignment"} if n_noisy else {}),
         "heldout": [f"{c} {s}" for c in COLOURS for s in SHAPES if heldout(c, s)],
         "zeroshot": zs,
+        "qa": {
+            "pairs": len(qa),
+            "by_type": dict(Counter(qa.column("type").to_pylist())),
+            "heldout_images": heldout_n,
+        },
     }
     (out / "sample_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -181,6 +198,12 @@ def _scene(rng: np.random.Generator) -> tuple[list, str, str]:
                      f"a {colour} {shape}", f"a {shape}", f"a {size} {shape}",
                      f"something {colour}")  # fmt: skip
         return [(size, colour, shape, x, y)], _pick(rng, templates), background
+    return *_pair(rng, (size, colour, shape)), background
+
+
+def _pair(rng: np.random.Generator, first: tuple[str, str, str]) -> tuple[list, str]:
+    """Two objects, ``first`` (size, colour, shape) and a random one, in a random relation."""
+    size, colour, shape = first
     size2, (colour2, shape2) = _pick(rng, ("small", "large")), _composition(rng)
     relation = _pick(rng, RELATIONS)
     a, b, jitter = 0.27, 0.73, rng.uniform(0.4, 0.6)
@@ -192,7 +215,7 @@ def _scene(rng: np.random.Generator) -> tuple[list, str, str]:
     }[relation]
     objects = [(size, colour, shape, *first), (size2, colour2, shape2, *second)]
     caption = f"a {size} {colour} {shape} {relation} a {size2} {colour2} {shape2}"
-    return objects, caption, background
+    return objects, caption
 
 
 def _encode(img: Image.Image, fmt: str, quality: int = 90) -> bytes:
@@ -207,6 +230,67 @@ def _clean_row(rng, images: Path, name: str, min_px: int, max_px: int) -> dict:
     fmt = _pick(rng, ("jpg", "jpg", "png", "webp"))
     (images / f"{name}.{fmt}").write_bytes(_encode(render(rng, w, h, objects, background), fmt))
     return {"file": f"{name}.{fmt}", "caption": caption, "kind": "clean", "objects": objects}
+
+
+def qa_pairs(objects: list[tuple[str, str, str, float, float]]) -> list[dict[str, str]]:
+    """Questions a scene answers unambiguously, with their answer and type:
+    colour ("what colour is the circle?", when one object has that shape), shape ("what shape
+    is the red object?", when one object has that colour), where ("where is the red circle?":
+    left / right / top / bottom, in two-object scenes) and count ("how many shapes are
+    there?": one / two)."""
+    shapes = Counter(o[2] for o in objects)
+    colours = Counter(o[1] for o in objects)
+    qa = []
+    for i, (_, colour, shape, x, y) in enumerate(objects):
+        if shapes[shape] == 1:
+            qa.append(("colour", f"what colour is the {shape}?", colour))
+        if colours[colour] == 1:
+            qa.append(("shape", f"what shape is the {colour} object?", shape))
+        if len(objects) == 2 and (colour, shape) != objects[1 - i][1:3]:
+            other_x, other_y = objects[1 - i][3:5]
+            side = (("left" if x < other_x else "right") if abs(x - other_x) > abs(y - other_y)
+                    else ("top" if y < other_y else "bottom"))  # fmt: skip
+            qa.append(("where", f"where is the {colour} {shape}?", side))
+    qa.append(("count", "how many shapes are there?", ("one", "two")[len(objects) - 1]))
+    return [{"question": q, "answer": a, "type": t} for t, q, a in qa]
+
+
+def _qa_table(rows: list[dict], images: Path) -> pa.Table:
+    """The questions about every image that curation keeps (not about junk or copies)."""
+    cols: dict[str, list[str]] = {"url": [], "question": [], "answer": [], "type": []}
+    for row in rows:
+        if row["kind"] in ("clean", "noisy", "html_caption"):
+            for qa in qa_pairs(row["objects"]):
+                cols["url"].append(str((images / row["file"]).resolve()))
+                for k in ("question", "answer", "type"):
+                    cols[k].append(qa[k])
+    return pa.table(cols)
+
+
+def _write_heldout(rng: np.random.Generator, folder: Path, n: int) -> None:
+    """``n`` scenes whose first object is a held-out composition (the second, in half of them,
+    a seen one), captioned as the crawl's full captions are, as a shard with their questions."""
+    combos = [(c, s) for c in COLOURS for s in SHAPES if heldout(c, s)]
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "00000.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(n):
+            colour, shape = combos[i % len(combos)]
+            size = _pick(rng, ("small", "large"))
+            background = _pick(rng, list(BACKGROUNDS))
+            if i % 2 == 0:
+                x, y = rng.uniform(0.35, 0.65, size=2)
+                objects = [(size, colour, shape, x, y)]
+                caption = f"a {size} {colour} {shape}"
+            else:
+                objects, caption = _pair(rng, (size, colour, shape))
+            image = render(rng, 128, 128, objects, background)
+            meta = {"caption": caption, "qa": qa_pairs(objects)}
+            members = {"jpg": _encode(image, "jpg", 95), "txt": caption.encode(),
+                       "json": json.dumps(meta).encode()}  # fmt: skip
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
 
 
 def _mismatch(rng: np.random.Generator, rows: list[dict], n: int) -> None:
@@ -264,7 +348,7 @@ def _junk_row(rng, images: Path, kind: str, name: str, original: dict | None, lo
             }[kind]
     if data is not None:
         (images / file).write_bytes(data)
-    return {"file": file, "caption": caption, "kind": kind}
+    return {"file": file, "caption": caption, "kind": kind, "objects": objects}
 
 
 def _png_header_only(w: int, h: int) -> bytes:

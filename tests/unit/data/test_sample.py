@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -67,3 +68,39 @@ def test_noisy_rows_carry_another_scenes_caption_and_nothing_else_changes(tmp_pa
 
 def _first(caption: str, vocabulary) -> str | None:
     return next((w for w in caption.split() if w in vocabulary), None)
+
+
+def test_questions_match_the_scenes_and_the_heldout_shard(tmp_path: Path) -> None:
+    info = make_sample_data(tmp_path / "a", n=300, seed=5, zeroshot_per_class=1, heldout_n=40)
+    meta = {r["url"]: r for r in pq.read_table(tmp_path / "a" / "metadata.parquet").to_pylist()}
+    qa = pq.read_table(tmp_path / "a" / "qa.parquet").to_pylist()
+    assert len(qa) == info["qa"]["pairs"] and set(info["qa"]["by_type"]) == {
+        "colour", "shape", "where", "count"}  # fmt: skip
+    asked = {r["url"] for r in qa}
+    assert asked == {u for u, r in meta.items() if r["kind"] in ("clean", "noisy", "html_caption")}
+    sides = {"to the left of": ("left", "right"), "to the right of": ("right", "left"),
+             "above": ("top", "bottom"), "below": ("bottom", "top")}  # fmt: skip
+    for row in (r for r in qa if meta[r["url"]]["kind"] == "clean"):
+        caption = meta[row["url"]]["caption"]
+        relation = next((k for k in sides if k in caption), None)
+        if row["type"] == "count":
+            assert row["answer"] == ("two" if relation else "one")
+        if row["type"] == "where" and relation:  # the caption's relation, from each side
+            first, second = caption.split(f" {relation} ")
+            named = first if row["question"].split(" is the ")[1][:-1] in first else second
+            assert row["answer"] == sides[relation][named is second]
+        named_colour = any(c in caption.split() for c in COLOURS)
+        if row["type"] == "colour" and relation is None and named_colour:
+            assert row["answer"] in caption  # a single object: its colour, when named
+
+    with tarfile.open(tmp_path / "a" / "heldout" / "00000.tar") as tar:
+        metas = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+    assert len(metas) == 40
+    for m in metas:  # the first object of every scene is a held-out composition
+        assert any(combo in m["caption"].split(" to the ")[0].split(" above ")[0].split(
+            " below ")[0] for combo in info["heldout"])  # fmt: skip
+        assert "count" in {q["type"] for q in m["qa"]}
+    # the held-out shard has its own random stream: the crawl is the same without it
+    make_sample_data(tmp_path / "b", n=300, seed=5, zeroshot_per_class=1, heldout_n=0)
+    a, b = (pq.read_table(tmp_path / d / "metadata.parquet").drop_columns("url") for d in "ab")
+    assert a.equals(b)
