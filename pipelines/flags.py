@@ -33,6 +33,7 @@ CURATE = [
     Flag("--input-format", "input.format", "parquet, csv, tsv or jsonl (default: by suffix)"),
     Flag("--url-col", "input.url_col", "the URL column"),
     Flag("--caption-col", "input.caption_col", "the caption column"),
+    Flag("--qa", "input.qa", "question-answer pairs by url (url, question, answer, type)"),
     Flag("--image-size", "image.image_size", "side of the stored images", int),
     Flag("--resize-mode", "image.resize_mode", "center_crop, border, keep_ratio or no"),
     Flag("--encode-format", "image.encode_format", "jpg or webp"),

@@ -35,12 +35,13 @@ def mlflow_server(port: int, backend: str, artifacts: str) -> tuple[list[str], d
 
 
 def curated_shards(sample_dir: Path, out: Path) -> Path:
-    """Curate the sample crawl into 64 px shards (needs a running Ray)."""
+    """Curate the sample crawl and its questions into 64 px shards (needs a running Ray)."""
     from mmcore.config import load_config
     from pipelines.curate import CurateConfig
     from pipelines.curate import run as curate
 
-    overrides = [f"input.path={sample_dir / 'metadata.parquet'}", f"output.path={out}"]
+    overrides = [f"input.path={sample_dir / 'metadata.parquet'}", f"output.path={out}",
+                 f"input.qa={sample_dir / 'qa.parquet'}"]  # fmt: skip
     config = Path(__file__).resolve().parents[1] / "pipelines/configs/curate_tiny.yaml"
     cfg = load_config(CurateConfig, config, [*overrides, "tracking.enabled=false"])
     curate(cfg)

@@ -10,6 +10,7 @@ scheme) and writes the rows as small parquet "parts" that the curation job reads
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -44,6 +45,12 @@ class InputConfig:
     format: InputFormat | None = None  # default: from the file extension
     url_col: str = "url"
     caption_col: str = "caption"
+    # Question-answer pairs about the images (``mmray sample-data``'s qa.parquet): a file of
+    # any input format with url, question, answer and optional type columns, read whole and
+    # joined to the rows by url as a ``qa`` column: the JSON text of a list of {question,
+    # answer, type} (text passes every stage's batch format unchanged), which each kept
+    # sample's KEY.json carries as that list. Rows without questions get "[]".
+    qa: str = ""
 
 
 @dataclasses.dataclass
@@ -53,12 +60,12 @@ class Plan:
     parts: list[str]  # part files, in key order
 
 
-def input_files(cfg: InputConfig) -> tuple[list[str], InputFormat]:
+def input_files(cfg: InputConfig, name: str = "input") -> tuple[list[str], InputFormat]:
     """The files to read and their format; raises ``InputError``."""
     if not cfg.path:
         raise InputError("no input: pass --input")
     try:
-        storage.check_readable("input", cfg.path)
+        storage.check_readable(name, cfg.path)
     except ConfigError as e:
         raise InputError(str(e)) from e
     if storage.is_dir(cfg.path):
@@ -93,17 +100,48 @@ def read_batches(cfg: InputConfig, batch_rows: int = 4096) -> Iterator[pa.Table]
     fails before any work starts.
     """
     files, fmt = check_input(cfg)
+    qa = read_qa(cfg.qa) if cfg.qa else None
     for path in files:
         for batch in _file_batches(path, fmt, cfg, batch_rows):
-            yield _normalise(pa.Table.from_batches([batch]), cfg)
+            table = _normalise(pa.Table.from_batches([batch]), cfg)
+            if qa is not None:
+                pairs = [json.dumps(qa.get(url, [])) for url in table.column("url").to_pylist()]
+                table = table.append_column("qa", pa.array(pairs, pa.string()))
+            yield table
 
 
 def check_input(cfg: InputConfig) -> tuple[list[str], InputFormat]:
     """Check that every input file is readable and has the url and caption columns."""
     files, fmt = input_files(cfg)
     for path in files:
-        _check_columns(path, _schema_names(path, fmt), cfg)
+        names = _schema_names(path, fmt)
+        _check_columns(path, names, cfg)
+        if cfg.qa and "qa" in names:
+            raise InputError(f"{path} has a qa column already: drop it or input.qa")
+    if cfg.qa:
+        _qa_files(cfg.qa)
     return files, fmt
+
+
+def _qa_files(path: str) -> tuple[list[str], InputFormat]:
+    files, fmt = input_files(InputConfig(path=path), "input.qa")
+    for file in files:
+        names = _schema_names(file, fmt)
+        if missing := [c for c in ("url", "question", "answer") if c not in names]:
+            raise InputError(f"input.qa {file}: missing column(s) {missing}; it has {names}")
+    return files, fmt
+
+
+def read_qa(path: str) -> dict[str, list[dict[str, str]]]:
+    """``input.qa``'s pairs by url, in file order: {url: [{question, answer, type}, ...]}."""
+    files, fmt = _qa_files(path)
+    by_url: dict[str, list[dict[str, str]]] = {}
+    for file in files:
+        for batch in _file_batches(file, fmt, None, 65_536):
+            for row in batch.to_pylist():
+                qa = {k: str(row.get(k) or "") for k in ("question", "answer", "type")}
+                by_url.setdefault(str(row["url"]), []).append(qa)
+    return by_url
 
 
 def _schema_names(path: str, fmt: InputFormat) -> list[str]:

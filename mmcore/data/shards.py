@@ -133,9 +133,12 @@ def finalize_shard(
 def sample_json(row: Mapping[str, Any]) -> dict[str, Any]:
     """The ``KEY.json`` member: the sample's metadata and the input's extra columns.
 
-    The phash is written as 16 hex digits: a uint64 does not fit JSON readers' int64.
+    The phash is written as 16 hex digits: a uint64 does not fit JSON readers' int64; ``qa``
+    (``input.qa``'s JSON text) as the list it encodes.
     """
     meta = {k: v for k, v in row.items() if k not in ("error_message", "duplicate_of", "thumb")}
+    if isinstance(meta.get("qa"), str):
+        meta["qa"] = json.loads(meta["qa"])
     return meta | {"phash": f"{row['phash']:016x}"}
 
 

@@ -60,12 +60,16 @@ def metadata(sample_dir: Path, image_server, tmp_path_factory) -> Path:
     rows.insert(150, clean[5] | {"url": opted, "kind": "opted_out"})
     path = tmp_path_factory.mktemp("meta") / "crawl.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
+    qa = pq.read_table(sample_dir / "qa.parquet")  # the questions, by the served URLs
+    urls = [f"{image_server.url}/images/{Path(u).name}" for u in qa.column("url").to_pylist()]
+    pq.write_table(qa.set_column(0, "url", pa.array(urls)), path.parent / "qa.parquet")
     return path
 
 
 def config(metadata: Path, out: Path, *extra: str) -> CurateConfig:
     overrides = [
-        f"input.path={metadata}", f"output.path={out}", "output.samples_per_shard=64",
+        f"input.path={metadata}", f"input.qa={metadata.parent / 'qa.parquet'}",
+        f"output.path={out}", "output.samples_per_shard=64",
         "image.image_size=64", "image.resize_mode=center_crop", "fetch.timeout_s=1.0",
         "fetch.retries=1", "fetch.backoff_s=0.05", "compute.rows_per_task=32",
 "tracking.experiment=test-curate", *extra,
@@ -251,6 +255,27 @@ def test_shards_read_with_webdataset_and_ray_data(first_run) -> None:
     assert row["jpg"].shape == (64, 64, 3) and row["json"]["key"] == row["__key__"]
 
 
+def test_each_samples_json_carries_its_questions(first_run, metadata) -> None:
+    """``input.qa`` joins the questions by URL; they reach KEY.json as a list, and the parquet
+    (every row, kept or not) as its JSON text."""
+    out, _, _ = first_run
+    expected = collections.defaultdict(list)
+    for row in pq.read_table(metadata.parent / "qa.parquet").to_pylist():
+        expected[row["url"]].append({k: row[k] for k in ("question", "answer", "type")})
+    rows = {r["key"]: r for r in read_all_parquet(out)}
+    assert all(json.loads(r["qa"]) == expected.get(r["url"], []) for r in rows.values())
+    asked = 0
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as archive:
+            for member in archive:
+                if member.name.endswith(".json"):
+                    meta = json.loads(archive.extractfile(member).read())
+                    assert meta["qa"] == expected.get(rows[meta["key"]]["url"], [])
+                    asked += bool(meta["qa"])
+    kept = sum(r["status"] == "success" for r in rows.values())
+    assert asked == kept  # every kept image has questions: the crawl's questions cover them
+
+
 def test_mlflow_run_records_config_counts_and_lineage(first_run, mlflow_server) -> None:
     out, summary, _ = first_run
     client = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
@@ -353,11 +378,13 @@ def test_shards_feed_the_training_input_pipeline(first_run) -> None:
 
     out, summary, _ = first_run
     ds = ray.data.read_webdataset(sorted(str(p) for p in out.glob("*.tar")), decoder=None)
-    kwargs = {"image_size": 32, "context_length": 16, "augment": TransformConfig(image_size=32)}
+    kwargs = {"image_size": 32, "context_length": 16, "augment": TransformConfig(image_size=32),
+              "qa": True}  # fmt: skip
     ds = ds.map_batches(preprocess, fn_kwargs=kwargs, batch_size=32, batch_format="numpy")
     seen = 0
     for batch in ds.iter_torch_batches(batch_size=64):
         assert batch["pixels"].shape[1:] == (3, 32, 32) and batch["pixels"].dtype == torch.float32
         assert batch["input_ids"].shape[1] == 16 and batch["attention_mask"].dtype == torch.int64
+        assert batch["qa_ids"].shape[1] == 16 and (batch["qa_mask"].sum(1) > 2).all()
         seen += len(batch["pixels"])
     assert seen == summary["n_samples"]

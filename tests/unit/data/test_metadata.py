@@ -87,3 +87,26 @@ def test_plan_keys_and_parts(tmp_path: Path) -> None:
     assert keys == ["000000", "000001", "000002", "000010", "000011", "000012", "000020"]
     assert all(len(set(t.column("shard").to_pylist())) == 1 for t in parts)  # never across
     assert shard_key(12, 7, 10_000) == "000120007"
+
+
+def test_questions_join_by_url_and_bad_ones_fail_first(tmp_path: Path) -> None:
+    meta = write(tmp_path / "meta.parquet", "parquet")
+    qa = tmp_path / "qa.jsonl"
+    pairs = [{"url": "http://x/1.jpg", "question": "what colour?", "answer": "red", "type": "c"},
+             {"url": "http://x/1.jpg", "question": "how many?", "answer": "one"},
+             {"url": "http://elsewhere/9.jpg", "question": "q", "answer": "a"}]  # fmt: skip
+    qa.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    (table,) = read_batches(InputConfig(path=str(meta), qa=str(qa)))
+    joined = [json.loads(v) for v in table.column("qa").to_pylist()]
+    assert joined[1] == [{"question": "what colour?", "answer": "red", "type": "c"},
+                         {"question": "how many?", "answer": "one", "type": ""}]  # fmt: skip
+    assert all(v == [] for i, v in enumerate(joined) if i != 1)
+
+    qa.write_text(json.dumps({"url": "http://x/1.jpg", "question": "q"}) + "\n")
+    with pytest.raises(InputError, match=r"input.qa .*missing column\(s\) \['answer'\]"):
+        next(read_batches(InputConfig(path=str(meta), qa=str(qa))))
+    with pytest.raises(InputError, match="input.qa"):
+        next(read_batches(InputConfig(path=str(meta), qa=str(tmp_path / "none.parquet"))))
+    pq.write_table(pa.Table.from_pylist([ROWS[0] | {"qa": "[]"}]), clash := tmp_path / "c.parquet")
+    with pytest.raises(InputError, match="has a qa column already"):
+        next(read_batches(InputConfig(path=str(clash), qa=str(meta))))
