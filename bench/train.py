@@ -35,7 +35,7 @@ import torch
 
 from mmcore.config import load_config
 from mmcore.data.inputs import preprocess
-from mmcore.inference import trim_padding
+from mmcore.inference import trim_batch
 from mmcore.losses.fusion import compute_losses
 from mmcore.models.model import build_model
 from mmcore.models.towers import TextMemo
@@ -106,11 +106,8 @@ def bare_throughput(cfg: TrainConfig, data: Path, steps: int) -> dict:
             cfg.model.vision.image_size, cfg.model.text.context_length,
             cfg.data.augment, seed=step,
         )  # fmt: skip
-        ids, mask = trim_padding(
-            torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])
-        )
-        total, _ = compute_losses(model, torch.from_numpy(batch["pixels"]), ids, mask,
-                                  cfg.loss.terms)  # fmt: skip
+        tensors = trim_batch({k: torch.from_numpy(v) for k, v in batch.items()})
+        total, _ = compute_losses(model, tensors, cfg.loss.terms)
         opt.zero_grad()
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -133,8 +130,8 @@ def memory_func(config: dict) -> None:
     for step in range(2):  # measured after the second backward: weights, grads, Adam state
         pixels = torch.randn(micro, 3, size, size)
         ids = torch.randint(1000, 2000, (micro, length))
-        total, _ = compute_losses(engine.module, pixels, ids, torch.ones_like(ids),
-                                  cfg.loss.terms)  # fmt: skip
+        inputs = {"pixels": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        total, _ = compute_losses(engine.module, inputs, cfg.loss.terms)
         engine.backward(total)
         if step == 0:
             engine.step()

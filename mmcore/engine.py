@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from mmcore.eval.run import eval_metrics
-from mmcore.inference import trim_padding
+from mmcore.inference import trim_batch
 from mmcore.losses.fusion import compute_losses
-from mmcore.models.model import build_model
+from mmcore.models.model import build_model, trains_decoder
 from mmcore.models.towers import TextMemo
 from mmcore.training import TrainConfig, cosine_lr, param_groups
 
@@ -80,10 +80,7 @@ def train_step(
     window's micro-batches, kept in ``pending`` meanwhile), else None."""
     # Asked before step(): afterwards DeepSpeed already answers for the next micro-batch.
     boundary = engine.is_gradient_accumulation_boundary()
-    ids, mask = trim_padding(batch["input_ids"], batch["attention_mask"])
-    total, terms = compute_losses(
-        engine.module, batch["pixels"], ids, mask, cfg.loss.terms, generator
-    )
+    total, terms = compute_losses(engine.module, trim_batch(batch), cfg.loss.terms, generator)
     engine.backward(total)
     engine.step()
     pending.append(
@@ -124,7 +121,7 @@ class Evaluator:
     def __init__(self, cfg: TrainConfig, rank: int, val: Callable[[], dict] | None) -> None:
         self.cfg, self.load_val = cfg, val
         self.model = build_model(cfg.model).eval() if rank == 0 else None
-        self.val: tuple[torch.Tensor, ...] | None = None
+        self.val: dict[str, torch.Tensor] | None = None
 
     def __call__(self, engine: Any) -> dict[str, float]:
         import deepspeed
@@ -135,8 +132,7 @@ class Evaluator:
         if self.model is None:
             return {}
         if self.val is None and self.load_val is not None:  # read once, kept
-            batch = self.load_val()
-            self.val = (batch["pixels"], *trim_padding(batch["input_ids"], batch["attention_mask"]))
-        captions = self.model.generates and "caption" in self.cfg.loss.terms
-        metrics = eval_metrics(self.model, self.cfg.eval.zeroshot, self.val, captions)
+            self.val = trim_batch(self.load_val())
+        generative = trains_decoder(self.cfg.model.fusion, self.cfg.loss.terms)
+        metrics = eval_metrics(self.model, self.cfg.eval.zeroshot, self.val, generative)
         return {f"eval/{k}": v for k, v in metrics.items()}

@@ -30,6 +30,8 @@ def save_model(model: ImageTextModel, folder: str | Path) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, folder / WEIGHTS, metadata={"format": FORMAT})
     meta = {"format": FORMAT, "version": 1, "model": to_dict(model.cfg)}
+    if model.objectives is not None:
+        meta["objectives"] = sorted(model.objectives)
     (folder / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
@@ -69,6 +71,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ImageT
     weights (strict). A model URI (``runs:/``, ``models:/``): ``mmcore.tracking.load``."""
     model = build_model(read_config(folder))
     model.load_state_dict(load_file(Path(folder) / WEIGHTS, device=str(device)), strict=True)
+    objectives = json.loads((Path(folder) / CONFIG).read_text()).get("objectives")
+    model.objectives = frozenset(objectives) if objectives is not None else None
     return model.eval()
 
 

@@ -1,8 +1,9 @@
-"""Text from an image: the image-grounded causal decoder that the ``caption`` objective trains
-(the variants that keep text tokens: ``early``, ``cross_attention``, ``hybrid``).
+"""Text from an image: the image-grounded causal decoder that the ``caption`` and ``vqa``
+objectives train (the variants that keep text tokens: ``early``, ``cross_attention``,
+``hybrid``). A caption continues ``[CLS]``; an answer continues ``[CLS] question [SEP]``.
 
 Greedy search, beam search (``num_beams``) and nucleus sampling (``top_p``, ``temperature``,
-seeded), batched over images. Each sequence starts with ``[CLS]`` and ends at ``[SEP]`` or
+seeded), batched over images. Each sequence continues its prompt and ends at ``[SEP]`` or
 after ``max_new_tokens``; its score is the mean log-probability of its tokens (``[SEP]``
 included), by which beams are ranked, so greedy search equals beam search with one beam.
 
@@ -18,9 +19,11 @@ want the cache.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
+from mmcore.data.inputs import token_ids
 from mmcore.models.towers import tokenizer
 
 
@@ -45,21 +48,60 @@ class GenerationConfig:
             raise ValueError("temperature must be > 0")
 
 
+def cannot(model, objective: str) -> str | None:
+    """Why ``model`` cannot generate what ``objective`` ("caption" or "vqa") trains, or None.
+    A model whose objectives are unknown (an export that predates recording them) can."""
+    if not model.generates:
+        return (f"this model (fusion={model.cfg.fusion}) has no decoder: train early, "
+                f"cross_attention or hybrid fusion with the {objective} objective")  # fmt: skip
+    if model.objectives is not None and objective not in model.objectives:
+        return (f"this model's decoder was not trained with the {objective} objective (it "
+                f"was trained on {', '.join(sorted(model.objectives))})")  # fmt: skip
+    return None
+
+
+ANSWER = GenerationConfig(max_new_tokens=8)  # VQA's default: answers are a word or two
+
+
+def question_prompts(questions: Sequence[str], context_length: int) -> list[list[int]]:
+    """The prompt of each question: its ids ``[CLS] question [SEP]`` (truncated to the
+    context, which then leaves no room to answer: ``generate`` refuses it)."""
+    ids, mask = token_ids(list(questions), context_length)
+    return [row[: int(m.sum())].tolist() for row, m in zip(ids, mask, strict=True)]
+
+
 @torch.no_grad()
-def generate(model, pixels: torch.Tensor, cfg: GenerationConfig) -> list[tuple[str, float]]:
-    """Preprocessed images (B, 3, S, S) → (text, score) for each; ``model.generates``."""
+def generate(
+    model, pixels: torch.Tensor, cfg: GenerationConfig, prompts: list[list[int]] | None = None
+) -> list[tuple[str, float]]:
+    """Preprocessed images (B, 3, S, S) → (text, score) for each; ``model.generates``.
+    ``prompts``: the token ids each sequence starts from, one list per image (default
+    ``[CLS]``: a caption; VQA gives ``[CLS] question [SEP]``); the text is what follows.
+    Images with prompts of one length decode together; the new tokens are at most the room
+    the context leaves after the prompt."""
     if not model.generates:
         raise ValueError(f"fusion={model.cfg.fusion!r} has no decoder: it cannot generate text")
-    cfg.validate(model.cfg.text.context_length)
+    context = model.cfg.text.context_length
+    cfg.validate(context)
+    tok = tokenizer()
+    prompts = prompts or [[tok.cls_token_id]] * len(pixels)
     image_tokens = model.vision(pixels)[0]
     search = _beam if cfg.num_beams > 1 else _sample if cfg.top_p is not None else _greedy
-    ids, scores = search(model, image_tokens, cfg)
-    tok = tokenizer()
-    return [(_text(tok, row), float(s)) for row, s in zip(ids.tolist(), scores, strict=True)]
+    out: list[tuple[str, float]] = [("", 0.0)] * len(prompts)
+    for length in sorted({len(p) for p in prompts}):
+        if length >= context:
+            raise ValueError(f"a prompt of {length} tokens leaves no room in the context "
+                             f"of {context} tokens")  # fmt: skip
+        rows = [i for i, p in enumerate(prompts) if len(p) == length]
+        start = torch.tensor([prompts[i] for i in rows], dtype=torch.long)
+        room = dataclasses.replace(cfg, max_new_tokens=min(cfg.max_new_tokens, context - length))
+        ids, scores = search(model, image_tokens[rows], start, room)
+        for i, row, score in zip(rows, ids[:, length:].tolist(), scores, strict=True):
+            out[i] = (_text(tok, row), float(score))
+    return out
 
 
 def _text(tok, ids: list[int]) -> str:
-    ids = ids[1:]  # [CLS]
     if tok.sep_token_id in ids:
         ids = ids[: ids.index(tok.sep_token_id)]
     return tok.decode(ids, skip_special_tokens=True)
@@ -71,15 +113,11 @@ def _step(model, image_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logits.float().log_softmax(-1)
 
 
-def _start(n: int) -> torch.Tensor:
-    return torch.full((n, 1), tokenizer().cls_token_id, dtype=torch.long)
+def _greedy(model, image_tokens, ids, cfg: GenerationConfig) -> tuple[torch.Tensor, ...]:
+    return _decode(model, image_tokens, ids, cfg, lambda logp: logp.argmax(-1))
 
 
-def _greedy(model, image_tokens, cfg: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    return _decode(model, image_tokens, cfg, lambda logp: logp.argmax(-1))
-
-
-def _sample(model, image_tokens, cfg: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(model, image_tokens, ids, cfg: GenerationConfig) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
 
     def pick(logp: torch.Tensor) -> torch.Tensor:
@@ -90,13 +128,13 @@ def _sample(model, image_tokens, cfg: GenerationConfig) -> tuple[torch.Tensor, t
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return order.gather(-1, choice)[:, 0]
 
-    return _decode(model, image_tokens, cfg, pick)
+    return _decode(model, image_tokens, ids, cfg, pick)
 
 
-def _decode(model, image_tokens, cfg: GenerationConfig, pick) -> tuple[torch.Tensor, ...]:
-    """One sequence per image, a token at a time; finished ones repeat [SEP] at no cost."""
+def _decode(model, image_tokens, ids, cfg: GenerationConfig, pick) -> tuple[torch.Tensor, ...]:
+    """One sequence per image, a token at a time after the prompt ``ids``; finished ones
+    repeat [SEP] at no cost."""
     sep = tokenizer().sep_token_id
-    ids = _start(len(image_tokens))
     total = torch.zeros(len(ids))
     length = torch.zeros(len(ids))
     done = torch.zeros(len(ids), dtype=torch.bool)
@@ -112,12 +150,12 @@ def _decode(model, image_tokens, cfg: GenerationConfig, pick) -> tuple[torch.Ten
     return ids, total / length
 
 
-def _beam(model, image_tokens, cfg: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _beam(model, image_tokens, ids, cfg: GenerationConfig) -> tuple[torch.Tensor, ...]:
     """Beam search, ``num_beams`` per image, batched as (B·K) rows; each image's best
     sequence by mean log-probability."""
     k, sep, n = cfg.num_beams, tokenizer().sep_token_id, len(image_tokens)
     images = image_tokens.repeat_interleave(k, 0)
-    ids = _start(n * k)
+    ids = ids.repeat_interleave(k, 0)
     total = torch.full((n, k), float("-inf"))
     total[:, 0] = 0.0  # one live beam to start: the others would repeat it
     length = torch.zeros(n, k)

@@ -32,7 +32,7 @@ from PIL import Image
 
 from mmcore.data.transforms import eval_transform
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, class_prompts, zeroshot_classifier
-from mmcore.generate import GenerationConfig, generate
+from mmcore.generate import ANSWER, GenerationConfig, generate, question_prompts
 from mmcore.models.model import ImageTextModel, ModelConfig
 from mmcore.models.towers import tokenize
 
@@ -69,6 +69,15 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple
     the batch's longest caption, not the full context length."""
     length = max(1, int(attention_mask.sum(1).max()))
     return input_ids[:, :length], attention_mask[:, :length]
+
+
+def trim_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``trim_padding`` of each text in a batch: the captions, and the questions when there."""
+    out = dict(batch)
+    for ids, mask in (("input_ids", "attention_mask"), ("qa_ids", "qa_mask")):
+        if ids in out:
+            out[ids], out[mask] = trim_padding(out[ids], out[mask])
+    return out
 
 
 @dataclasses.dataclass
@@ -142,6 +151,19 @@ class Engine:
         out: list[tuple[str, float]] = []
         for chunk in _chunks(images):
             out += generate(self.model, self.transforms.pixels(chunk), cfg)
+        return out
+
+    def answer(
+        self, images: Sequence[Image.Image], questions: Sequence[str],
+        cfg: GenerationConfig = ANSWER,
+    ) -> list[tuple[str, float]]:  # fmt: skip
+        """(answer, mean token log-probability) per (image, question), from the decoder the
+        ``vqa`` objective trains."""
+        prompts = question_prompts(questions, self.transforms.context_length)
+        out: list[tuple[str, float]] = []
+        for start in range(0, len(images), CHUNK):
+            pixels = self.transforms.pixels(images[start : start + CHUNK])
+            out += generate(self.model, pixels, cfg, prompts[start : start + CHUNK])
         return out
 
     def logit_scale(self) -> float:

@@ -3,6 +3,7 @@
     mmray eval zeroshot --model URI --image-folder DIR [--template "a photo of a {}." ...]
     mmray eval retrieval --model URI --data SHARDS [--limit N] [--shortlist K]
     mmray eval caption --model URI --data SHARDS [--max-pairs N] [--num-beams K]
+    mmray eval vqa --model URI --data SHARDS [--max-pairs N] [--num-beams K]
 URI: a model folder, runs:/ID/model, or models:/NAME@ALIAS.
 """
 
@@ -13,9 +14,16 @@ import sys
 from typing import Any
 
 from mmcore.config import ConfigError
-from mmcore.eval.run import caption_eval, read_shards, retrieval_eval, zeroshot_eval
+from mmcore.eval.run import (
+    caption_eval,
+    read_questions,
+    read_shards,
+    retrieval_eval,
+    vqa_eval,
+    zeroshot_eval,
+)
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES
-from mmcore.generate import GenerationConfig
+from mmcore.generate import ANSWER, GenerationConfig, cannot
 from mmcore.tracking import check_model, load
 from pipelines import job
 
@@ -37,9 +45,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     cap.add_argument("--data", required=True, help="a folder of .tar shards, or one .tar")
     cap.add_argument("--max-pairs", type=int, default=None, help="use the first N pairs")
     cap.add_argument("--num-beams", type=int, default=1, help="1: greedy")
-    cap.add_argument("--max-new-tokens", type=int, default=20)
+    cap.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
+    vqa = sub.add_parser("vqa", help="exact-match accuracy of generated answers, by type")
+    vqa.add_argument("--model", required=True)
+    vqa.add_argument("--data", required=True, help="shards whose KEY.json has a qa list")
+    vqa.add_argument("--max-pairs", type=int, default=None, help="the first N images")
+    vqa.add_argument("--num-beams", type=int, default=1, help="1: greedy")
+    vqa.add_argument("--max-new-tokens", type=int, default=ANSWER.max_new_tokens)
     args = p.parse_args(argv)
-    if args.task == "caption":
+    if args.task in ("caption", "vqa"):
         args.generation = GenerationConfig(max_new_tokens=args.max_new_tokens,
                                            num_beams=args.num_beams)  # fmt: skip
         args.generation.validate()
@@ -68,13 +82,17 @@ def work(args: argparse.Namespace) -> dict[str, Any]:
         _, images, captions = read_shards(args.data, args.limit)
         metrics = retrieval_eval(model, images, captions, args.shortlist)
     else:
-        if not model.generates:
-            raise ConfigError(
-                f"model {args.model} (fusion={model.cfg.fusion}) has no caption decoder: "
-                "train early, cross_attention or hybrid with the caption objective"
-            )
-        _, images, captions = read_shards(args.data, args.max_pairs)
-        metrics = caption_eval(model, images, captions, args.generation)
+        if reason := cannot(model, args.task):
+            raise ConfigError(f"model {args.model}: {reason}")
+        if args.task == "caption":
+            _, images, captions = read_shards(args.data, args.max_pairs)
+            metrics = caption_eval(model, images, captions, args.generation)
+        else:
+            images, questions, answers, types = read_questions(args.data, args.max_pairs)
+            if not questions:
+                raise ConfigError(f"--data {args.data}: no sample has questions (a qa list in "
+                                  "KEY.json): curate with --qa")  # fmt: skip
+            metrics = vqa_eval(model, images, questions, answers, types, args.generation)
     return {"task": args.task, "model": str(args.model)} | metrics
 
 

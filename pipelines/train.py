@@ -29,8 +29,9 @@ from mmcore.config import ConfigError, load_config, to_dict
 from mmcore.data.inputs import in_split, preprocess
 from mmcore.data.transforms import TransformConfig
 from mmcore.engine import CHECKPOINT_TAG, Evaluator, build_engine, consolidate, train_step
+from mmcore.eval.run import has_questions
 from mmcore.export import save_model
-from mmcore.models.model import build_model
+from mmcore.models.model import build_model, trains_decoder
 from mmcore.tracking import (
     lineage_tags,
     log_metrics_to,
@@ -178,6 +179,11 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
     context.execution_options.preserve_order = cfg.data.deterministic
     seed = cfg.schedule.seed if cfg.data.deterministic else None
 
+    # Questions go to training with the vqa objective, and to evaluation whenever the decoder
+    # is trained and the data has them: a sweep then compares every decoder on eval/vqa/*.
+    asked = trains_decoder(cfg.model.fusion, cfg.loss.terms)
+    asked = asked and has_questions(cfg.data.val_path or cfg.data.path)
+
     def prepared(path: str, augment: TransformConfig | None, keep=None) -> ray.data.Dataset:
         ds = ray.data.read_webdataset(job.shard_paths(path), decoder=None)
         if keep is not None:
@@ -187,6 +193,7 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
             "context_length": cfg.model.text.context_length,
             "augment": augment,  # crops drawn afresh each epoch unless seeded (preprocess)
             "seed": seed,
+            "qa": "vqa" in cfg.loss.terms if augment is not None else asked,
         }
         return ds.map_batches(preprocess, fn_kwargs=kwargs, batch_size=64, batch_format="numpy")
 
@@ -253,6 +260,7 @@ def run(
         result = trainer.fit()
         with result.checkpoint.as_directory() as folder:
             model = consolidate(Path(folder), build_model(cfg.model), cfg.deepspeed.stage)
+        model.objectives = frozenset(cfg.loss.terms)
         with tempfile.TemporaryDirectory() as folder:
             local = save_model(model, Path(folder) / "model")
             model_uri = log_model(local) if tracker.run_id else None
@@ -301,6 +309,11 @@ def check(cfg: TrainConfig) -> None:
         job.check_input("eval.zeroshot", folder)
         if not Path(folder).is_dir():
             raise ConfigError(f"eval.zeroshot: {folder} is not a folder")
+    if "vqa" in cfg.loss.terms and not has_questions(cfg.data.path):
+        raise ConfigError(
+            f"loss term vqa: the samples of {cfg.data.path} have no questions (a qa list in "
+            "KEY.json): curate with --qa, e.g. the qa.parquet of mmray sample-data"
+        )
     job.check_output("output", cfg.output)
     job.check_tracking(cfg.tracking)
     if cfg.init.source:  # the source is there and fits the parts named

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,11 @@ def _tokenizer(context_length: int):
     return tok
 
 
-def token_ids(texts: list[str], context_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """``input_ids`` and ``attention_mask``, each (B, context_length) int64."""
+def token_ids(
+    texts: Sequence[str | tuple[str, str]], context_length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``input_ids`` and ``attention_mask``, each (B, context_length) int64. A text is
+    ``[CLS] text [SEP]``; a (question, answer) pair ``[CLS] question [SEP] answer [SEP]``."""
     encodings = _tokenizer(context_length).encode_batch(list(texts))
     ids = np.asarray([e.ids for e in encodings], np.int64).reshape(len(encodings), context_length)
     mask = np.asarray([e.attention_mask for e in encodings], np.int64).reshape(ids.shape)
@@ -55,9 +60,10 @@ def token_ids(texts: list[str], context_length: int) -> tuple[np.ndarray, np.nda
 
 def preprocess(
     batch: dict[str, np.ndarray], image_size: int, context_length: int,
-    augment: TransformConfig | None = None, seed: int | None = None,
+    augment: TransformConfig | None = None, seed: int | None = None, qa: bool = False,
 ) -> dict[str, np.ndarray]:  # fmt: skip
-    """Shard rows (encoded ``jpg``/``webp`` bytes, ``txt`` bytes) → model inputs.
+    """Shard rows (encoded ``jpg``/``webp`` bytes, ``txt`` bytes) → model inputs; with ``qa``,
+    also ``qa_ids``/``qa_mask``: one of each row's question-answer pairs (``pick_qa``).
 
     ``augment`` set: training transforms. With ``seed``, each row's crop is a function of
     (seed, key), the same on every call; without it, fresh crops on every call, which is
@@ -79,7 +85,29 @@ def preprocess(
         )
     captions = texts(batch)
     ids, mask = token_ids(captions, context_length)  # fixed T: batches stack
-    return {"pixels": pixels, "input_ids": ids, "attention_mask": mask}
+    out = {"pixels": pixels, "input_ids": ids, "attention_mask": mask}
+    if qa:
+        out["qa_ids"], out["qa_mask"] = token_ids(
+            pick_qa(batch, seed if augment is not None else 0), context_length
+        )
+    return out
+
+
+def pick_qa(batch: dict[str, np.ndarray], seed: int | None) -> list[str | tuple[str, str]]:
+    """One (question, answer) per row from its ``KEY.json``'s ``qa`` list (``input.qa`` in
+    curation), drawn as a function of (seed, key), or afresh without a seed; a row without
+    questions gives "" (``[CLS] [SEP]``: no answer tokens, no VQA loss)."""
+    fresh = np.random.default_rng() if seed is None else None
+    picked: list[str | tuple[str, str]] = []
+    for key, meta in zip(batch["__key__"], batch["json"], strict=True):
+        pairs = json.loads(meta).get("qa") or []
+        if not pairs:
+            picked.append("")
+            continue
+        rng = fresh or np.random.default_rng([seed, zlib.crc32(str(key).encode())])
+        qa = pairs[int(rng.integers(len(pairs)))]
+        picked.append((qa["question"], qa["answer"]))
+    return picked
 
 
 def texts(batch: dict[str, np.ndarray]) -> list[str]:

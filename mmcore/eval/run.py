@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,8 +20,9 @@ from mmcore import storage
 from mmcore.config import ConfigError
 from mmcore.eval.caption import caption_metrics
 from mmcore.eval.retrieval import recall_at_k
+from mmcore.eval.vqa import vqa_metrics
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder
-from mmcore.generate import GenerationConfig, generate
+from mmcore.generate import ANSWER, GenerationConfig, generate
 from mmcore.inference import Engine
 from mmcore.models.model import ImageTextModel
 from mmcore.models.towers import tokenizer
@@ -60,28 +62,101 @@ def caption_eval(
     }  # fmt: skip
 
 
+def vqa_eval(
+    model: ImageTextModel, images: Sequence[Image.Image], questions: Sequence[str],
+    answers: Sequence[str], types: Sequence[str] | None = None,
+    cfg: GenerationConfig = ANSWER, examples: int = 5,
+) -> dict[str, Any]:  # fmt: skip
+    """Answers generated for (image, question) pairs against ``answers``: exact-match
+    accuracy overall and by type, the majority baseline, and a few examples."""
+    predicted = [text for text, _ in Engine(model).answer(images, questions, cfg)]
+    return vqa_metrics(answers, predicted, types) | {
+        "examples": [{"question": q, "answer": a, "predicted": p}
+                     for q, a, p in zip(questions[:examples], answers, predicted, strict=False)],
+    }  # fmt: skip
+
+
 def eval_metrics(
     model: ImageTextModel, zeroshot_folders: Sequence[str | Path],
-    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, captions: bool = False,
+    val: dict[str, torch.Tensor] | None = None, generative: bool = False,
 ) -> dict[str, float]:  # fmt: skip
     """The training job's evaluation: ``zeroshot/<folder name>/top1|top5`` per folder and, given
-    validation pairs (pixels, input_ids, attention_mask), ``retrieval/i2t_rK|t2i_rK|n_pairs``
-    (MLflow metric names allow no "@") and, with ``captions`` (a model trained with the
-    caption objective), ``caption/bleu4|cider`` of greedy captions against the pairs' texts."""
+    a validation batch (``pixels``, ``input_ids``, ``attention_mask``, and ``qa_ids``/
+    ``qa_mask`` with questions), ``retrieval/i2t_rK|t2i_rK|n_pairs`` (MLflow metric names
+    allow no "@"); with ``generative`` (a model whose decoder was trained: the caption or vqa
+    objective), ``caption/bleu4|cider`` of greedy captions against the pairs' texts and
+    ``vqa/accuracy`` of greedy answers to the questions."""
     metrics = {}
     for folder in zeroshot_folders:
         zs = zeroshot_eval(model, folder)
         metrics |= {f"zeroshot/{Path(folder).name}/{k}": zs[k] for k in ("top1", "top5")}
-    if val is not None:
-        recalls = recall_at_k(Engine(model).score_inputs(*val)) | {"n_pairs": len(val[0])}
-        metrics |= {f"retrieval/{k.replace('@', '')}": v for k, v in recalls.items()}
-    if val is not None and captions:
-        pixels, ids, _ = val
-        references = tokenizer().batch_decode(ids, skip_special_tokens=True)
-        generated = [t for chunk in pixels.split(64)
-                     for t, _ in generate(model, chunk, GenerationConfig())]  # fmt: skip
-        metrics |= {f"caption/{k}": v for k, v in caption_metrics(references, generated).items()}
+    if val is None:
+        return metrics
+    pixels, ids, mask = val["pixels"], val["input_ids"], val["attention_mask"]
+    recalls = recall_at_k(Engine(model).score_inputs(pixels, ids, mask)) | {"n_pairs": len(pixels)}
+    metrics |= {f"retrieval/{k.replace('@', '')}": v for k, v in recalls.items()}
+    if not generative:
+        return metrics
+    references = tokenizer().batch_decode(ids, skip_special_tokens=True)
+    generated = [t for chunk in pixels.split(64)
+                 for t, _ in generate(model, chunk, GenerationConfig())]  # fmt: skip
+    metrics |= {f"caption/{k}": v for k, v in caption_metrics(references, generated).items()}
+    if "qa_ids" in val and (asked := val_questions(val["qa_ids"], val["qa_mask"]))[0]:
+        rows, prompts, answers = asked
+        predicted = [t for start in range(0, len(rows), 64)
+                     for t, _ in generate(model, pixels[rows[start : start + 64]], ANSWER,
+                                          prompts[start : start + 64])]  # fmt: skip
+        metrics["vqa/accuracy"] = vqa_metrics(answers, predicted)["accuracy"]
     return metrics
+
+
+def val_questions(
+    qa_ids: torch.Tensor, qa_mask: torch.Tensor
+) -> tuple[list[int], list[list[int]], list[str]]:
+    """The rows of a batch's ``[CLS] question [SEP] answer [SEP]`` ids that have a question:
+    (rows, prompts ``[CLS] question [SEP]``, answers)."""
+    tok = tokenizer()
+    rows, prompts, answers = [], [], []
+    for i, (row, m) in enumerate(zip(qa_ids.tolist(), qa_mask.tolist(), strict=True)):
+        row = row[: sum(m)]
+        end = row.index(tok.sep_token_id) + 1
+        if end < len(row):
+            rows.append(i)
+            prompts.append(row[:end])
+            answers.append(tok.decode(row[end:], skip_special_tokens=True))
+    return rows, prompts, answers
+
+
+def has_questions(path: str | Path, samples: int = 100) -> bool:
+    """Whether any of the first ``samples`` samples of curated shards has questions."""
+    for _, sample in itertools.islice(tar_samples(shard_tars(path)[0]), samples):
+        if json.loads(sample.get("json", b"{}")).get("qa"):
+            return True
+    return False
+
+
+def read_questions(
+    path: str | Path, limit: int | None = None
+) -> tuple[list[Image.Image], list[str], list[str], list[str]]:
+    """Every question-answer pair of the samples in curated shards (their ``KEY.json``'s
+    ``qa``; the first ``limit`` samples that have any): (image, question, answer, type) as
+    four lists, an image once per question."""
+    images, questions, answers, types = [], [], [], []
+    samples = 0
+    for _, sample in itertools.chain.from_iterable(map(tar_samples, shard_tars(path))):
+        pairs = json.loads(sample.get("json", b"{}")).get("qa") or []
+        if not pairs:
+            continue
+        image = _image(sample)
+        for qa in pairs:
+            images.append(image)
+            questions.append(qa["question"])
+            answers.append(qa["answer"])
+            types.append(qa.get("type", ""))
+        samples += 1
+        if limit and samples >= limit:
+            break
+    return images, questions, answers, types
 
 
 def read_shards(
@@ -89,19 +164,27 @@ def read_shards(
 ) -> tuple[list[str], list[Image.Image], list[str]]:
     """Keys, images and captions from curated WebDataset shards (a folder or bucket prefix of
     .tar, or one .tar), local or in object storage."""
-    path = str(path)
-    tars = storage.list_files(path, ".tar") if storage.is_dir(path) else [path]
-    if not tars:
-        raise ConfigError(f"no .tar shards in {storage.absolute(path)}")
     keys, images, captions = [], [], []
-    for key, sample in itertools.chain.from_iterable(map(tar_samples, tars)):
-        image = sample.get("jpg", sample.get("webp"))
+    for key, sample in itertools.chain.from_iterable(map(tar_samples, shard_tars(path))):
         keys.append(key)
-        images.append(Image.open(io.BytesIO(image)).convert("RGB"))
+        images.append(_image(sample))
         captions.append(sample["txt"].decode())
         if limit and len(images) >= limit:
             break
     return keys, images, captions
+
+
+def shard_tars(path: str | Path) -> list[str]:
+    """The .tar shards of a folder (bucket prefix), or the one .tar given."""
+    path = str(path)
+    tars = storage.list_files(path, ".tar") if storage.is_dir(path) else [path]
+    if not tars:
+        raise ConfigError(f"no .tar shards in {storage.absolute(path)}")
+    return tars
+
+
+def _image(sample: dict[str, bytes]) -> Image.Image:
+    return Image.open(io.BytesIO(sample.get("jpg", sample.get("webp")))).convert("RGB")
 
 
 def tar_samples(tar: str) -> Iterator[tuple[str, dict[str, bytes]]]:

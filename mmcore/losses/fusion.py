@@ -1,6 +1,7 @@
-"""Losses on the fusion module (image-text matching, masked LM, captioning) and the loss
+"""Losses on the fusion module (image-text matching, masked LM, captioning, VQA) and the loss
 registry: every term is a function plus a thin module with one call signature,
-``module(model, out, input_ids, attention_mask, generator) -> {name: loss}``.
+``module(model, out, batch, generator) -> {name: loss}`` (``batch``: ``pixels``,
+``input_ids``, ``attention_mask``, and ``qa_ids``/``qa_mask`` for VQA).
 ``compute_losses`` runs the model once and adds the requested terms
 (``loss.terms: {clip: 1.0, itm: 1.0}``); ``LossConfig.check`` refuses, once, terms that the
 variant cannot train.
@@ -116,42 +117,66 @@ def caption_loss(
     return {"caption": F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)}
 
 
+def answer_targets(qa_ids: torch.Tensor, qa_mask: torch.Tensor) -> torch.Tensor:
+    """``[CLS] question [SEP] answer [SEP]`` → the ids after the first [SEP] (the answer and
+    its closing [SEP]), -100 elsewhere. A row without a question ("[CLS] [SEP]") has none."""
+    sep = (qa_ids == tokenizer().sep_token_id).long()
+    after = sep.cumsum(1) - sep  # [SEP]s before each position
+    return qa_ids.masked_fill((after == 0) | (qa_mask == 0), -100)
+
+
+def vqa_loss(
+    model: ImageTextModel, out: ModelOutput, qa_ids: torch.Tensor, qa_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """BLIP-style generative VQA: the decoder, conditioned on the image and the question (its
+    prefix: ``[CLS] question [SEP]``), predicts the answer; only the answer's tokens count."""
+    logits = model.caption_logits(out.image_tokens, qa_ids, qa_mask)[:, :-1]
+    targets = answer_targets(qa_ids, qa_mask)[:, 1:]
+    if (targets == -100).all():  # no row has a question: zero, with gradients of zeros
+        return {"vqa": logits.sum() * 0.0}
+    return {"vqa": F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)}
+
+
 def compute_losses(
-    model: ImageTextModel, pixels: torch.Tensor, input_ids: torch.Tensor,
-    attention_mask: torch.Tensor, weights: dict[str, float],
+    model: ImageTextModel, batch: dict[str, torch.Tensor], weights: dict[str, float],
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """One forward pass, the requested terms, and their weighted sum: (total, terms)."""
-    out = model(pixels, input_ids, attention_mask)
+    out = model(batch["pixels"], batch["input_ids"], batch["attention_mask"])
     terms: dict[str, torch.Tensor] = {}
     for name in weights:
-        terms |= LOSSES[name](model, out, input_ids, attention_mask, generator)
+        terms |= LOSSES[name](model, out, batch, generator)
     return combine(terms, weights), terms
 
 
 class ClipLoss(nn.Module):
-    def forward(self, model, out: ModelOutput, input_ids, attention_mask, generator=None) -> dict:
+    def forward(self, model, out: ModelOutput, batch: dict, generator=None) -> dict:
         return clip_loss(out.image_embeds, out.text_embeds, out.logit_scale)
 
 
 class SigLipLoss(nn.Module):
-    def forward(self, model, out: ModelOutput, input_ids, attention_mask, generator=None) -> dict:
+    def forward(self, model, out: ModelOutput, batch: dict, generator=None) -> dict:
         return siglip_loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
 
 
 class ItmLoss(nn.Module):
-    def forward(self, model, out: ModelOutput, input_ids, attention_mask, generator=None) -> dict:
-        return itm_loss(model, out, attention_mask, generator)
+    def forward(self, model, out: ModelOutput, batch: dict, generator=None) -> dict:
+        return itm_loss(model, out, batch["attention_mask"], generator)
 
 
 class MlmLoss(nn.Module):
-    def forward(self, model, out: ModelOutput, input_ids, attention_mask, generator=None) -> dict:
-        return mlm_loss(model, out, input_ids, attention_mask, generator)
+    def forward(self, model, out: ModelOutput, batch: dict, generator=None) -> dict:
+        return mlm_loss(model, out, batch["input_ids"], batch["attention_mask"], generator)
 
 
 class CaptionLoss(nn.Module):
-    def forward(self, model, out: ModelOutput, input_ids, attention_mask, generator=None) -> dict:
-        return caption_loss(model, out, input_ids, attention_mask)
+    def forward(self, model, out: ModelOutput, batch: dict, generator=None) -> dict:
+        return caption_loss(model, out, batch["input_ids"], batch["attention_mask"])
+
+
+class VqaLoss(nn.Module):
+    def forward(self, model, out: ModelOutput, batch: dict, generator=None) -> dict:
+        return vqa_loss(model, out, batch["qa_ids"], batch["qa_mask"])
 
 
 # One line per term.
@@ -161,4 +186,5 @@ LOSSES: dict[str, nn.Module] = {
     "itm": ItmLoss(),
     "mlm": MlmLoss(),
     "caption": CaptionLoss(),
+    "vqa": VqaLoss(),
 }

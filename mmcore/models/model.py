@@ -39,7 +39,8 @@ from mmcore.models.towers import (
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps the learnt temperature at 1/100
 Fusion = Literal["late", "early", "cross_attention", "gated", "film", "hybrid"]
 ITC = frozenset({"clip", "siglip"})  # contrastive terms, on the tower embeddings
-PAIR = frozenset({"itm", "mlm", "caption"})  # terms on the fusion module
+PAIR = frozenset({"itm", "mlm", "caption", "vqa"})  # terms on the fusion module
+DECODER = frozenset({"caption", "vqa"})  # terms that train the causal decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Variant:
     # Trained contrastive embeddings: ranking is one matrix product (and hybrid shortlists).
     has_itc: bool
     scores_pairs: bool  # a fusion module whose ITM head scores each (image, text) pair
-    generates: bool  # the fusion module keeps text tokens: an LM head (MLM, captions)
+    generates: bool  # the fusion module keeps text tokens: an LM head (MLM, captions, VQA)
 
 
 # The pure fusion variants learn to match pairs inside the fusion module only; hybrid (ALBEF)
@@ -66,6 +67,11 @@ VARIANTS: dict[str, Variant] = {
     "hybrid": Variant(ITC | PAIR, has_itc=True, scores_pairs=True, generates=True),
 }
 OBJECTIVES = {name: v.objectives for name, v in VARIANTS.items()}
+
+
+def trains_decoder(fusion: str, terms: dict[str, float]) -> bool:
+    """Whether training ``fusion`` on ``terms`` trains the causal decoder (captions, VQA)."""
+    return VARIANTS[fusion].generates and bool(DECODER & set(terms))
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -109,6 +115,9 @@ class ImageTextModel(nn.Module):
         self.vision = VisionTower(cfg.vision)
         self.text = TextTower(cfg.text)
         self.text_memo: TextMemo | None = None  # training's per-caption features (TextMemo)
+        # The loss terms it was trained on, when known (training's export records them):
+        # a decoder trained for captions only cannot answer questions, and the reverse.
+        self.objectives: frozenset[str] | None = None
         self.visual_projection = nn.Linear(self.vision.width, cfg.embed_dim, bias=False)
         self.text_projection = nn.Linear(self.text.width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.init_temperature)))

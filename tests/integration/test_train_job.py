@@ -17,6 +17,8 @@ import mlflow
 import psutil
 import pytest
 import torch
+import webdataset as wds
+from PIL import Image
 
 from mmcore.config import load_config
 from mmcore.eval.run import zeroshot_eval
@@ -80,6 +82,42 @@ def test_zero2_run_finishes_logs_and_exports(
     retrieval = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert retrieval["i2t_r@5"] == pytest.approx(logged["eval/retrieval/i2t_r5"], abs=1e-6)
     assert retrieval["t2i_r@1"] == pytest.approx(logged["eval/retrieval/t2i_r1"], abs=1e-6)
+
+
+def test_a_vqa_run_trains_the_decoder_and_logs_its_metrics(
+    shards, mlflow_server, tmp_path, monkeypatch, capsys
+):
+    """``vqa`` trains on each sample's questions; evaluation logs VQA and caption metrics (a
+    sweep compares every decoder on both); the export records its objectives."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    tiny = "pipelines/configs/train/tiny.yaml"
+    args = [
+        f"data.path={shards}", f"data.val_path={shards}", "model.fusion=hybrid",
+        "loss.terms={clip: 1.0, vqa: 1.0}", "schedule.max_steps=2", "schedule.checkpoint_every=2",
+        "schedule.global_batch=16", "eval.max_pairs=64", f"output={tmp_path / 'a'}",
+        "tracking.experiment=test-train-vqa",
+    ]  # fmt: skip
+    result = run(load_config(TrainConfig, tiny, args))
+    client = mlflow.MlflowClient(mlflow_server.url)
+    assert client.get_metric_history(result["run_id"], "train/vqa")
+    for name in ("eval/vqa/accuracy", "eval/caption/bleu4", "eval/caption/cider"):
+        (logged,) = client.get_metric_history(result["run_id"], name)
+        assert logged.step == 2 and 0 <= logged.value, name
+    assert load(result["model_uri"]).objectives == {"clip", "vqa"}
+    # its decoder learnt answers, not captions: captioning is refused with the reason
+    assert evaluate.main(["caption", "--model", result["model_uri"], "--data", str(shards)]) == 2
+    assert "not trained with the caption objective" in capsys.readouterr().err
+
+    # vqa on shards without questions fails before any work
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with wds.TarWriter(str(plain / "00000.tar")) as sink:
+        sink.write({"__key__": "000000000", "jpg": Image.new("RGB", (64, 64)), "txt": "a b",
+                    "json": {"key": "000000000"}})  # fmt: skip
+    argv = ["--config", tiny, "--data", str(plain), "model.fusion=hybrid",
+            "loss.terms={clip: 1.0, vqa: 1.0}", f"output={tmp_path / 'b'}"]  # fmt: skip
+    assert train_main(argv) == 2
+    assert "have no questions" in capsys.readouterr().err
 
 
 def test_a_warm_start_at_lr_0_keeps_the_source_weights_and_metrics(

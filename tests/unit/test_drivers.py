@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from mmcore.config import ConfigError, load_config, merge, replace
+from mmcore.models.model import trains_decoder
 from mmcore.serving import BadInput, Limits
 from mmcore.training import TrainConfig
 from pipelines import ablation, api, curate, flags, train, tune
@@ -40,13 +41,18 @@ def test_merge_sets_dotted_keys_and_replaces_mappings() -> None:
         replace(cfg, {"schedule.global_batch": 15})
 
 
-def test_the_caption_sweep_selects_on_cider_over_the_variants_that_generate(monkeypatch) -> None:
+def test_the_generative_sweep_selects_on_vqa_over_the_decoders(monkeypatch) -> None:
     monkeypatch.chdir(flags.__file__.rsplit("/pipelines/", 1)[0])
-    sweep = tune.parse_args(["--config", "pipelines/configs/tune/caption.yaml", "--data", "s"])
-    assert sweep.metric == "eval/caption/cider" and sweep.mode == "max"
+    config = ["--config", "pipelines/configs/tune/generative.yaml", "--data", "s"]
+    sweep = tune.parse_args(config)
+    assert sweep.metric == "eval/vqa/accuracy" and sweep.mode == "max"
     cells = sweep.space.cells()
-    assert len(cells) == 3 and all("caption" in c["loss.terms"] for c in cells)
-    assert {c["model.fusion"] for c in cells} == {"cross_attention", "hybrid"}
+    assert len(cells) == 5 and {c["model.fusion"] for c in cells} == {"cross_attention", "hybrid"}
+    # every cell trains the decoder, so every trial logs both generative metrics
+    assert all(trains_decoder(c["model.fusion"], c["loss.terms"]) for c in cells)
+    assert {tuple(sorted({"caption", "vqa"} & set(c["loss.terms"]))) for c in cells} == {
+        ("caption",), ("vqa",), ("caption", "vqa")}  # fmt: skip
+    assert tune.parse_args([*config, "metric=eval/caption/cider"]).metric == "eval/caption/cider"
 
 
 def test_a_sweep_builds_its_base_once_and_trials_from_it(monkeypatch) -> None:

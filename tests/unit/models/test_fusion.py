@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmcore.losses.fusion import check_objectives, compute_losses, mask_tokens
+from mmcore.losses.fusion import answer_targets, check_objectives, compute_losses, mask_tokens
 from mmcore.models.model import OBJECTIVES, ModelConfig, build_model
 from mmcore.models.towers import TextConfig, tokenize, tokenizer
 
@@ -15,7 +15,10 @@ VARIANTS = sorted(OBJECTIVES)
 TRAINED = {  # the parts each term must reach, besides both towers
     "clip": ["visual_projection"], "siglip": ["logit_bias"], "itm": ["itm_head", "fusion"],
     "mlm": ["lm_head", "fusion"], "caption": ["lm_head", "positions"],
+    "vqa": ["lm_head", "positions"],
 }  # fmt: skip
+QA = [("what colour is the circle?", "red"), "", ("how many shapes are there?", "two"),
+      ("what shape is the purple object?", "diamond")]  # fmt: skip
 
 
 def tiny(fusion: str) -> torch.nn.Module:
@@ -29,6 +32,14 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return pixels, tokens["input_ids"], tokens["attention_mask"]
 
 
+def batch() -> dict[str, torch.Tensor]:
+    """A training batch: the pairs, and a question per row but the second."""
+    pixels, ids, mask = inputs()
+    qa = tokenize(QA, 16)
+    return {"pixels": pixels, "input_ids": ids, "attention_mask": mask,
+            "qa_ids": qa["input_ids"], "qa_mask": qa["attention_mask"]}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("fusion", "term"), [(f, t) for f in VARIANTS for t in sorted(OBJECTIVES[f])]
 )
@@ -37,7 +48,7 @@ def test_forward_backward(fusion: str, term: str) -> None:
     weights = {term: 1.0} | (
         {"clip": 0.5} if fusion == "hybrid" and term not in ("clip", "siglip") else {}
     )
-    total, terms = compute_losses(model, *inputs(), weights, torch.Generator().manual_seed(0))
+    total, terms = compute_losses(model, batch(), weights, torch.Generator().manual_seed(0))
     assert set(terms) == set(weights) and torch.isfinite(total)
     total.backward()
     trained = TRAINED[term]
@@ -82,6 +93,29 @@ def test_captioning_never_sees_later_tokens(fusion: str) -> None:
     b = model.caption_logits(out.image_tokens, changed, mask)
     torch.testing.assert_close(a[:, :4], b[:, :4])  # positions 0-3 predict from 0-3 only
     assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_vqa_targets_only_the_answer() -> None:
+    qa = batch()
+    targets = answer_targets(qa["qa_ids"], qa["qa_mask"])
+    tok = tokenizer()
+    assert tok.decode(targets[0][targets[0] != -100]) == "red [SEP]"
+    assert (targets[1] == -100).all()  # no question: no target
+    assert tok.decode(targets[2][targets[2] != -100]) == "two [SEP]"
+
+
+def test_vqa_loss_without_questions_is_zero_and_finite() -> None:
+    model = tiny("cross_attention")
+    qa = batch() | tokenize_qa([""] * 4)
+    total, terms = compute_losses(model, qa, {"vqa": 1.0})
+    assert terms["vqa"].item() == 0.0
+    total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def tokenize_qa(pairs: list) -> dict[str, torch.Tensor]:
+    qa = tokenize(pairs, 16)
+    return {"qa_ids": qa["input_ids"], "qa_mask": qa["attention_mask"]}
 
 
 def test_pair_scores_full_and_shortlisted() -> None:
