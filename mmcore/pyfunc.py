@@ -5,11 +5,15 @@ bytes); empty cells are skipped. Output: ``text_embedding`` / ``image_embedding`
 (unit-norm lists). With ``params={"labels": [...]}``, zero-shot probabilities over the labels
 for each image instead (``probs``, in label order). With ``params={"task": "caption"}`` (and
 ``num_beams``, ``max_new_tokens``), each image's generated ``caption`` and its ``score``, from
-a model with a caption decoder. The weights stay a safetensors export in
+a model trained with the caption objective; with ``params={"task": "vqa"}``, the ``answer``
+(and ``score``) to each row's ``question`` about its image, from a model trained with the vqa
+objective. The weights stay a safetensors export in
 the model's artifacts; only this small wrapper class goes through MLflow's pickling.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import mlflow.pyfunc
 import pandas as pd
@@ -19,13 +23,17 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 INPUT_EXAMPLE = pd.DataFrame({"text": ["a photo of a red circle"]})  # → its embedding
 SIGNATURE = ModelSignature(
     inputs=Schema(
-        [ColSpec("string", "text", required=False), ColSpec("string", "image", required=False)]
+        [
+            ColSpec("string", "text", required=False),
+            ColSpec("string", "image", required=False),
+            ColSpec("string", "question", required=False),
+        ]  # fmt: skip
     ),
     outputs=Schema([ColSpec("string", "text_embedding", required=False)]),
     params=ParamSchema(
         [
             ParamSpec("labels", "string", default=[], shape=(-1,)),
-            ParamSpec("task", "string", default="embed"),  # or "caption"
+            ParamSpec("task", "string", default="embed"),  # or "caption", "vqa"
             ParamSpec("num_beams", "long", default=1),
             ParamSpec("max_new_tokens", "long", default=20),
         ]
@@ -48,15 +56,9 @@ class ImageTextPyfunc(mlflow.pyfunc.PythonModel):
         out = pd.DataFrame(index=model_input.index)
         images = _images(model_input)
         params = params or {}
-        if params.get("task", "embed") == "caption":
-            from mmcore.generate import GenerationConfig
-
-            given = {k: int(params[k]) for k in ("num_beams", "max_new_tokens") if k in params}
-            cfg = GenerationConfig(**given)
-            captions = self.engine.caption(list(images.values), cfg)
-            out.loc[images.index, "caption"] = [text for text, _ in captions]
-            out.loc[images.index, "score"] = [score for _, score in captions]
-            return out
+        task = params.get("task", "embed")
+        if task in ("caption", "vqa"):
+            return self._generate(task, model_input, images, params, out)
         labels = params.get("labels")
         if labels is not None and len(labels):
             probs = self.engine.classify(list(images.values), list(labels))
@@ -69,6 +71,28 @@ class ImageTextPyfunc(mlflow.pyfunc.PythonModel):
         if len(texts):
             emb = self.engine.embed_texts(list(texts.values))
             out["text_embedding"] = pd.Series(emb.tolist(), index=texts.index)
+        return out
+
+    def _generate(
+        self, task: str, frame: pd.DataFrame, images: pd.Series, params: dict, out: pd.DataFrame
+    ) -> pd.DataFrame:
+        """Each image's caption, or the answer to its row's question, and the score."""
+        from mmcore.generate import ANSWER, GenerationConfig, cannot
+
+        if reason := cannot(self.engine.model, task):
+            raise ValueError(reason)
+        base = ANSWER if task == "vqa" else GenerationConfig()
+        given = {k: int(params[k]) for k in ("num_beams", "max_new_tokens") if k in params}
+        cfg = dataclasses.replace(base, **given)
+        if task == "caption":
+            texts = self.engine.caption(list(images.values), cfg)
+        else:
+            questions = frame.get("question", pd.Series(dtype=object)).reindex(images.index)
+            if questions.isna().any():
+                raise ValueError("task vqa: every row with an image needs a question")
+            texts = self.engine.answer(list(images.values), list(questions.values), cfg)
+        out.loc[images.index, "answer" if task == "vqa" else "caption"] = [t for t, _ in texts]
+        out.loc[images.index, "score"] = [score for _, score in texts]
         return out
 
 

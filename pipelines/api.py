@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from mmcore.config import ConfigError, apply_overrides, from_dict, merge
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES
-from mmcore.generate import GenerationConfig
+from mmcore.generate import ANSWER, GenerationConfig, cannot, question_prompts
 from mmcore.serving import BadInput, Limits
 
 IMPORT_PATH = "pipelines.serve:app"
@@ -105,7 +105,8 @@ def config_from(
 
 routes = FastAPI(
     title="mmray",
-    description="Image-text embeddings, zero-shot classification, search, matching and captions.",
+    description="Image-text embeddings, zero-shot classification, search, matching, captions "
+    "and visual question answering.",
     version="1",
 )
 
@@ -143,6 +144,13 @@ class CaptionRequest(_Request):
     top_p: float | None = None  # nucleus sampling
     temperature: float = 1.0
     seed: int | None = None
+
+
+class VqaRequest(_Request):
+    image: str | bytes
+    question: str
+    num_beams: int = 1
+    max_new_tokens: int = ANSWER.max_new_tokens
 
 
 LIST_FIELDS = {"texts", "images", "labels", "templates"}
@@ -275,19 +283,33 @@ def check_match(req: MatchRequest, limits: Limits) -> None:
 
 
 def check_caption(req: CaptionRequest, limits: Limits, model: Any) -> GenerationConfig:
-    """The request's ``GenerationConfig`` for ``model``; 422 for a model without a caption
-    decoder or for settings out of range (beams and tokens capped by ``limits``)."""
-    if not model.generates:
-        raise BadInput(
-            f"this model (fusion={model.cfg.fusion}) has no caption decoder: serve a model "
-            "trained with the caption objective (early, cross_attention or hybrid fusion)",
-            422,
-        )
+    """The request's ``GenerationConfig`` for ``model``; 422 for a model whose decoder was not
+    trained for captions, or for settings out of range (beams and tokens capped by
+    ``limits``)."""
+    return _generation(req, limits, model, "caption")
+
+
+def check_vqa(req: VqaRequest, limits: Limits, model: Any) -> GenerationConfig:
+    """As ``check_caption`` for the ``vqa`` objective, and a question that leaves the context
+    room for an answer."""
+    cfg = _generation(req, limits, model, "vqa")
+    check_texts("question", [req.question], 1, limits)
+    if not req.question.strip():
+        raise BadInput("question: empty", 422)
+    context = model.cfg.text.context_length
+    if len(question_prompts([req.question], 2 * context)[0]) >= context:  # untruncated length
+        raise BadInput(f"question: too long for a context of {context} tokens", 422)
+    return cfg
+
+
+def _generation(req: Any, limits: Limits, model: Any, objective: str) -> GenerationConfig:
+    if reason := cannot(model, objective):
+        raise BadInput(reason, 422)
     if req.num_beams > limits.max_beams:
         raise BadInput(f"num_beams: at most {limits.max_beams}", 422)
     if req.max_new_tokens > limits.max_new_tokens:
         raise BadInput(f"max_new_tokens: at most {limits.max_new_tokens}", 422)
-    cfg = GenerationConfig(**req.model_dump(exclude={"image"}))
+    cfg = GenerationConfig(**req.model_dump(exclude={"image", "question"}))
     try:
         cfg.validate(model.cfg.text.context_length)
     except ValueError as e:

@@ -36,7 +36,7 @@ from ray import serve
 
 from mmcore.config import from_dict, to_dict
 from mmcore.eval.zeroshot import class_prompts
-from mmcore.generate import GenerationConfig
+from mmcore.generate import GenerationConfig, cannot
 from mmcore.inference import Engine, Index
 from mmcore.serving import BadInput, IndexRecords, Limits, decode_image, read_index
 from mmcore.tracking import MODEL_URI_SCHEMES, check_model, registry_ref
@@ -78,6 +78,8 @@ def _load(spec: api.ModelSpec, records: IndexRecords | None, vectors: str | None
              "fusion": cfg.fusion, "embed_dim": cfg.embed_dim, "backend": engine.backend,
              "image_size": cfg.vision.image_size, "revision": spec.revision,
              "generates": engine.model.generates,
+             "captions": cannot(engine.model, "caption") is None,  # /v1/caption answers
+             "answers": cannot(engine.model, "vqa") is None,  # /v1/vqa answers
              "index_size": len(index) if index is not None else 0,
              "replica": serve.get_replica_context().replica_id.unique_id}  # fmt: skip
     log.info("loaded %s (%s, %s)", info["resolved"], cfg.fusion, engine.backend)
@@ -101,6 +103,9 @@ async def _in_groups(
         for i, result in zip(rows, results, strict=True):
             out[i] = result
     return out
+
+
+SCORE_KIND = "mean token log-probability"
 
 
 @serve.deployment
@@ -144,16 +149,21 @@ class Model:
         return await _in_groups(items, encode)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _caption(
-        self, items: list[tuple[_Loaded, GenerationConfig, Image.Image]]
+    async def _generate(
+        self, items: list[tuple[_Loaded, tuple[str, GenerationConfig], tuple[Image.Image, str]]]
     ) -> list[tuple[str, float]]:
-        """(model, settings, image) → (text, score), batched over requests with the same model
-        and settings; a seeded sample alone, so that its seed alone decides its text."""
+        """(model, (task, settings), (image, question)) → (text, score): a caption (task
+        "caption"; the question is ignored) or an answer ("vqa"), batched over requests with
+        the same model, task and settings; a seeded sample alone, so that its seed alone
+        decides its text."""
 
-        def caption(loaded: _Loaded, cfg: GenerationConfig, images: list) -> Any:
-            return loaded.engine.caption(images, cfg)
+        def run(loaded: _Loaded, setting: tuple[str, GenerationConfig], inputs: list) -> Any:
+            (task, cfg), images = setting, [image for image, _ in inputs]
+            if task == "caption":
+                return loaded.engine.caption(images, cfg)
+            return loaded.engine.answer(images, [q for _, q in inputs], cfg)
 
-        return await _in_groups(items, caption, alone=lambda cfg: cfg.top_p is not None)
+        return await _in_groups(items, run, alone=lambda setting: setting[1].top_p is not None)
 
     async def _embed_all(self, loaded: _Loaded, kind: str, values: list) -> list[np.ndarray]:
         return await asyncio.gather(*(self._encode((loaded, kind, v)) for v in values))
@@ -252,8 +262,17 @@ class Model:
         req = await api.read_request(request, api.CaptionRequest, self.limits)
         loaded = self.loaded
         cfg = api.check_caption(req, self.limits, loaded.engine.model)
-        text, score = await self._caption((loaded, cfg, self._image(req.image)))
-        return {"caption": text, "score": score, "score_kind": "mean token log-probability"}
+        text, score = await self._generate((loaded, ("caption", cfg), (self._image(req.image), "")))
+        return {"caption": text, "score": score, "score_kind": SCORE_KIND}
+
+    @api.routes.post("/v1/vqa", openapi_extra=api.body_doc(api.VqaRequest))
+    async def vqa(self, request: Request) -> dict[str, Any]:
+        req = await api.read_request(request, api.VqaRequest, self.limits)
+        loaded = self.loaded
+        cfg = api.check_vqa(req, self.limits, loaded.engine.model)
+        inputs = (self._image(req.image), req.question)
+        text, score = await self._generate((loaded, ("vqa", cfg), inputs))
+        return {"answer": text, "score": score, "score_kind": SCORE_KIND}
 
     @api.routes.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> str:

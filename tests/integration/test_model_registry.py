@@ -51,7 +51,7 @@ def test_pyfunc_round_trip_and_model_uris(mlflow_server, tmp_path, monkeypatch) 
             )
 
 
-def test_pyfunc_captions_equal_the_engines(mlflow_server, tmp_path, monkeypatch) -> None:
+def test_pyfunc_captions_and_answers_as_the_engine(mlflow_server, tmp_path, monkeypatch) -> None:
     from mmcore.generate import GenerationConfig
     from mmcore.inference import Engine
 
@@ -72,3 +72,12 @@ def test_pyfunc_captions_equal_the_engines(mlflow_server, tmp_path, monkeypatch)
     want = Engine(model).caption(images, GenerationConfig(num_beams=2, max_new_tokens=6))
     assert out["caption"].tolist() == [t for t, _ in want]
     assert out["score"].tolist() == pytest.approx([s for _, s in want], abs=1e-5)
+
+    questions = ["what colour is the circle?", "how many shapes are there?"]
+    frame = pd.DataFrame({"image": encoded, "question": questions})
+    out = pyfunc.predict(frame, params={"task": "vqa", "max_new_tokens": 4})
+    want = Engine(model).answer(images, questions, GenerationConfig(max_new_tokens=4))
+    assert out["answer"].tolist() == [t for t, _ in want]
+    assert out["score"].tolist() == pytest.approx([s for _, s in want], abs=1e-5)
+    with pytest.raises(Exception, match="needs a question"):
+        pyfunc.predict(pd.DataFrame({"image": encoded}), params={"task": "vqa"})

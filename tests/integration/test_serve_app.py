@@ -245,6 +245,13 @@ BAD = [
     ),
     ("wrong type", "/v1/embed", {"json": {"texts": "a red circle"}}, 422),
     ("caption from a late model", "/v1/caption", {"json": {"image": b64(png_bytes())}}, 422),
+    (
+        "answer from a late model",
+        "/v1/vqa",
+        {"json": {"image": b64(png_bytes()), "question": "what colour?"}},
+        422,
+    ),
+    ("question missing", "/v1/vqa", {"json": {"image": b64(png_bytes())}}, 422),
     ("wrong item type", "/v1/match", {"json": {"image": b64(png_bytes()), "texts": [1, 2]}}, 422),
     ("unknown field", "/v1/embed", {"json": {"text": ["a"]}}, 422),
     ("nothing to embed", "/v1/embed", {"json": {}}, 422),
@@ -330,8 +337,10 @@ def test_page_in_headless_chromium(served, tmp_path) -> None:
         natural = "[...document.querySelectorAll('#hits img')].map(i => i.naturalWidth)"
         assert min(page.evaluate(natural)) > 0  # every thumbnail decoded
 
-        assert "has no caption decoder" in page.locator("#caption-out").text_content()
+        assert "does not caption" in page.locator("#caption-out").text_content()
         assert page.locator("#caption").is_disabled()  # the late champion cannot caption
+        assert "does not answer" in page.locator("#answer-out").text_content()
+        assert page.locator("#ask").is_disabled()
 
         page.fill("#labels", "")  # no labels: the API's message is shown, not a crash
         page.click("#classify")
@@ -387,7 +396,7 @@ def test_switching_the_champion_under_load_loses_no_request(served) -> None:
     assert got["score"] == "itm" and 0 < got["scores"][0] < 1
 
 
-def test_captions_after_the_switch_equal_the_engines(served, tmp_path) -> None:
+def test_captions_and_answers_after_the_switch_equal_the_engines(served, tmp_path) -> None:
     """After the switch above, the champion is version 2, a hybrid: it has a decoder."""
     from playwright.sync_api import sync_playwright
 
@@ -412,6 +421,23 @@ def test_captions_after_the_switch_equal_the_engines(served, tmp_path) -> None:
         res = served.post("/v1/caption", json={"image": b64(png_bytes())} | bad)
         assert res.status_code == 422 and res.json()["error"], (bad, res.text)
 
+    # Answers, to questions of different lengths, concurrent: batched on the server
+    questions = ["what colour is the circle?", "how many shapes are there?", "where is it?",
+                 "what shape is the red object?"]  # fmt: skip
+    want = engine.answer(images, questions)
+    bodies = [{"image": b64(png_bytes(c)), "question": q}
+              for c, q in zip(colours, questions, strict=True)]  # fmt: skip
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda body: served.post("/v1/vqa", json=body).json(), bodies))
+    assert [g["answer"] for g in got] == [t for t, _ in want]
+    assert [g["score"] for g in got] == pytest.approx([s for _, s in want], abs=1e-4)
+    for bad in ({"question": " "}, {"question": "what " * 40}, {"question": "a?", "num_beams": 6},
+                {"question": "a?", "top_p": 0.5}):  # fmt: skip
+        res = served.post("/v1/vqa", json={"image": b64(png_bytes())} | bad)
+        assert res.status_code == 422 and res.json()["error"], (bad, res.text)
+    info = served.get("/v1/model").json()
+    assert info["captions"] and info["answers"]
+
     image = tmp_path / "red.png"
     image.write_bytes(png_bytes())
     with sync_playwright() as p:
@@ -424,8 +450,14 @@ def test_captions_after_the_switch_equal_the_engines(served, tmp_path) -> None:
         page.click("#caption")
         page.wait_for_selector("#caption-out .caption")
         text = page.locator("#caption-out .caption").text_content()
+        page.fill("#question", questions[0])
+        page.press("#question", "Enter")
+        page.wait_for_selector("#answer-out .answer")
+        answered = page.locator("#answer-out .answer").text_content()
         browser.close()
-    caption, score = engine.caption(images[:1])[0]
-    assert text.startswith(f"{caption} (") and float(text[len(caption) + 2 : -1]) == pytest.approx(
-        score, abs=1e-3
-    )
+    for shown, (want_text, want_score) in (
+        (text, engine.caption(images[:1])[0]),
+        (answered, engine.answer(images[:1], questions[:1])[0]),
+    ):
+        assert shown.startswith(f"{want_text} (")
+        assert float(shown[len(want_text) + 2 : -1]) == pytest.approx(want_score, abs=1e-3)
