@@ -40,18 +40,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     rt.add_argument("--data", required=True, help="a folder of .tar shards, or one .tar")
     rt.add_argument("--limit", type=int, default=None, help="use the first N pairs")
     rt.add_argument("--shortlist", type=int, default=16, help="hybrid: re-rank ITC top-k")
-    cap = sub.add_parser("caption", help="BLEU-4 and CIDEr of generated captions over shards")
-    cap.add_argument("--model", required=True)
-    cap.add_argument("--data", required=True, help="a folder of .tar shards, or one .tar")
-    cap.add_argument("--max-pairs", type=int, default=None, help="use the first N pairs")
-    cap.add_argument("--num-beams", type=int, default=1, help="1: greedy")
-    cap.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
-    vqa = sub.add_parser("vqa", help="exact-match accuracy of generated answers, by type")
-    vqa.add_argument("--model", required=True)
-    vqa.add_argument("--data", required=True, help="shards whose KEY.json has a qa list")
-    vqa.add_argument("--max-pairs", type=int, default=None, help="the first N images")
-    vqa.add_argument("--num-beams", type=int, default=1, help="1: greedy")
-    vqa.add_argument("--max-new-tokens", type=int, default=ANSWER.max_new_tokens)
+    tasks = (("caption", "BLEU-4 and CIDEr of generated captions over shards", GenerationConfig()),
+             ("vqa", "exact-match accuracy of generated answers to the shards' questions "
+              "(KEY.json qa lists), by type", ANSWER))  # fmt: skip
+    for task, text, defaults in tasks:
+        gen = sub.add_parser(task, help=text)
+        gen.add_argument("--model", required=True)
+        gen.add_argument("--data", required=True, help="a folder of .tar shards, or one .tar")
+        gen.add_argument("--max-pairs", type=int, default=None, help="use the first N images")
+        gen.add_argument("--num-beams", type=int, default=1, help="1: greedy")
+        gen.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     args = p.parse_args(argv)
     if args.task in ("caption", "vqa"):
         args.generation = GenerationConfig(max_new_tokens=args.max_new_tokens,
