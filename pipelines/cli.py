@@ -48,9 +48,9 @@ def sample_data(argv: list[str]) -> int:
         max_px=args.max_px,
         noisy=args.noisy,
     )
-    print(
-        json.dumps({"out": args.out, "metadata": f"{args.out}/metadata.parquet"} | info["counts"])
-    )
+    paths = {"out": args.out, "metadata": f"{args.out}/metadata.parquet",
+             "qa": f"{args.out}/qa.parquet", "heldout": f"{args.out}/heldout"}  # fmt: skip
+    print(json.dumps(paths | info["counts"]))
     return 0
 
 

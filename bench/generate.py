@@ -1,0 +1,149 @@
+"""Captioning and VQA at tiny scale: train a decoder, score its captions and answers on
+held-out compositions, time them through Serve.
+
+    python -m bench.generate [--n 3000] [--steps 600] [--requests 40]
+
+1. A sample crawl (seed 20) and its questions are curated (`--qa`), and the tiny config
+   trained on it as `hybrid` with the clip, itm, caption and vqa objectives (`mmray train`,
+   Ray Train + DeepSpeed): its evaluation logs eval/caption/* and eval/vqa/accuracy on the
+   held-out pairs (seen compositions).
+2. The crawl's held-out shard (`heldout/`: scenes whose first object is a composition no crawl
+   image or caption has) is scored with `mmray eval caption` (greedy and 3 beams) and
+   `mmray eval vqa` (greedy), beside two majority baselines: the most common answer of each
+   question type in the training questions (a prior-only answerer), and in the held-out
+   questions themselves (the best any prior-only answerer could do).
+3. `mmray serve` serves the model; `--requests` sequential /v1/caption (greedy, 3 beams) and
+   /v1/vqa requests of held-out images: latency p50/p99 per image, the client on the same
+   2 cores.
+
+Prints one JSON line; the figures go in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import requests
+
+from bench.filter import mmray, train, workdir
+from mmcore.eval.vqa import normalise
+from pipelines.local import free_port
+
+
+def heldout_requests(shard: Path) -> list[dict]:
+    """The held-out shard's images (JPEG bytes, base64) with each one's first question."""
+    found: dict[str, dict] = collections.defaultdict(dict)
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            key, ext = member.name.split(".", 1)
+            found[key][ext] = tar.extractfile(member).read()
+    return [{"image": base64.b64encode(s["jpg"]).decode(),
+             "question": json.loads(s["json"])["qa"][0]["question"]} for s in found.values()]
+
+
+def prior_baseline(train_qa: Path, shard: Path) -> dict[str, float]:
+    """Accuracy on the held-out questions of always answering the training questions' most
+    common answer of the question's type: overall and by type."""
+    table = pq.read_table(train_qa).to_pylist()
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for row in table:
+        counts[row["type"]][normalise(row["answer"])] += 1
+    top = {t: c.most_common(1)[0][0] for t, c in counts.items()}
+    hits: dict[str, list[bool]] = collections.defaultdict(list)
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.name.endswith(".json"):
+                for qa in json.loads(tar.extractfile(member).read())["qa"]:
+                    hits[qa["type"]].append(top[qa["type"]] == normalise(qa["answer"]))
+    every = [h for v in hits.values() for h in v]
+    return {"accuracy": float(np.mean(every))} | {t: float(np.mean(v)) for t, v in hits.items()}
+
+
+def latency(url: str, bodies: list[dict], path: str, **settings) -> dict[str, float]:
+    times = []
+    for body in bodies:
+        if path == "/v1/caption":
+            body = {"image": body["image"]}
+        t0 = time.perf_counter()
+        requests.post(f"{url}{path}", json=body | settings, timeout=60).raise_for_status()
+        times.append(time.perf_counter() - t0)
+    ms = 1000 * np.asarray(times)
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=3000, help="rows of the crawl")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--out", default="bench/out/generate")
+    args = p.parse_args()
+    out = workdir(args.out)
+    raw, shards = out / "raw", out / "shards"
+    mmray("sample-data", str(raw), "--n", str(args.n), "--seed", "20")
+    mmray("curate", "--config", "pipelines/configs/curate_tiny.yaml", "--input",
+          f"{raw}/metadata.parquet", "--qa", f"{raw}/qa.parquet",
+          "--output", str(shards))  # fmt: skip
+    trained = train(
+        shards,
+        raw,
+        args.steps,
+        out / "runs",
+        "model.fusion=hybrid",
+        "loss.terms={clip: 1.0, itm: 1.0, caption: 1.0, vqa: 1.0}",
+    )
+    model = trained["model_uri"]
+    metrics = trained["metrics"]
+    names = ("eval/caption/bleu4", "eval/caption/cider", "eval/vqa/accuracy")
+    result: dict = {"args": vars(args), "model": model,
+                    "seen": {"/".join(k.split("/")[-2:]): metrics[k] for k in names}}  # fmt: skip
+    heldout = raw / "heldout"
+    for beams in (1, 3):
+        scored = mmray("eval", "caption", "--model", model, "--data", str(heldout),
+                       "--num-beams", str(beams))  # fmt: skip
+        result[f"heldout_caption_beams{beams}"] = {
+            k: scored[k] for k in ("bleu4", "cider", "examples")
+        }
+    scored = mmray("eval", "vqa", "--model", model, "--data", str(heldout))
+    result["heldout_vqa"] = {k: scored[k] for k in ("accuracy", "majority_baseline", "by_type",
+                                                    "n_questions", "examples")}  # fmt: skip
+    result["heldout_vqa_prior_baseline"] = prior_baseline(raw / "qa.parquet",
+                                                          heldout / "00000.tar")  # fmt: skip
+    bodies = heldout_requests(heldout / "00000.tar")[: args.requests]
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mmray")), "serve", "--model",
+                               model, "--port", str(port)], stdout=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{url}/healthz", timeout=5).ok:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        latency(url, bodies[:5], "/v1/caption")  # warm-up
+        result["serve"] = {
+            "caption_beams1": latency(url, bodies, "/v1/caption"),
+            "caption_beams3": latency(url, bodies, "/v1/caption", num_beams=3),
+            "vqa_beams1": latency(url, bodies, "/v1/vqa"),
+        }
+    finally:
+        server.terminate()
+        server.wait(60)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
