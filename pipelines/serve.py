@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -378,10 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     rc = job.main("mmray serve", parse, deploy, check, need, args.address, log_to_driver=False)
     if rc or args.detach:  # detached: Serve keeps the app running in the cluster
         return rc
-    stop = threading.Event()
+    # The handlers only append: an Event's set() takes a lock, and a second signal arriving
+    # during the first handler's set() (pkill reaching a wrapper and mmray) deadlocked on it.
+    signals: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+        signal.signal(sig, lambda signum, _: signals.append(signum))
+    while not signals:
+        time.sleep(0.2)
     serve.shutdown()
     return 0
 

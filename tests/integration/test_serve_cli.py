@@ -42,7 +42,8 @@ def test_mmray_serve_answers_and_stops_on_sigterm(tmp_path) -> None:
         assert len(out.json()["text_embeddings"][0]) == 128
         no_index = requests.post(f"{url}/v1/search", json={"text": "a"}, timeout=30)
         assert no_index.status_code == 404 and "--index" in no_index.json()["error"]
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # twice at once, as pkill reaching a wrapper and
+        proc.send_signal(signal.SIGTERM)  # mmray does: the second once deadlocked the first
         assert proc.wait(timeout=90) == 0
     finally:
         if proc.poll() is None:
