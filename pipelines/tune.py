@@ -206,8 +206,10 @@ def _tuner(sweep: SweepConfig, path: str, space: dict) -> Any:
                                              max_concurrent=sweep.max_concurrent_trials),
             num_samples=sweep.space.num_samples,
         ),
+        # verbose=0: our progress line, not Tune's status table every 30 s, whose "current
+        # best trial" line repeats the whole base config.
         run_config=tune.RunConfig(name=sweep.name, storage_path=job.output_root(sweep.output),
-                                  callbacks=[_progress(sweep)]),  # fmt: skip
+                                  callbacks=[_progress(sweep)], verbose=0),  # fmt: skip
     )  # fmt: skip
 
 
