@@ -47,8 +47,13 @@ def heldout_requests(shard: Path) -> list[dict]:
         for member in tar:
             key, ext = member.name.split(".", 1)
             found[key][ext] = tar.extractfile(member).read()
-    return [{"image": base64.b64encode(s["jpg"]).decode(),
-             "question": json.loads(s["json"])["qa"][0]["question"]} for s in found.values()]
+    return [
+        {
+            "image": base64.b64encode(s["jpg"]).decode(),
+            "question": json.loads(s["json"])["qa"][0]["question"],
+        }
+        for s in found.values()
+    ]
 
 
 def prior_baseline(train_qa: Path, shard: Path) -> dict[str, float]:
