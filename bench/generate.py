@@ -27,7 +27,6 @@ import collections
 import json
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -36,40 +35,29 @@ import pyarrow.parquet as pq
 import requests
 
 from bench.filter import mmray, train, workdir
+from mmcore.eval.run import sample_questions, tar_samples
 from mmcore.eval.vqa import normalise
 from pipelines.local import free_port
 
 
 def heldout_requests(shard: Path) -> list[dict]:
     """The held-out shard's images (JPEG bytes, base64) with each one's first question."""
-    found: dict[str, dict] = collections.defaultdict(dict)
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            key, ext = member.name.split(".", 1)
-            found[key][ext] = tar.extractfile(member).read()
-    return [
-        {
-            "image": base64.b64encode(s["jpg"]).decode(),
-            "question": json.loads(s["json"])["qa"][0]["question"],
-        }
-        for s in found.values()
-    ]
+    return [{"image": base64.b64encode(sample["jpg"]).decode(),
+             "question": sample_questions(sample)[0]["question"]}
+            for _, sample in tar_samples(str(shard))]  # fmt: skip
 
 
 def prior_baseline(train_qa: Path, shard: Path) -> dict[str, float]:
     """Accuracy on the held-out questions of always answering the training questions' most
     common answer of the question's type: overall and by type."""
-    table = pq.read_table(train_qa).to_pylist()
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for row in table:
+    for row in pq.read_table(train_qa).to_pylist():
         counts[row["type"]][normalise(row["answer"])] += 1
     top = {t: c.most_common(1)[0][0] for t, c in counts.items()}
     hits: dict[str, list[bool]] = collections.defaultdict(list)
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if member.name.endswith(".json"):
-                for qa in json.loads(tar.extractfile(member).read())["qa"]:
-                    hits[qa["type"]].append(top[qa["type"]] == normalise(qa["answer"]))
+    for _, sample in tar_samples(str(shard)):
+        for qa in sample_questions(sample):
+            hits[qa["type"]].append(top[qa["type"]] == normalise(qa["answer"]))
     every = [h for v in hits.values() for h in v]
     return {"accuracy": float(np.mean(every))} | {t: float(np.mean(v)) for t, v in hits.items()}
 

@@ -19,7 +19,7 @@ want the cache.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -98,6 +98,20 @@ def generate(
         ids, scores = search(model, image_tokens[rows], start, room)
         for i, row, score in zip(rows, ids[:, length:].tolist(), scores, strict=True):
             out[i] = (_text(tok, row), float(score))
+    return out
+
+
+def generate_chunks(
+    model, chunks: Iterable[torch.Tensor], cfg: GenerationConfig,
+    prompts: list[list[int]] | None = None,
+) -> list[tuple[str, float]]:  # fmt: skip
+    """``generate`` over successive chunks of preprocessed images, each with its slice of
+    ``prompts``: a bounded batch per forward pass, whatever the number of images."""
+    out: list[tuple[str, float]] = []
+    for pixels in chunks:
+        start = len(out)
+        part = None if prompts is None else prompts[start : start + len(pixels)]
+        out += generate(model, pixels, cfg, part)
     return out
 
 

@@ -32,7 +32,7 @@ from PIL import Image
 
 from mmcore.data.transforms import eval_transform
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, class_prompts, zeroshot_classifier
-from mmcore.generate import ANSWER, GenerationConfig, generate, question_prompts
+from mmcore.generate import ANSWER, GenerationConfig, generate_chunks, question_prompts
 from mmcore.models.model import ImageTextModel, ModelConfig
 from mmcore.models.towers import tokenize
 
@@ -147,11 +147,7 @@ class Engine:
         self, images: Sequence[Image.Image], cfg: GenerationConfig | None = None
     ) -> list[tuple[str, float]]:
         """(text, mean token log-probability) per image, from the caption decoder."""
-        cfg = cfg or GenerationConfig()
-        out: list[tuple[str, float]] = []
-        for chunk in _chunks(images):
-            out += generate(self.model, self.transforms.pixels(chunk), cfg)
-        return out
+        return self._generate(images, cfg or GenerationConfig())
 
     def answer(
         self, images: Sequence[Image.Image], questions: Sequence[str],
@@ -160,11 +156,14 @@ class Engine:
         """(answer, mean token log-probability) per (image, question), from the decoder the
         ``vqa`` objective trains."""
         prompts = question_prompts(questions, self.transforms.context_length)
-        out: list[tuple[str, float]] = []
-        for start in range(0, len(images), CHUNK):
-            pixels = self.transforms.pixels(images[start : start + CHUNK])
-            out += generate(self.model, pixels, cfg, prompts[start : start + CHUNK])
-        return out
+        return self._generate(images, cfg, prompts)
+
+    def _generate(
+        self, images: Sequence[Image.Image], cfg: GenerationConfig,
+        prompts: list[list[int]] | None = None,
+    ) -> list[tuple[str, float]]:  # fmt: skip
+        pixels = (self.transforms.pixels(chunk) for chunk in _chunks(images))  # chunk by chunk
+        return generate_chunks(self.model, pixels, cfg, prompts)
 
     def logit_scale(self) -> float:
         return float(self.model.scales()[0])

@@ -34,6 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from mmcore.data.shards import add_sample
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -287,10 +289,7 @@ def _write_heldout(rng: np.random.Generator, folder: Path, n: int) -> None:
             meta = {"caption": caption, "qa": qa_pairs(objects)}
             members = {"jpg": _encode(image, "jpg", 95), "txt": caption.encode(),
                        "json": json.dumps(meta).encode()}  # fmt: skip
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{i:09d}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
+            add_sample(tar, f"{i:09d}", members)
 
 
 def _mismatch(rng: np.random.Generator, rows: list[dict], n: int) -> None:

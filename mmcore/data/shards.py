@@ -145,13 +145,17 @@ def sample_json(row: Mapping[str, Any]) -> dict[str, Any]:
 def _write_tar(path: Path, members: list[tuple[dict, bytes]], image_ext: str) -> None:
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for row, image in members:
-            key = row["key"]
-            text = row["caption"].encode()
             meta = json.dumps(sample_json(row), ensure_ascii=False, default=str).encode()
-            for ext, data in ((image_ext, image), ("txt", text), ("json", meta)):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
+            add_sample(tar, row["key"], {image_ext: image, "txt": row["caption"].encode(),
+                                         "json": meta})  # fmt: skip
+
+
+def add_sample(tar: tarfile.TarFile, key: str, members: Mapping[str, bytes]) -> None:
+    """A sample's ``KEY.EXT`` members, with fixed metadata (the tar is reproducible)."""
+    for ext, data in members.items():
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        tar.addfile(info, io.BytesIO(data))
 
 
 def _mark_dropped(table: pa.Table, dropped: Mapping[str, tuple]) -> pa.Table:

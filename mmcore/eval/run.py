@@ -22,8 +22,8 @@ from mmcore.eval.caption import caption_metrics
 from mmcore.eval.retrieval import recall_at_k
 from mmcore.eval.vqa import vqa_metrics
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder
-from mmcore.generate import ANSWER, GenerationConfig, generate
-from mmcore.inference import Engine
+from mmcore.generate import ANSWER, GenerationConfig, generate_chunks
+from mmcore.inference import CHUNK, Engine
 from mmcore.models.model import ImageTextModel
 from mmcore.models.towers import tokenizer
 
@@ -98,15 +98,13 @@ def eval_metrics(
     if not generative:
         return metrics
     references = tokenizer().batch_decode(ids, skip_special_tokens=True)
-    generated = [t for chunk in pixels.split(64)
-                 for t, _ in generate(model, chunk, GenerationConfig())]  # fmt: skip
-    metrics |= {f"caption/{k}": v for k, v in caption_metrics(references, generated).items()}
+    generated = generate_chunks(model, pixels.split(CHUNK), GenerationConfig())
+    metrics |= {f"caption/{k}": v for k, v in
+                caption_metrics(references, [t for t, _ in generated]).items()}  # fmt: skip
     if "qa_ids" in val and (asked := val_questions(val["qa_ids"], val["qa_mask"]))[0]:
         rows, prompts, answers = asked
-        predicted = [t for start in range(0, len(rows), 64)
-                     for t, _ in generate(model, pixels[rows[start : start + 64]], ANSWER,
-                                          prompts[start : start + 64])]  # fmt: skip
-        metrics["vqa/accuracy"] = vqa_metrics(answers, predicted)["accuracy"]
+        predicted = generate_chunks(model, pixels[rows].split(CHUNK), ANSWER, prompts)
+        metrics["vqa/accuracy"] = vqa_metrics(answers, [t for t, _ in predicted])["accuracy"]
     return metrics
 
 
@@ -129,10 +127,13 @@ def val_questions(
 
 def has_questions(path: str | Path, samples: int = 100) -> bool:
     """Whether any of the first ``samples`` samples of curated shards has questions."""
-    for _, sample in itertools.islice(tar_samples(shard_tars(path)[0]), samples):
-        if json.loads(sample.get("json", b"{}")).get("qa"):
-            return True
-    return False
+    first = itertools.islice(tar_samples(shard_tars(path)[0]), samples)
+    return any(sample_questions(sample) for _, sample in first)
+
+
+def sample_questions(sample: dict[str, bytes]) -> list[dict[str, str]]:
+    """A shard sample's question-answer pairs: its ``KEY.json``'s ``qa`` list, or []."""
+    return json.loads(sample.get("json", b"{}")).get("qa") or []
 
 
 def read_questions(
@@ -144,7 +145,7 @@ def read_questions(
     images, questions, answers, types = [], [], [], []
     samples = 0
     for _, sample in itertools.chain.from_iterable(map(tar_samples, shard_tars(path))):
-        pairs = json.loads(sample.get("json", b"{}")).get("qa") or []
+        pairs = sample_questions(sample)
         if not pairs:
             continue
         image = _image(sample)
