@@ -13,6 +13,7 @@ safetensors, logs the model to MLflow (``runs:/ID/model``) and prints one JSON l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -50,6 +51,21 @@ log = logging.getLogger(__name__)
 # --- per worker ----------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _own_copy(checkpoint):
+    """The checkpoint's files in a folder of this process's own. Ray's ``as_directory`` shares
+    one download among a node's processes, and a rank that takes its download lock just after
+    another rank released it downloads again over the files that rank is reading: a torn
+    read on resume from object storage. On a local disk the files are read where they are."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="mmray-resume-") as folder:
+        yield checkpoint.to_directory(folder)
+
+
 def train_func(config: dict[str, Any]) -> None:
     """One Ray Train worker: the DeepSpeed engine, then steps until ``schedule.max_steps``,
     with evaluation, logging and checkpoints at step boundaries (``_boundary``)."""
@@ -61,7 +77,7 @@ def train_func(config: dict[str, Any]) -> None:
     engine, sched = build_engine(cfg, init)
     epoch, skip = 0, 0  # the data position: epoch, and micro-batches of it already consumed
     if checkpoint := ray.train.get_checkpoint():
-        with checkpoint.as_directory() as folder:
+        with _own_copy(checkpoint) as folder:
             _, position = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
         epoch, skip = position["epoch"], position["batches"]
         log.info("rank %d resumed at step %d (epoch %d, batch %d)",

@@ -31,19 +31,37 @@ def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout_s: f
     proc.wait(timeout=30)
 
 
-def kill_a_training_worker(ready: Callable[[], bool], run: threading.Thread) -> int | None:
-    """SIGKILL one Ray Train worker process once ``ready()`` holds (a checkpoint registered)
-    while the training ``run`` goes on; returns its pid (None: the run ended first)."""
-    deadline = time.monotonic() + 300
-    while run.is_alive() and time.monotonic() < deadline:
+def train_killing_a_worker(
+    train: Callable[[], dict], ready: Callable[[], bool]
+) -> tuple[dict, int]:
+    """Run ``train()`` in a thread and SIGKILL one Ray Train worker process once ``ready()``
+    holds (a checkpoint registered) while it goes on; returns the run's result and the killed
+    pid. An exception of the run is raised here, with its own traceback."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = train()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread below
+            box["error"] = e
+
+    run = threading.Thread(target=target, daemon=True)
+    run.start()
+    killed, deadline = None, time.monotonic() + 300
+    while killed is None and run.is_alive() and time.monotonic() < deadline:
         if ready():
             workers = [p for p in psutil.process_iter(["cmdline"])
                        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
             if workers:
                 os.kill(workers[-1].pid, signal.SIGKILL)
-                return workers[-1].pid
+                killed = workers[-1].pid
         time.sleep(0.05)
-    return None
+    run.join(timeout=600)
+    if "error" in box:
+        raise box["error"]
+    assert not run.is_alive(), "the run did not end within 10 minutes of the kill"
+    assert killed is not None, "no checkpoint and worker to kill before the run ended"
+    return box["result"], killed
 
 
 class PostgresServer(Server):

@@ -36,7 +36,7 @@ from pipelines.train import TrainConfig
 from pipelines.train import run as train
 from pipelines.tune import SweepConfig
 from pipelines.tune import run as tune
-from tests.helpers import kill_a_training_worker, sigkill_when
+from tests.helpers import sigkill_when, train_killing_a_worker
 
 pytestmark = pytest.mark.integration
 BUCKET = "s3://mmray"
@@ -129,13 +129,9 @@ def test_training_reads_the_bucket_and_resumes_from_checkpoints_there(
         "schedule.log_every=1", "schedule.max_failures=1", f"output={runs}",
         "tracking.experiment=test-object-storage",
     ])  # fmt: skip
-    box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(result=train(cfg)), daemon=True)
-    thread.start()
-    killed = kill_a_training_worker(lambda: _registered_checkpoints(runs) > 0, thread)
-    thread.join(timeout=600)
-    assert killed is not None, "no checkpoint and worker to kill before the run ended"
-    result = box["result"]
+    result, _ = train_killing_a_worker(
+        lambda: train(cfg), lambda: _registered_checkpoints(runs) > 0
+    )
     assert result["metrics"]["step"] == 16
     steps = [m.step for m in mlflow.MlflowClient(mlflow_server.url).get_metric_history(
         result["run_id"], "train/loss")]  # fmt: skip

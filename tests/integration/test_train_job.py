@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import mlflow
@@ -26,7 +25,7 @@ from mmcore.tracking import load
 from pipelines import evaluate
 from pipelines.train import TrainConfig, run
 from pipelines.train import main as train_main
-from tests.helpers import kill_a_training_worker
+from tests.helpers import train_killing_a_worker
 
 pytestmark = pytest.mark.integration
 
@@ -186,13 +185,9 @@ def test_a_killed_zero3_worker_resumes_from_its_partitioned_checkpoint(
         "eval.every=15", f"eval.zeroshot=[{sample_dir / 'zeroshot' / 'colour'}]",
         f"output={tmp_path}", "tracking.experiment=test-train-failure",
     ])  # fmt: skip
-    box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(result=run(cfg)), daemon=True)
-    thread.start()
-    killed = kill_a_training_worker(lambda: _registered_checkpoints(tmp_path) > 0, thread)
-    thread.join(timeout=600)
-    assert killed is not None, "no checkpoint and worker to kill before the run ended"
-    result = box["result"]
+    result, killed = train_killing_a_worker(
+        lambda: run(cfg), lambda: _registered_checkpoints(tmp_path) > 0
+    )
     assert result["metrics"]["step"] == 30
     client = mlflow.MlflowClient(mlflow_server.url)
     history = client.get_metric_history(result["run_id"], "train/loss")
