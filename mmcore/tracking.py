@@ -23,6 +23,11 @@ from mmcore.config import ConfigError, flatten
 
 log = logging.getLogger(__name__)
 
+# MLflow draws a progress bar per artifact download: a dozen lines in a job's log for each
+# model fetched (a warm start, every trial, the serve job). MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+# set to true brings them back.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 _MAX_PARAM_LEN = 6000  # MLflow rejects longer param values
 
 

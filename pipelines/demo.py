@@ -186,6 +186,8 @@ def write_report(
     curation counts and the served model's answers."""
     import mlflow
 
+    import mmcore.tracking  # noqa: F401 - no download progress bars in the demo's output
+
     client = mlflow.MlflowClient(mlflow_url)
     curves = {
         name: [(m.step, m.value) for m in client.get_metric_history(summary["train_run"], name)]
@@ -210,7 +212,11 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
 
     from mmcore.data.sample import make_sample_data
 
-    logging.getLogger("ray").setLevel(logging.WARNING)  # not the job SDK's upload chatter
+    # Not the job SDK's upload chatter (its loggers set INFO themselves), nor the note on
+    # every submission that .git and .venv are left out of the working directory.
+    for name in ["ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"]:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     rows, steps, samples = SIZES["quick" if args.quick else "full"]

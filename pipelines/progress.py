@@ -40,17 +40,18 @@ class Progress:
     """Counts toward ``total``; ``fields`` (name → value) follow the rate and ETA. On a
     terminal a tqdm bar redrawn in place; otherwise ``file`` (stderr) gets a line at most every
     ``every_s`` seconds, and at the end (on a Ray worker too: its output reaches the job's
-    log)."""
+    log). The rate leaves out start-up (it counts from the first update), unless
+    ``from_start``: for units that take minutes each (trials), whose start-up is theirs."""
 
     def __init__(
         self, stage: str, total: int, unit: str, done: int = 0, every_s: float = 10.0,
-        file: IO[str] | None = None,
+        file: IO[str] | None = None, from_start: bool = False,
     ) -> None:  # fmt: skip
         self.stage, self.total, self.unit, self.every_s = stage, total, unit, every_s
         self.n = done
         self.fields: dict[str, Any] = {}
         self.last, self.logged = time.monotonic(), -1  # the first line after every_s too
-        self.first: tuple[float, int] | None = None  # (time, count) of the first update
+        self.first = (time.monotonic(), done) if from_start else None  # (time, count)
         self.file = file or sys.stderr
         self.bar = None
         if self.file.isatty():
@@ -88,15 +89,17 @@ class Progress:
             self.emit()
 
     def line(self) -> str:
-        """The rate (and ETA) since the first update: start-up (workers, the first batch) is
-        not in it."""
+        """The rate (and ETA) since the first update (or the start). Below one a second, as
+        seconds each: "95.2 s/trial", not "0.0105 trials/s"."""
         since, done = self.first or (time.monotonic(), self.n)
         rate = (self.n - done) / max(time.monotonic() - since, 1e-9)
         left = self.total - self.n
         eta = tqdm.format_interval(left / rate) if rate > 0 else "?"
         percent = 100 * self.n // max(self.total, 1)
         head = f"progress: {self.stage} {self.n}/{self.total} {self.unit} ({percent}%)"
-        return " | ".join(x for x in (head, f"{rate:.3g} {self.unit}/s", f"ETA {eta}",
+        speed = f"{1 / rate:.3g} s/{self.unit.removesuffix('s')}" if 0 < rate < 1 else \
+            f"{rate:.3g} {self.unit}/s"  # fmt: skip
+        return " | ".join(x for x in (head, speed, f"ETA {eta}",
                                       self._fields()) if x)  # fmt: skip
 
     def _fields(self) -> str:

@@ -20,6 +20,7 @@ import logging
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,10 @@ def train_func(config: dict[str, Any]) -> None:
 
     cfg: TrainConfig = config["cfg"]  # validated once, in the driver
     rank = ray.train.get_context().get_world_rank()
+    # ZeRO calls torch's all_gather_into_tensor, deprecated since torch 2.13. Its warning came
+    # back every few steps (Ray Data's batch conversion resets the warnings registry): most
+    # of a job's log.
+    warnings.filterwarnings("ignore", "`torch.distributed.all_gather_into_tensor`", FutureWarning)
     init = ray.get(config["init"]) if config["init"] is not None else None  # init.from
     engine, sched = build_engine(cfg, init)
     epoch, skip = 0, 0  # the data position: epoch, and micro-batches of it already consumed

@@ -224,7 +224,7 @@ def _progress(sweep: SweepConfig) -> Any:
 
     class TrialProgress(tune.Callback):
         def setup(self, **info: Any) -> None:
-            self.progress = Progress("tune", total, "trials", every_s=5.0)
+            self.progress = Progress("tune", total, "trials", every_s=5.0, from_start=True)
             self.running, self.stopped, self.best = set(), 0, None
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

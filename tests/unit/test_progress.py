@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
+from pipelines import progress
 from pipelines.progress import Follow, Progress, parse
 from pipelines.train import progress_fields
 
@@ -32,6 +34,19 @@ def test_a_log_gets_plain_lines_that_parse_back() -> None:
             progress.update(1, loss=1.23456)
     lines = quiet.getvalue().splitlines()
     assert [parse(x)["n"] for x in lines] == [10] and "loss 1.23" in lines[-1]
+
+
+def test_slow_units_count_from_the_start_in_seconds_each(monkeypatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    out = io.StringIO()
+    with Progress("tune", total=4, unit="trials", every_s=0, file=out, from_start=True) as p:
+        now[0] = 100.0
+        p.update(1)  # the first trial ended 100 s after the start: that is its rate
+        now[0] = 200.0
+        p.update(1)
+    lines = out.getvalue().splitlines()
+    assert "| 100 s/trial | ETA 05:00" in lines[0] and "| 100 s/trial | ETA 03:20" in lines[1]
 
 
 def test_a_terminal_gets_a_bar_redrawn_in_place() -> None:
