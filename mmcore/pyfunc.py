@@ -4,7 +4,8 @@ Input: a DataFrame with a ``text`` column and/or an ``image`` column (base64-enc
 bytes); empty cells are skipped. Output: ``text_embedding`` / ``image_embedding`` columns
 (unit-norm lists). With ``params={"labels": [...]}``, zero-shot probabilities over the labels
 for each image instead (``probs``, in label order). With ``params={"task": "caption"}`` (and
-``num_beams``, ``max_new_tokens``), each image's generated ``caption`` and its ``score``, from
+``num_beams``, ``max_new_tokens``: by default 1 and the task's own, 20 for a caption and 8 for
+an answer, as in Serve), each image's generated ``caption`` and its ``score``, from
 a model trained with the caption objective; with ``params={"task": "vqa"}``, the ``answer``
 (and ``score``) to each row's ``question`` about its image, from a model trained with the vqa
 objective. The weights stay a safetensors export in
@@ -35,7 +36,7 @@ SIGNATURE = ModelSignature(
             ParamSpec("labels", "string", default=[], shape=(-1,)),
             ParamSpec("task", "string", default="embed"),  # or "caption", "vqa"
             ParamSpec("num_beams", "long", default=1),
-            ParamSpec("max_new_tokens", "long", default=20),
+            ParamSpec("max_new_tokens", "long", default=0),  # 0: the task's (20; answers 8)
         ]
     ),  # fmt: skip
 )
@@ -82,7 +83,7 @@ class ImageTextPyfunc(mlflow.pyfunc.PythonModel):
         if reason := cannot(self.engine.model, task):
             raise ValueError(reason)
         base = ANSWER if task == "vqa" else GenerationConfig()
-        given = {k: int(params[k]) for k in ("num_beams", "max_new_tokens") if k in params}
+        given = {k: int(params[k]) for k in ("num_beams", "max_new_tokens") if params.get(k)}
         cfg = dataclasses.replace(base, **given)
         if task == "caption":
             texts = self.engine.caption(list(images.values), cfg)

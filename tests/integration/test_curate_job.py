@@ -67,10 +67,13 @@ def metadata(sample_dir: Path, image_server, tmp_path_factory) -> Path:
 
 
 def config(metadata: Path, out: Path, *extra: str) -> CurateConfig:
+    # A 3 s timeout: under the full suite's load the image server can take over a second to
+    # send a good image, which then failed in one run and not the next; the broken endpoints
+    # still time out (20 s, a body that never ends).
     overrides = [
         f"input.path={metadata}", f"input.qa={metadata.parent / 'qa.parquet'}",
         f"output.path={out}", "output.samples_per_shard=64",
-        "image.image_size=64", "image.resize_mode=center_crop", "fetch.timeout_s=1.0",
+        "image.image_size=64", "image.resize_mode=center_crop", "fetch.timeout_s=3.0",
         "fetch.retries=1", "fetch.backoff_s=0.05", "compute.rows_per_task=32",
 "tracking.experiment=test-curate", *extra,
     ]  # fmt: skip

@@ -52,7 +52,7 @@ def test_pyfunc_round_trip_and_model_uris(mlflow_server, tmp_path, monkeypatch) 
 
 
 def test_pyfunc_captions_and_answers_as_the_engine(mlflow_server, tmp_path, monkeypatch) -> None:
-    from mmcore.generate import GenerationConfig
+    from mmcore.generate import ANSWER, GenerationConfig
     from mmcore.inference import Engine
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
@@ -79,5 +79,10 @@ def test_pyfunc_captions_and_answers_as_the_engine(mlflow_server, tmp_path, monk
     want = Engine(model).answer(images, questions, GenerationConfig(max_new_tokens=4))
     assert out["answer"].tolist() == [t for t, _ in want]
     assert out["score"].tolist() == pytest.approx([s for _, s in want], abs=1e-5)
+    out = pyfunc.predict(frame, params={"task": "vqa"})  # an answer's default token budget
+    want = Engine(model).answer(images, questions, ANSWER)
+    assert out["answer"].tolist() == [t for t, _ in want]
+    out = pyfunc.predict(pd.DataFrame({"image": encoded}), params={"task": "caption"})
+    assert out["caption"].tolist() == [t for t, _ in Engine(model).caption(images)]
     with pytest.raises(Exception, match="needs a question"):
         pyfunc.predict(pd.DataFrame({"image": encoded}), params={"task": "vqa"})
