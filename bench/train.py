@@ -1,6 +1,6 @@
 """Training overhead and memory: Ray Train + DeepSpeed vs a bare PyTorch loop; ZeRO stages.
 
-    python bench/train.py [--part throughput|memory|quality] [--steps 60] [--memory-model small]
+    python bench/train.py [--part throughput|memory|split|quality] [--steps 60]
 
 1. Throughput: the training job (`pipelines.train.run`, 2 workers, ZeRO-2, Ray Data
    decoding and augmenting the curated shards) against a bare single-process PyTorch loop
@@ -11,7 +11,11 @@
    stages 0-3 on 2 workers: the live CPU tensors of a worker after one optimizer step and
    a second backward pass (activations freed, gradients not yet), counted once per storage.
 
-3. Quality (only with --part quality): the `tiny` config as shipped, on the sample crawl:
+3. Split (only with --part split): reading the training split of the shards (no decoding),
+   the shipped batch filter (`in_split`, pyarrow) against a row filter (`Dataset.filter`),
+   alternated, five times each: wall seconds on the local Ray.
+
+4. Quality (only with --part quality): the `tiny` config as shipped, on the sample crawl:
    wall time of the whole job and its final zero-shot (held-out colour × shape
    compositions) and retrieval metrics.
 
@@ -187,6 +191,36 @@ def quality(config: str, data: Path, sample: Path) -> dict:
     return {"wall_s": time.perf_counter() - start, **evals, **chance}
 
 
+def split_read(data: Path, fraction: float = 0.1) -> dict[str, list[float]]:
+    import numpy as np
+    import ray.data
+
+    from mmcore.data.inputs import held_out, in_split
+    from pipelines.job import shard_paths
+    from pipelines.progress import ray_data_bars_off
+
+    ray_data_bars_off()
+
+    def seconds(kind: str) -> float:
+        ds = ray.data.read_webdataset(shard_paths(str(data)), decoder=None)
+        if kind == "row":
+            ds = ds.filter(lambda row: not held_out(row["__key__"], fraction))
+        else:
+            ds = ds.map_batches(in_split, fn_args=(fraction, False), batch_size=None,
+                                batch_format="pyarrow")  # fmt: skip
+        ds = ds.map_batches(lambda b: {"n": np.array([len(b["__key__"])])}, batch_size=64)
+        start = time.perf_counter()
+        sum(int(row["n"]) for row in ds.iter_rows())
+        return time.perf_counter() - start
+
+    seconds("batch")  # warm-up: worker processes and their imports
+    times: dict[str, list[float]] = {"row": [], "batch": []}
+    for _ in range(5):
+        for kind, values in times.items():
+            values.append(round(seconds(kind), 2))
+    return times
+
+
 def main() -> None:
     import ray
 
@@ -195,7 +229,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1200, help="sample crawl rows")
     p.add_argument("--config", default="pipelines/configs/train/tiny.yaml")
     p.add_argument("--memory-model", default="small", help="vision/text size for the ZeRO part")
-    p.add_argument("--part", choices=["throughput", "memory", "quality"], action="append",
+    p.add_argument("--part", choices=["throughput", "memory", "split", "quality"], action="append",
                    help="repeatable; default: throughput and memory")  # fmt: skip
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -204,6 +238,8 @@ def main() -> None:
     parts, figures = args.part or ["throughput", "memory"], {}
     if "quality" in parts:
         figures["quality"] = quality(args.config, data, OUT / f"train-sample-{args.n}")
+    if "split" in parts:
+        figures["split_read_s"] = split_read(data)
     if "throughput" in parts:
         cfg = load_config(TrainConfig, ROOT / args.config, [
             f"data.path={data}", f"schedule.max_steps={args.steps}", "schedule.log_every=1",

@@ -205,10 +205,10 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
     asked = trains_decoder(cfg.model.fusion, cfg.loss.terms)
     asked = asked and has_questions(cfg.data.val_path or cfg.data.path)
 
-    def prepared(path: str, augment: TransformConfig | None, keep=None) -> ray.data.Dataset:
+    def prepared(path: str, augment: TransformConfig | None, split=None) -> ray.data.Dataset:
         ds = ray.data.read_webdataset(job.shard_paths(path), decoder=None)
-        if keep is not None:
-            ds = ds.filter(keep)
+        if split is not None:  # (fraction, val)
+            ds = ds.map_batches(in_split, fn_args=split, batch_size=None, batch_format="pyarrow")
         kwargs = {
             "image_size": cfg.model.vision.image_size,
             "context_length": cfg.model.text.context_length,
@@ -226,8 +226,8 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
             datasets["val"] = prepared(cfg.data.val_path, None)
         return datasets
     return {
-        "train": prepared(cfg.data.path, augment, functools.partial(in_split, fraction, False)),
-        "val": prepared(cfg.data.path, None, functools.partial(in_split, fraction, True)),
+        "train": prepared(cfg.data.path, augment, (fraction, False)),
+        "val": prepared(cfg.data.path, None, (fraction, True)),
     }
 
 

@@ -19,9 +19,9 @@ import json
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from mmcore.data.transforms import TransformConfig, eval_transform, train_transform
@@ -121,6 +121,9 @@ def held_out(key: str, fraction: float) -> bool:
     return zlib.crc32(str(key).encode()) % 10_000 < fraction * 10_000
 
 
-def in_split(fraction: float, val: bool, row: dict[str, Any]) -> bool:
-    """A Ray Data filter: whether ``row`` belongs to the validation (``val``) or training split."""
-    return held_out(row["__key__"], fraction) == val
+def in_split(table: pa.Table, fraction: float, val: bool) -> pa.Table:
+    """The rows of a batch (``map_batches`` with ``batch_format="pyarrow"``) in the validation
+    (``val``) or the training split. A batch, not a row filter: Ray Data makes each row a dict
+    of every column, image bytes and all, before a row filter sees it."""
+    keys = table.column("__key__").to_pylist()
+    return table.filter(pa.array([held_out(k, fraction) == val for k in keys], pa.bool_()))

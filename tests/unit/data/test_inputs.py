@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
-from mmcore.data.inputs import held_out, preprocess, token_ids
+from mmcore.data.inputs import held_out, in_split, preprocess, token_ids
 from mmcore.data.transforms import TransformConfig
 
 
@@ -68,3 +69,7 @@ def test_validation_split_is_stable_and_near_the_fraction() -> None:
     assert 0.045 < len(held) / len(keys) < 0.055
     assert held == [k for k in keys if held_out(k, 0.05)]  # a pure function of the key
     assert not any(held_out(k, 0.0) for k in keys)
+    table = pa.table({"__key__": keys[:500], "txt": [b"x"] * 500})
+    val, train = in_split(table, 0.05, True), in_split(table, 0.05, False)
+    assert val.column("__key__").to_pylist() == [k for k in keys[:500] if held_out(k, 0.05)]
+    assert val.num_rows + train.num_rows == 500 and val.schema == train.schema == table.schema
