@@ -2,9 +2,10 @@
 objectives train (the variants that keep text tokens: ``early``, ``cross_attention``,
 ``hybrid``). A caption continues ``[CLS]``; an answer continues ``[CLS] question [SEP]``.
 
-Greedy search, beam search (``num_beams``) and nucleus sampling (``top_p``, ``temperature``,
-seeded), batched over images. Each sequence continues its prompt and ends at ``[SEP]`` or
-after ``max_new_tokens``; its score is the mean log-probability of its tokens (``[SEP]``
+Greedy search, beam search (``num_beams``; the best ``num_return_sequences`` beams of each
+image, as in transformers) and nucleus sampling (``top_p``, ``temperature``, seeded), batched
+over images. Each sequence continues its prompt and ends at ``[SEP]`` or after
+``max_new_tokens``; its score is the mean log-probability of its tokens (``[SEP]``
 included), by which beams are ranked, so greedy search equals beam search with one beam.
 
 No key/value cache: every step runs the decoder over the whole prefix again. The image tower
@@ -34,6 +35,7 @@ class GenerationConfig:
     top_p: float | None = None  # nucleus sampling: the smallest set of tokens with this mass
     temperature: float = 1.0  # sampling only
     seed: int | None = None  # sampling only: the same seed, the same text
+    num_return_sequences: int = 1  # texts per image: the best beams, at most num_beams
 
     def validate(self, context_length: int = 32) -> None:
         if not 1 <= self.max_new_tokens < context_length:
@@ -46,6 +48,8 @@ class GenerationConfig:
             raise ValueError("give num_beams or top_p, not both")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
+        if not 1 <= self.num_return_sequences <= self.num_beams:
+            raise ValueError("num_return_sequences must be in [1, num_beams]")
 
 
 def cannot(model, objective: str) -> str | None:
@@ -74,7 +78,8 @@ def question_prompts(questions: Sequence[str], context_length: int) -> list[list
 def generate(
     model, pixels: torch.Tensor, cfg: GenerationConfig, prompts: list[list[int]] | None = None
 ) -> list[tuple[str, float]]:
-    """Preprocessed images (B, 3, S, S) → (text, score) for each; ``model.generates``.
+    """Preprocessed images (B, 3, S, S) → (text, score) for each, or its best
+    ``num_return_sequences`` one after another (B·R, best first); ``model.generates``.
     ``prompts``: the token ids each sequence starts from, one list per image (default
     ``[CLS]``: a caption; VQA gives ``[CLS] question [SEP]``); the text is what follows.
     Images with prompts of one length decode together; the new tokens are at most the room
@@ -87,7 +92,8 @@ def generate(
     prompts = prompts or [[tok.cls_token_id]] * len(pixels)
     image_tokens = model.vision(pixels)[0]
     search = _beam if cfg.num_beams > 1 else _sample if cfg.top_p is not None else _greedy
-    out: list[tuple[str, float]] = [("", 0.0)] * len(prompts)
+    r = cfg.num_return_sequences
+    out: list[tuple[str, float]] = [("", 0.0)] * (len(prompts) * r)
     for length in sorted({len(p) for p in prompts}):
         if length >= context:
             raise ValueError(f"a prompt of {length} tokens leaves no room in the context "
@@ -95,8 +101,9 @@ def generate(
         rows = [i for i, p in enumerate(prompts) if len(p) == length]
         start = torch.tensor([prompts[i] for i in rows], dtype=torch.long)
         room = dataclasses.replace(cfg, max_new_tokens=min(cfg.max_new_tokens, context - length))
-        ids, scores = search(model, image_tokens[rows], start, room)
-        for i, row, score in zip(rows, ids[:, length:].tolist(), scores, strict=True):
+        ids, scores = search(model, image_tokens[rows], start, room)  # (len(rows)·r, …)
+        places = [i * r + j for i in rows for j in range(r)]
+        for i, row, score in zip(places, ids[:, length:].tolist(), scores, strict=True):
             out[i] = (_text(tok, row), float(score))
     return out
 
@@ -108,10 +115,11 @@ def generate_chunks(
     """``generate`` over successive chunks of preprocessed images, each with its slice of
     ``prompts``: a bounded batch per forward pass, whatever the number of images."""
     out: list[tuple[str, float]] = []
+    start = 0
     for pixels in chunks:
-        start = len(out)
         part = None if prompts is None else prompts[start : start + len(pixels)]
         out += generate(model, pixels, cfg, part)
+        start += len(pixels)
     return out
 
 
@@ -166,7 +174,7 @@ def _decode(model, image_tokens, ids, cfg: GenerationConfig, pick) -> tuple[torc
 
 def _beam(model, image_tokens, ids, cfg: GenerationConfig) -> tuple[torch.Tensor, ...]:
     """Beam search, ``num_beams`` per image, batched as (B·K) rows; each image's best
-    sequence by mean log-probability."""
+    ``num_return_sequences`` sequences by mean log-probability, best first."""
     k, sep, n = cfg.num_beams, tokenizer().sep_token_id, len(image_tokens)
     images = image_tokens.repeat_interleave(k, 0)
     ids = ids.repeat_interleave(k, 0)
@@ -189,6 +197,6 @@ def _beam(model, image_tokens, ids, cfg: GenerationConfig) -> tuple[torch.Tensor
         if done.all():
             break
     mean = total / length.clamp(min=1)
-    pick = mean.argmax(-1)
-    rows = torch.arange(n) * k + pick
-    return ids[rows], mean.gather(1, pick[:, None])[:, 0]
+    best, pick = mean.topk(cfg.num_return_sequences, dim=-1)  # (n, r), best first
+    rows = (torch.arange(n)[:, None] * k + pick).view(-1)
+    return ids[rows], best.view(-1)

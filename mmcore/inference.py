@@ -146,7 +146,8 @@ class Engine:
     def caption(
         self, images: Sequence[Image.Image], cfg: GenerationConfig | None = None
     ) -> list[tuple[str, float]]:
-        """(text, mean token log-probability) per image, from the caption decoder."""
+        """(text, mean token log-probability) per image, from the caption decoder; with
+        ``cfg.num_return_sequences`` R, each image's best R beams, one image after another."""
         return self._generate(images, cfg or GenerationConfig())
 
     def answer(

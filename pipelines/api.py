@@ -144,6 +144,7 @@ class CaptionRequest(_Request):
     top_p: float | None = None  # nucleus sampling
     temperature: float = 1.0
     seed: int | None = None
+    num_return_sequences: int = 1  # the best beams, at most num_beams
 
 
 class VqaRequest(_Request):

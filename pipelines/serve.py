@@ -152,17 +152,20 @@ class Model:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _generate(
         self, items: list[tuple[_Loaded, tuple[str, GenerationConfig], tuple[Image.Image, str]]]
-    ) -> list[tuple[str, float]]:
-        """(model, (task, settings), (image, question)) → (text, score): a caption (task
-        "caption"; the question is ignored) or an answer ("vqa"), batched over requests with
-        the same model, task and settings; a seeded sample alone, so that its seed alone
-        decides its text."""
+    ) -> list[list[tuple[str, float]]]:
+        """(model, (task, settings), (image, question)) → [(text, score)], best first: the
+        ``num_return_sequences`` captions (task "caption"; the question is ignored) or an
+        answer ("vqa"), batched over requests with the same model, task and settings; a
+        seeded sample alone, so that its seed alone decides its text."""
 
         def run(loaded: _Loaded, setting: tuple[str, GenerationConfig], inputs: list) -> Any:
             (task, cfg), images = setting, [image for image, _ in inputs]
             if task == "caption":
-                return loaded.engine.caption(images, cfg)
-            return loaded.engine.answer(images, [q for _, q in inputs], cfg)
+                texts = loaded.engine.caption(images, cfg)
+            else:
+                texts = loaded.engine.answer(images, [q for _, q in inputs], cfg)
+            r = cfg.num_return_sequences
+            return [texts[i : i + r] for i in range(0, len(texts), r)]
 
         return await _in_groups(items, run, alone=lambda setting: setting[1].top_p is not None)
 
@@ -263,8 +266,9 @@ class Model:
         req = await api.read_request(request, api.CaptionRequest, self.limits)
         loaded = self.loaded
         cfg = api.check_caption(req, self.limits, loaded.engine.model)
-        text, score = await self._generate((loaded, ("caption", cfg), (self._image(req.image), "")))
-        return {"caption": text, "score": score, "score_kind": SCORE_KIND}
+        texts = await self._generate((loaded, ("caption", cfg), (self._image(req.image), "")))
+        (text, score), captions = texts[0], [{"caption": t, "score": s} for t, s in texts]
+        return {"caption": text, "score": score, "captions": captions, "score_kind": SCORE_KIND}
 
     @api.routes.post("/v1/vqa", openapi_extra=api.body_doc(api.VqaRequest))
     async def vqa(self, request: Request) -> dict[str, Any]:
@@ -272,7 +276,7 @@ class Model:
         loaded = self.loaded
         cfg = api.check_vqa(req, self.limits, loaded.engine.model)
         inputs = (self._image(req.image), req.question)
-        text, score = await self._generate((loaded, ("vqa", cfg), inputs))
+        ((text, score),) = await self._generate((loaded, ("vqa", cfg), inputs))
         return {"answer": text, "score": score, "score_kind": SCORE_KIND}
 
     @api.routes.get("/", response_class=HTMLResponse, include_in_schema=False)

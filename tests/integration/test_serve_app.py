@@ -413,11 +413,20 @@ def test_captions_and_answers_after_the_switch_equal_the_engines(served, tmp_pat
             got = list(pool.map(lambda body: served.post("/v1/caption", json=body).json(), bodies))
         assert [g["caption"] for g in got] == [t for t, _ in want]
         assert [g["score"] for g in got] == pytest.approx([s for _, s in want], abs=1e-4)
+    nbest = GenerationConfig(num_beams=3, num_return_sequences=3, max_new_tokens=8)
+    want = engine.caption(images[:1], nbest)
+    body = {"image": b64(png_bytes(colours[0])), "num_beams": 3, "num_return_sequences": 3,
+            "max_new_tokens": 8}  # fmt: skip
+    got = served.post("/v1/caption", json=body)
+    captions = got.json()["captions"]
+    assert [c["caption"] for c in captions] == [t for t, _ in want]  # the best three, best first
+    assert [c["score"] for c in captions] == pytest.approx([s for _, s in want], abs=1e-4)
+    assert got.json()["caption"] == captions[0]["caption"]
     sampled = {"image": b64(png_bytes()), "top_p": 0.9, "seed": 3, "max_new_tokens": 8}
     assert served.post("/v1/caption", json=sampled).json() == served.post(
         "/v1/caption", json=sampled).json()  # fmt: skip
     for bad in ({"num_beams": 6}, {"max_new_tokens": 31}, {"num_beams": 2, "top_p": 0.5},
-                {"temperature": 0}, {"top_p": 1.5}):  # fmt: skip
+                {"temperature": 0}, {"top_p": 1.5}, {"num_return_sequences": 2}):  # fmt: skip
         res = served.post("/v1/caption", json={"image": b64(png_bytes())} | bad)
         assert res.status_code == 422 and res.json()["error"], (bad, res.text)
 

@@ -15,7 +15,7 @@ from mmcore.eval.caption import caption_metrics
 from mmcore.eval.run import eval_metrics, read_questions, read_shards
 from mmcore.eval.vqa import vqa_metrics
 from mmcore.export import load_model, save_model
-from mmcore.generate import ANSWER, GenerationConfig, generate
+from mmcore.generate import ANSWER, GenerationConfig, generate, generate_chunks
 from mmcore.inference import Engine
 from mmcore.losses.fusion import caption_loss, vqa_loss
 from mmcore.models.model import ModelConfig, build_model
@@ -192,6 +192,24 @@ def test_vqa_metrics_and_the_majority_baseline() -> None:
     assert out["by_type"]["count"]["majority_baseline"] == 1 / 2
 
 
+def test_beam_search_returns_each_images_best_beams_best_first() -> None:
+    model, pixels = _model("hybrid"), torch.randn(3, 3, 32, 32)
+    best = generate(model, pixels, GenerationConfig(max_new_tokens=8, num_beams=4))
+    cfg = GenerationConfig(max_new_tokens=8, num_beams=4, num_return_sequences=3)
+    nbest = generate(model, pixels, cfg)
+    assert len(nbest) == 9 and nbest[::3] == best  # image after image, its best first
+    for i in range(3):
+        mine = nbest[3 * i : 3 * i + 3]
+        assert [s for _, s in mine] == sorted((s for _, s in mine), reverse=True)
+        assert len({t for t, _ in mine}) == 3  # three different beams
+    # In chunks (as the engine and the evaluation call it), with prompts: the same texts.
+    prompts = [[101, 1037, 102], [101, 102], [101, 1037, 102]]
+    whole = generate(model, pixels, cfg, prompts)
+    chunked = generate_chunks(model, pixels.split(2), cfg, prompts)
+    assert [t for t, _ in chunked] == [t for t, _ in whole]
+    assert [s for _, s in chunked] == pytest.approx([s for _, s in whole], abs=1e-5)
+
+
 @pytest.mark.parametrize(
     "fusion, kwargs, message",
     [
@@ -199,6 +217,8 @@ def test_vqa_metrics_and_the_majority_baseline() -> None:
         ("hybrid", {"max_new_tokens": 40}, "max_new_tokens must be in"),
         ("hybrid", {"num_beams": 2, "top_p": 0.5}, "not both"),
         ("hybrid", {"top_p": 0.0}, "top_p must be in"),
+        ("hybrid", {"num_beams": 2, "num_return_sequences": 3}, "num_return_sequences must"),
+        ("hybrid", {"top_p": 0.5, "num_return_sequences": 2}, "num_return_sequences must"),
     ],
 )
 def test_bad_settings_are_refused(fusion: str, kwargs: dict, message: str) -> None:
