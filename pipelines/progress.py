@@ -25,13 +25,16 @@ LINE = re.compile(
 
 def ray_data_bars_off() -> Any:
     """Ray Data's own progress bars off (they count blocks and operators; ours count rows or
-    steps), without the warning Ray logs about it. Returns the current ``DataContext``."""
+    steps), without the warning Ray logs about it, and its two lines at the start of every
+    execution (training's split coordinator runs one per epoch: on a small crawl, most of a
+    job's output); its log file keeps them. Returns the current ``DataContext``."""
     import logging
 
     import ray.data
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
+    context.print_on_execution_start = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     return context
 

@@ -242,6 +242,10 @@ def run(
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # The workers run in a folder of Ray's: the zero-shot folders they read, as the user's
+    # shell resolved them.
+    zeroshot = [storage.absolute(folder) for folder in cfg.eval.zeroshot]
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, zeroshot=zeroshot))
     root = job.output_root(cfg.output)
     with start_run(cfg.tracking, run_name, parent_run_id, tags) as tracker:
         tracker.log_params(to_dict(cfg))

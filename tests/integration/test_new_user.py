@@ -54,15 +54,20 @@ def test_curate_starts_its_own_ray_and_prints_one_json_line(sample_dir, tmp_path
     assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar"))[0] == "00000.tar"
 
 
-def test_train_starts_a_ray_sized_for_itself_and_finishes(shards, tmp_path) -> None:
-    run = bare(tmp_path, "train", "--config", TINY, "--data", str(shards), *SHORT, "output=out")
+def test_train_starts_a_ray_sized_for_itself_and_finishes(shards, sample_dir, tmp_path) -> None:
+    # As the README has it: a zero-shot folder relative to where the user is (the workers,
+    # which evaluate at the last step, run elsewhere).
+    (tmp_path / "zs").symlink_to(sample_dir / "zeroshot" / "colour")
+    run = bare(tmp_path, "train", "--config", TINY, "--data", str(shards), "--zeroshot", "zs",
+               *SHORT, "output=out")  # fmt: skip
     result = one_json_line(run)
     cpus = max(os.cpu_count() or 1, 4)  # 2 workers + 2 CPUs for Ray Data's tasks
     assert f"starting a local Ray for this job: {cpus} logical CPUs" in run.stderr
     assert "resolved config:" in run.stderr and "stall_timeout_s: 300.0" in run.stderr
-    assert result["metrics"]["step"] == 2
+    assert result["metrics"]["step"] == 2 and result["metrics"]["eval/zeroshot/colour/top1"] >= 0
     assert "progress: train 2/2 steps (100%)" in run.stderr  # rank 0's line, through Ray
     assert "all_gather_into_tensor" not in run.stderr  # torch's deprecation, from ZeRO's steps
+    assert "Starting execution of Dataset" not in run.stderr  # Ray Data's, every epoch
     export = Path(result["export"])
     assert export.is_relative_to(tmp_path / "out")
     # Tracking is off: the resolved config lies beside the export, and loads back.
