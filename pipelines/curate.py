@@ -95,7 +95,7 @@ def _stage(cfg: CurateConfig, parts: list[str], pieces: str, total: int) -> None
         )
         .map_batches(write_pieces, fn_kwargs={"pieces_dir": pieces}, batch_format="pyarrow", **args)
     )
-    with Progress("curate", total=total, unit="rows") as progress:
+    with Progress("curate", total=total, unit="rows", from_start=True) as progress:
         kept = 0
         for counts in ds.iter_batches(batch_size=None):  # streams; the pieces are on disk
             kept += int(counts["kept"].sum())

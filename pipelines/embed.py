@@ -189,7 +189,7 @@ def work(cfg: EmbedConfig) -> dict[str, Any]:
             num_gpus=cfg.compute.num_gpus,
         )  # fmt: skip
         total = curated["n_samples"] - len(done) if curated else 0
-        with Progress("embed", total, "rows") as progress:
+        with Progress("embed", total, "rows", from_start=True) as progress:
             for batch in written.iter_batches(batch_size=None, batch_format="numpy"):
                 rows = int(batch["rows"].sum())
                 new += rows

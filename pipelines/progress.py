@@ -44,7 +44,9 @@ class Progress:
     terminal a tqdm bar redrawn in place; otherwise ``file`` (stderr) gets a line at most every
     ``every_s`` seconds, and at the end (on a Ray worker too: its output reaches the job's
     log). The rate leaves out start-up (it counts from the first update), unless
-    ``from_start``: for units that take minutes each (trials), whose start-up is theirs."""
+    ``from_start``: for units that take minutes each (trials), whose start-up is theirs, and
+    for stages that count whole tasks (curate, embed), whose first update can come near the
+    end (a 600-row crawl "ran" at 36 000 rows/s)."""
 
     def __init__(
         self, stage: str, total: int, unit: str, done: int = 0, every_s: float = 10.0,
