@@ -19,7 +19,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -83,6 +85,7 @@ def main(
         try:
             if (needed := need(cfg)) is not None:
                 init_ray(needed, address, log_to_driver)
+                _sigterm_interrupts()
             result = work(cfg)
         except ConfigError as e:
             return _refuse(prog, e)
@@ -91,6 +94,18 @@ def main(
             return 130
         print(json.dumps(result), file=out, flush=True)
     return 0
+
+
+def _sigterm_interrupts() -> None:
+    """SIGTERM (kill, a pod stopping) as Ctrl-C: "interrupted", Ray stopped, exit 130. Set
+    after ``ray.init``, whose own handler printed a stack dump and aborted the process
+    (exit 134), leaving a local cluster's processes behind."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def config_yaml(cfg: Any) -> str:

@@ -59,6 +59,30 @@ def test_mmray_serve_answers_and_stops_on_sigterm(tmp_path) -> None:
         raise AssertionError("the server still answers after mmray serve exited")
 
 
+def test_sigterm_while_serve_starts_interrupts_it_cleanly(tmp_path) -> None:
+    """SIGTERM while the replica loads (Ray up, ``serve.run`` waiting): "interrupted", exit
+    130, not Ray's stack dump and an abort."""
+    torch.manual_seed(0)
+    model = save_model(build_model(ModelConfig(text=TextConfig(kind="transformer"))), tmp_path)
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w")  # noqa: SIM115 - lives with the process
+    proc = subprocess.Popen([MMRAY, "serve", "--model", str(model), "--port", str(free_port())],
+                            stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "progress: serve" not in log_path.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 130, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log_path.read_text()
+    assert "mmray serve: interrupted" in text and "SIGTERM received" not in text
+    assert not proc.stdout.read()  # no result line
+
+
 def test_bad_serve_config_fails_before_any_work() -> None:
     run = subprocess.run(
         [MMRAY, "serve", "--model", "x", "model.max_batch_size=128"],
