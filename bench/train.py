@@ -1,6 +1,6 @@
 """Training overhead and memory: Ray Train + DeepSpeed vs a bare PyTorch loop; ZeRO stages.
 
-    python bench/train.py [--part throughput|memory|split|quality] [--steps 60]
+    python bench/train.py [--part throughput|memory|hold|split|quality] [--steps 60]
 
 1. Throughput: the training job (`pipelines.train.run`, 2 workers, ZeRO-2, Ray Data
    decoding and augmenting the curated shards) against a bare single-process PyTorch loop
@@ -11,11 +11,15 @@
    stages 0-3 on 2 workers: the live CPU tensors of a worker after one optimizer step and
    a second backward pass (activations freed, gradients not yet), counted once per storage.
 
-3. Split (only with --part split): reading the training split of the shards (no decoding),
+3. Hold (only with --part hold): the job with the shards held in the object store (read
+   once, ``data.hold_fraction=1``) against read every epoch (``=0``), alternated, twice
+   each, ``--steps`` steps on the 10 % split: mean and median step time, data wait.
+
+4. Split (only with --part split): reading the training split of the shards (no decoding),
    the shipped batch filter (`in_split`, pyarrow) against a row filter (`Dataset.filter`),
    alternated, five times each: wall seconds on the local Ray.
 
-4. Quality (only with --part quality): the `tiny` config as shipped, on the sample crawl:
+5. Quality (only with --part quality): the `tiny` config as shipped, on the sample crawl:
    wall time of the whole job and its final zero-shot (held-out colour × shape
    compositions) and retrieval metrics.
 
@@ -80,6 +84,8 @@ def job_throughput(cfg: TrainConfig) -> dict:
     step, wait = values("train/step_time_s"), values("train/data_wait_s")
     return {
         "samples_per_s": cfg.schedule.global_batch / statistics.median(step),
+        "step_s_mean": statistics.mean(step),
+        "step_s_median": statistics.median(step),
         "data_wait_fraction": sum(wait) / sum(step),
         "steps_measured": len(step),
     }
@@ -229,7 +235,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1200, help="sample crawl rows")
     p.add_argument("--config", default="pipelines/configs/train/tiny.yaml")
     p.add_argument("--memory-model", default="small", help="vision/text size for the ZeRO part")
-    p.add_argument("--part", choices=["throughput", "memory", "split", "quality"], action="append",
+    p.add_argument("--part", action="append",
+                   choices=["throughput", "memory", "hold", "split", "quality"],
                    help="repeatable; default: throughput and memory")  # fmt: skip
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -240,12 +247,22 @@ def main() -> None:
         figures["quality"] = quality(args.config, data, OUT / f"train-sample-{args.n}")
     if "split" in parts:
         figures["split_read_s"] = split_read(data)
+    overrides = [
+        f"data.path={data}", f"schedule.max_steps={args.steps}", "schedule.log_every=1",
+        f"schedule.checkpoint_every={args.steps}", "eval.every=0", "data.val_fraction=0",
+        f"output={OUT / 'train-runs'}", "tracking.experiment=bench-train",
+        "data.text_cache_dir=",  # text features computed afresh in each run, as the bare loop
+    ]  # fmt: skip
+    if "hold" in parts:
+        held = ["data.val_fraction=0.1"]
+        figures["hold"] = [
+            {"hold_fraction": hold} | job_throughput(load_config(
+                TrainConfig, ROOT / args.config, [*overrides, *held, f"data.hold_fraction={hold}"]
+            ))
+            for hold in (1, 0, 1, 0)
+        ]  # fmt: skip
     if "throughput" in parts:
-        cfg = load_config(TrainConfig, ROOT / args.config, [
-            f"data.path={data}", f"schedule.max_steps={args.steps}", "schedule.log_every=1",
-            f"schedule.checkpoint_every={args.steps}", "eval.every=0", "data.val_fraction=0",
-            f"output={OUT / 'train-runs'}", "tracking.experiment=bench-train",
-        ])  # fmt: skip
+        cfg = load_config(TrainConfig, ROOT / args.config, overrides)
         job, bare = job_throughput(cfg), bare_throughput(cfg, data, args.steps)
         overhead = 1 - job["samples_per_s"] / bare["samples_per_s"]
         figures |= {"job": job, "bare": bare, "overhead": overhead}

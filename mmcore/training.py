@@ -120,6 +120,9 @@ class DataConfig:
     # (mmcore TextMemo; ~20 KB each for MiniLM). 0: off. Not under ZeRO-3, where every rank
     # must run the tower to gather its partitioned weights.
     text_cache: int = 0
+    # Where workers keep those features for later runs of the same weights (a sweep's trials,
+    # a fine-tune): a folder on each node, "" for none.
+    text_cache_dir: str = "~/.cache/mmray/text-features"
     # A worker that gets no batch for this long stops the run with a diagnosis (0: waits
     # forever). Covers Ray Data's start-up, so it is generous.
     stall_timeout_s: float = 300.0
@@ -127,10 +130,15 @@ class DataConfig:
     # the same config and seed give the same loss curve (with one worker; several take the
     # split's blocks as they ask). Crops then repeat every epoch, and the read keeps order.
     deterministic: bool = False
+    # Shards that take at most this share of the cluster's object store are read (and
+    # split) once into it and kept for every epoch, not read again each epoch (0: never).
+    hold_fraction: float = 0.25
 
     def validate(self) -> None:
         if not 0 <= self.val_fraction < 1:
             raise ValueError("data.val_fraction must be in [0, 1)")
+        if not 0 <= self.hold_fraction <= 1:
+            raise ValueError("data.hold_fraction must be in [0, 1]")
         if self.text_cache < 0 or self.stall_timeout_s < 0:
             raise ValueError("data.text_cache and data.stall_timeout_s must be >= 0")
 

@@ -124,6 +124,8 @@ def train_func(config: dict[str, Any]) -> None:
         epoch, skip = epoch + 1, 0
     if progress is not None:
         progress.close()
+    if memo := engine.module.text_memo:
+        memo.save(f"rank-{rank}")  # for the next run of this text tower
 
 
 def progress_fields(metrics: dict[str, float]) -> dict[str, float]:
@@ -205,10 +207,15 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
     asked = trains_decoder(cfg.model.fusion, cfg.loss.terms)
     asked = asked and has_questions(cfg.data.val_path or cfg.data.path)
 
+    room = cfg.data.hold_fraction * ray.cluster_resources().get("object_store_memory", 0)
+
     def prepared(path: str, augment: TransformConfig | None, split=None) -> ray.data.Dataset:
-        ds = ray.data.read_webdataset(job.shard_paths(path), decoder=None)
+        tars = job.shard_paths(path)
+        ds = ray.data.read_webdataset(tars, decoder=None)
         if split is not None:  # (fraction, val)
             ds = ds.map_batches(in_split, fn_args=split, batch_size=None, batch_format="pyarrow")
+        if _fits(tars, room):
+            ds = ds.materialize()  # read once, not every epoch
         kwargs = {
             "image_size": cfg.model.vision.image_size,
             "context_length": cfg.model.text.context_length,
@@ -229,6 +236,16 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
         "train": prepared(cfg.data.path, augment, (fraction, False)),
         "val": prepared(cfg.data.path, None, (fraction, True)),
     }
+
+
+def _fits(paths: list[str], room: float) -> bool:
+    """Whether the files take at most ``room`` bytes (asked one by one until they do not)."""
+    total = 0
+    for path in paths:
+        total += storage.info(path).size
+        if total > room:
+            return False
+    return True
 
 
 def run(

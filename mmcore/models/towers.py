@@ -11,14 +11,19 @@ tower). Both text towers use that package's tokenizer, loaded from site-packages
 
 Every tower returns ``(tokens, pooled)``: tokens (B, T, D) for fusion modules, pooled (B, D)
 for contrastive heads. ``TextMemo`` remembers a locked text tower's features per caption, so
-that a run of many epochs computes them once.
+that a run of many epochs computes them once, and, given a folder, keeps them on disk for the
+next run of the same tower (a sweep's trials, a fine-tune of a model with that tower).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
+import os
+import tempfile
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -161,11 +166,45 @@ class TextMemo:
     precomputes them for the same reason. Token features past a text's end are zero (every
     consumer masks them). Texts are right-padded, as ``tokenize`` pads them."""
 
-    def __init__(self, tower: TextTower, size: int) -> None:
+    def __init__(self, tower: TextTower, size: int, folder: str | Path | None = None) -> None:
+        """``folder``: where runs keep features on disk, one subfolder per tower (a hash of
+        its weights); those found there are loaded now, and ``save`` adds this run's."""
         if not tower.frozen:
             raise ValueError("only a locked (frozen) text tower has fixed features to remember")
         self.tower, self.size = tower, size
         self.features: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.folder = Path(folder) / _fingerprint(tower) if folder else None
+        for path in sorted(self.folder.glob("*.pt")) if self.folder else []:
+            self._load(path)
+        self.loaded = len(self.features)
+
+    def _load(self, path: Path) -> None:
+        try:
+            saved = torch.load(path, weights_only=True)
+        except (OSError, RuntimeError, EOFError):  # another run's half-written or foreign file
+            return
+        tokens = saved["tokens"].split(saved["lengths"].tolist())
+        for key, t, p in zip(saved["keys"], tokens, saved["pooled"], strict=True):
+            if len(self.features) >= self.size:
+                return
+            self.features.setdefault(key, (t, p))
+
+    def save(self, name: str) -> None:
+        """Write the features to ``folder/<tower>/name.pt`` when this run added some (written
+        to a temporary file, then renamed: a reader never sees half a file)."""
+        if self.folder is None or len(self.features) <= self.loaded:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        keys = list(self.features)
+        tokens = [self.features[k][0] for k in keys]
+        packed = {
+            "keys": keys, "lengths": torch.tensor([len(t) for t in tokens]),
+            "tokens": torch.cat(tokens), "pooled": torch.stack([self.features[k][1] for k in keys]),
+        }  # fmt: skip
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        os.close(fd)
+        torch.save(packed, tmp)
+        os.replace(tmp, self.folder / f"{name}.pt")
 
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -188,3 +227,13 @@ class TextMemo:
         for i, (t, _) in enumerate(found):
             tokens[i, : len(t)] = t
         return tokens, torch.stack([p for _, p in found])
+
+
+def _fingerprint(tower: nn.Module) -> str:
+    """A hash of a tower's class and weights: features saved by another run are reused only
+    for the same weights."""
+    digest = hashlib.sha256(type(tower).__name__.encode())
+    for name, tensor in sorted(tower.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:20]

@@ -41,8 +41,11 @@ def test_zero2_run_finishes_logs_and_exports(
         "schedule.checkpoint_every=2", "schedule.log_every=1", "schedule.global_batch=16",
         f"data.val_path={shards}", "eval.every=2", f"eval.zeroshot=[{colour}]",
         "eval.max_pairs=1000", f"output={tmp_path}", "tracking.experiment=test-train",
+        f"data.text_cache_dir={tmp_path / 'text'}",
     ])  # fmt: skip
     result = run(cfg)
+    # each worker left its captions' text features for the next run of this text tower
+    assert sorted(p.name for p in (tmp_path / "text").glob("*/*")) == ["rank-0.pt", "rank-1.pt"]
 
     client = mlflow.MlflowClient(mlflow_server.url)
     history = client.get_metric_history(result["run_id"], "train/loss")
@@ -228,21 +231,24 @@ def test_python_dash_m_driver_reproduces_the_loss_curve(
     """The user's path (`python -m pipelines.train`, as under `ray job submit`): a separate
     driver process on the running cluster (its config classes live in __main__ there, which
     once broke the workers' unpickling). With the same config and seed it gives the loss curve
-    of the same run made in this process: a golden check, as torchtitan's loss-curve tests."""
+    of the same run made in this process: a golden check, as torchtitan's loss-curve tests.
+    This process's run holds the small shards in the object store (read once); the other
+    reads them every epoch (data.hold_fraction=0): the batches are the same, past the first
+    epoch too (20 steps of 16 of the ~230 training rows)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     overrides = [f"data.path={shards}", "data.deterministic=true", "scaling.num_workers=1",
-                 "schedule.max_steps=6", "schedule.checkpoint_every=6", "schedule.log_every=1",
+                 "schedule.max_steps=20", "schedule.checkpoint_every=20", "schedule.log_every=1",
                  "schedule.global_batch=16", "eval.every=0", f"output={tmp_path}",
                  "tracking.experiment=test-train-golden", "schedule.seed=7"]  # fmt: skip
     here = run(load_config(TrainConfig, "pipelines/configs/train/tiny.yaml", overrides))
 
     env = os.environ | {"RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(Path.cwd())}
     cmd = [sys.executable, "-m", "pipelines.train", "--config", "pipelines/configs/train/tiny.yaml",
-           *overrides]  # fmt: skip
+           *overrides, "data.hold_fraction=0"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     there = json.loads(proc.stdout)  # the one line on stdout
-    assert there["metrics"]["step"] == 6
+    assert there["metrics"]["step"] == 20
     assert (Path(there["export"]) / "model.safetensors").exists()
 
     client = mlflow.MlflowClient(mlflow_server.url)
@@ -251,5 +257,5 @@ def test_python_dash_m_driver_reproduces_the_loss_curve(
                                  key=lambda m: m.step)]
         for r in (here, there)
     ]  # fmt: skip
-    assert len(curves[0]) == 6 and curves[0][0] != curves[0][-1]
+    assert len(curves[0]) == 20 and curves[0][0] != curves[0][-1]
     assert curves[1] == pytest.approx(curves[0], rel=1e-4)

@@ -96,6 +96,32 @@ def test_text_memo_gives_the_locked_towers_features_computing_each_text_once() -
         TextMemo(build_model(TINY).text, size=2)
 
 
+def test_text_memo_keeps_features_on_disk_for_the_next_run_of_the_same_tower(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(text=TextConfig(kind="minilm", frozen=True)))
+    texts = ["a red circle", "a large blue square to the left of a star", "a star"]
+    tokens = tokenize(texts, 32)
+    first = TextMemo(model.text, size=8, folder=tmp_path)
+    want = first(**tokens)
+    first.save("rank-0")
+    rows: list[int] = []
+    model.text.register_forward_hook(lambda module, args, out: rows.append(len(out[1])))
+    again = TextMemo(model.text, size=8, folder=tmp_path)  # the next run: read, not computed
+    got = again(**tokens)
+    assert (again.loaded, rows) == (3, [])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    again.save("rank-0")  # nothing new: the file is left as it was
+    assert [p.name for p in (tmp_path / first.folder.name).iterdir()] == ["rank-0.pt"]
+    (first.folder / "rank-1.pt").write_bytes(b"half a file")  # unreadable: skipped
+    with torch.no_grad():  # other weights: another folder, nothing loaded
+        model.text.model.embeddings.word_embeddings.weight.add_(1.0)
+    other = TextMemo(model.text, size=8, folder=tmp_path)
+    assert other.loaded == 0 and other.folder != first.folder
+    assert TextMemo(model.text, size=8).folder is None  # no folder: memory only
+
+
 @pytest.mark.parametrize(("size", "image_size"), [("tiny", 64), ("small", 64)])
 def test_conv_stem_gives_the_patch_grid_and_learns(size: str, image_size: int) -> None:
     torch.manual_seed(0)
