@@ -128,7 +128,6 @@ def test_training_reads_the_bucket_and_resumes_from_checkpoints_there(
         f"data.path={bucket_shards}", "schedule.max_steps=16", "schedule.checkpoint_every=4",
         "schedule.log_every=1", "schedule.max_failures=1", f"output={runs}",
         "tracking.experiment=test-object-storage",
-        "data.hold_fraction=0",  # read from the bucket every epoch, as a large dataset is
     ])  # fmt: skip
     result, _ = train_killing_a_worker(
         lambda: train(cfg), lambda: _registered_checkpoints(runs) > 0

@@ -232,19 +232,20 @@ def test_python_dash_m_driver_reproduces_the_loss_curve(
     driver process on the running cluster (its config classes live in __main__ there, which
     once broke the workers' unpickling). With the same config and seed it gives the loss curve
     of the same run made in this process: a golden check, as torchtitan's loss-curve tests.
-    This process's run holds the small shards in the object store (read once); the other
-    reads them every epoch (data.hold_fraction=0): the batches are the same, past the first
-    epoch too (20 steps of 16 of the ~230 training rows)."""
+    This process's run holds the small shards in the object store (read once,
+    data.hold_fraction=1); the other reads them every epoch: the batches are the same, past
+    the first epoch too (20 steps of 16 of the ~230 training rows)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     overrides = [f"data.path={shards}", "data.deterministic=true", "scaling.num_workers=1",
                  "schedule.max_steps=20", "schedule.checkpoint_every=20", "schedule.log_every=1",
                  "schedule.global_batch=16", "eval.every=0", f"output={tmp_path}",
                  "tracking.experiment=test-train-golden", "schedule.seed=7"]  # fmt: skip
-    here = run(load_config(TrainConfig, "pipelines/configs/train/tiny.yaml", overrides))
+    here = run(load_config(TrainConfig, "pipelines/configs/train/tiny.yaml",
+                           [*overrides, "data.hold_fraction=1"]))  # fmt: skip
 
     env = os.environ | {"RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(Path.cwd())}
     cmd = [sys.executable, "-m", "pipelines.train", "--config", "pipelines/configs/train/tiny.yaml",
-           *overrides, "data.hold_fraction=0"]  # fmt: skip
+           *overrides]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     there = json.loads(proc.stdout)  # the one line on stdout
