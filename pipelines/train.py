@@ -214,7 +214,7 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
         ds = ray.data.read_webdataset(tars, decoder=None)
         if split is not None:  # (fraction, val)
             ds = ds.map_batches(in_split, fn_args=split, batch_size=None, batch_format="pyarrow")
-        if _fits(tars, room):
+        if room and _fits(tars, room):
             ds = ds.materialize()  # read once, not every epoch
         kwargs = {
             "image_size": cfg.model.vision.image_size,

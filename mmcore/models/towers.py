@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import hashlib
 import itertools
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -41,6 +42,8 @@ from transformers.utils import logging as hf_logging
 
 from mmcore.data.inputs import minilm_path, token_ids
 from mmcore.hf_remote.modeling_mmray import ConvStem  # one definition: exports bundle it
+
+log = logging.getLogger(__name__)
 
 # (hidden, mlp, layers, heads, patch)
 VISION_SIZES = {
@@ -191,20 +194,27 @@ class TextMemo:
 
     def save(self, name: str) -> None:
         """Write the features to ``folder/<tower>/name.pt`` when this run added some (written
-        to a temporary file, then renamed: a reader never sees half a file)."""
+        to a temporary file, then renamed: a reader never sees half a file). A cache: a
+        folder that cannot be written gets a warning, not an error."""
         if self.folder is None or len(self.features) <= self.loaded:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         keys = list(self.features)
         tokens = [self.features[k][0] for k in keys]
         packed = {
             "keys": keys, "lengths": torch.tensor([len(t) for t in tokens]),
             "tokens": torch.cat(tokens), "pooled": torch.stack([self.features[k][1] for k in keys]),
         }  # fmt: skip
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        os.close(fd)
-        torch.save(packed, tmp)
-        os.replace(tmp, self.folder / f"{name}.pt")
+        tmp = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+            os.close(fd)
+            torch.save(packed, tmp)
+            os.replace(tmp, self.folder / f"{name}.pt")
+        except OSError as e:
+            log.warning("text features not kept in %s: %s", self.folder, e)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor

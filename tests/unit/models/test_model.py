@@ -97,7 +97,7 @@ def test_text_memo_gives_the_locked_towers_features_computing_each_text_once() -
 
 
 def test_text_memo_keeps_features_on_disk_for_the_next_run_of_the_same_tower(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(text=TextConfig(kind="minilm", frozen=True)))
@@ -120,6 +120,12 @@ def test_text_memo_keeps_features_on_disk_for_the_next_run_of_the_same_tower(
     other = TextMemo(model.text, size=8, folder=tmp_path)
     assert other.loaded == 0 and other.folder != first.folder
     assert TextMemo(model.text, size=8).folder is None  # no folder: memory only
+    blocked = tmp_path / "file"  # a folder that cannot be made: a warning, the run goes on
+    blocked.write_text("")
+    memo = TextMemo(model.text, size=8, folder=blocked)
+    memo(**tokens)
+    memo.save("rank-0")
+    assert "text features not kept" in caplog.text
 
 
 @pytest.mark.parametrize(("size", "image_size"), [("tiny", 64), ("small", 64)])
