@@ -20,10 +20,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import itertools
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +39,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from mmcore import storage
 from mmcore.data.inputs import minilm_path, token_ids
 from mmcore.hf_remote.modeling_mmray import ConvStem  # one definition: exports bundle it
 
@@ -193,9 +193,9 @@ class TextMemo:
             self.features.setdefault(key, (t, p))
 
     def save(self, name: str) -> None:
-        """Write the features to ``folder/<tower>/name.pt`` when this run added some (written
-        to a temporary file, then renamed: a reader never sees half a file). A cache: a
-        folder that cannot be written gets a warning, not an error."""
+        """Write the features to ``folder/<tower>/name.pt`` when this run added some, whole
+        (``storage.write_bytes``: a reader never sees half a file). A cache: a folder that
+        cannot be written gets a warning, not an error."""
         if self.folder is None or len(self.features) <= self.loaded:
             return
         keys = list(self.features)
@@ -204,17 +204,12 @@ class TextMemo:
             "keys": keys, "lengths": torch.tensor([len(t) for t in tokens]),
             "tokens": torch.cat(tokens), "pooled": torch.stack([self.features[k][1] for k in keys]),
         }  # fmt: skip
-        tmp = None
+        buffer = io.BytesIO()
+        torch.save(packed, buffer)
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-            os.close(fd)
-            torch.save(packed, tmp)
-            os.replace(tmp, self.folder / f"{name}.pt")
+            storage.write_bytes(str(self.folder / f"{name}.pt"), buffer.getvalue())
         except OSError as e:
             log.warning("text features not kept in %s: %s", self.folder, e)
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
 
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
