@@ -324,6 +324,14 @@ def load_text(uri: str) -> str:
 # --- sweeps and the registry ------------------------------------------------------------------
 
 SWEEP_TAG, TRIAL_TAG, MODEL_TAG = "mmray.sweep", "mmray.trial", "mmray.model_uri"
+EVAL_SETUP_TAG = "mmray.eval_setup"  # a training run's TrainConfig.eval_setup(), as JSON
+
+
+def run_data(run_id: str) -> Any:
+    """A run's tags, params and latest metrics (MLflow's ``RunData``)."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri()).get_run(run_id).data
 
 
 def sweep_models(parent_run_id: str, errored: set[str]) -> dict[str, str]:

@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from mmcore import storage
 from mmcore.data.transforms import TransformConfig
 from mmcore.losses.fusion import LossConfig
 from mmcore.models.model import ModelConfig
@@ -195,6 +196,14 @@ class TrainConfig:
         if self.data.text_cache and not self.model.text.frozen:
             raise ValueError("data.text_cache needs a locked text tower (model.text.frozen=true)")
         self.ds_config  # noqa: B018 - built now: a batch that does not split fails here
+
+    def eval_setup(self) -> list[Any]:
+        """What this run's evaluation figures depend on (the held-out data and its split, the
+        zero-shot folders, the pairs scored): two runs' figures compare only where it is equal."""
+        absolute = lambda p: storage.absolute(p) if p else ""  # noqa: E731
+        data, evals = self.data, self.eval
+        return [absolute(data.path), absolute(data.val_path), data.val_fraction,
+                [absolute(f) for f in evals.zeroshot], evals.max_pairs]  # fmt: skip
 
     @functools.cached_property
     def ds_config(self) -> dict[str, Any]:

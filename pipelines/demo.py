@@ -272,6 +272,7 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
         "train_metrics": {k: v for k, v in metrics.items() if k.startswith("eval/")},
         "sweep_run": tuned["run_id"], "trials": tuned["trials"],
         "champion": f"models:/{info['name']}/{info['version']}", "champion_fusion": info["fusion"],
+        "crowned": tuned["crowned"],
         "champion_metrics": info["metrics"],
         **{k: answers[k] for k in ("classify_right", "classify_of", "search_query",
                                    "search_hits_with_shape", "search_hits")},
@@ -295,7 +296,7 @@ def summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("samples kept", f"{s['samples_kept']} of {s['samples_in']} input rows"),
         *[(f"train {k}", f"{v:.3f}") for k, v in s["train_metrics"].items() if key_metric(k)],
         ("sweep", f"{s['trials']} trials (MLflow run {s['sweep_run']})"),
-        ("champion", f"{s['champion']} ({s['champion_fusion']})"),
+        ("champion", f"{s['champion']} ({s['champion_fusion']}; crowned: {s['crowned']})"),
         *[(f"champion {k}", f"{v:.3f}") for k, v in s["champion_metrics"].items()
           if key_metric(k)],
         ("classify", f"{s['classify_right']} of {s['classify_of']} held-out shapes right"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import sys
 import tempfile
@@ -35,6 +36,8 @@ from mmcore.eval.run import has_questions
 from mmcore.export import save_model
 from mmcore.models.model import build_model, trains_decoder
 from mmcore.tracking import (
+    EVAL_SETUP_TAG,
+    MODEL_TAG,
     lineage_tags,
     log_metrics_to,
     log_model,
@@ -266,7 +269,8 @@ def run(
     root = job.output_root(cfg.output)
     with start_run(cfg.tracking, run_name, parent_run_id, tags) as tracker:
         tracker.log_params(to_dict(cfg))
-        tracker.set_tags(lineage_tags())
+        # How its figures were measured: a sweep warm-started from this run compares them.
+        tracker.set_tags(lineage_tags() | {EVAL_SETUP_TAG: json.dumps(cfg.eval_setup())})
         data = storage.absolute(cfg.data.path)
         if storage.exists(manifest := storage.join(data, "manifest.json")):  # the curated set
             digest = storage.read_json(manifest)["digest"]
@@ -309,7 +313,7 @@ def run(
             storage.upload_dir(local, export := storage.join(root, name, "model"))
         job.write_config(cfg, storage.join(root, name))
         model_uri = model_uri or export
-        tracker.set_tags({"mmray.model_uri": model_uri})  # for a sweep to register
+        tracker.set_tags({MODEL_TAG: model_uri})  # for a sweep to register
         final = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
         return {
             "run_id": tracker.run_id,

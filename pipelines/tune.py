@@ -8,8 +8,10 @@ Train-in-Tune pattern: the trial function builds a ``TorchTrainer`` whose report
 through ``TuneReportCallback``. Every trial gets the same samples-seen budget. ASHA stops
 weak trials at evaluation steps. MLflow gets a parent run per sweep with the ablation
 table, plots and search space, and a child run per trial. The best finished trial's model
-is registered; alias ``champion`` moves to it only if it beats the current champion on the
-same metric. Running the same sweep (``name``) again restores it: finished trials are kept.
+is registered (or the trials' shared warm start, ``init.from``, where its training run scored
+better on the same evaluation); alias ``champion`` moves to it only if it beats the current
+champion on the same metric. Running the same sweep (``name``) again restores it: finished
+trials are kept.
 """
 
 from __future__ import annotations
@@ -271,18 +273,50 @@ def _trials(results: Any) -> list[Trial]:
 
 
 def crown(sweep: SweepConfig, rows: list[dict], parent_run_id: str) -> dict[str, Any]:
-    """Register the best finished trial's model; ``champion`` moves to it only if it beats
-    the current champion on the same evaluation (metric, data, zero-shot folders)."""
+    """Register the best finished trial's model, or the sweep's shared warm start where that
+    scored better on the same evaluation (fine-tuning can make a model worse); ``champion``
+    moves to it only if it beats the current champion on the same evaluation (metric, data,
+    zero-shot folders)."""
     finished = [r for r in rows if r["status"] == "finished" and r[sweep.metric] is not None]
     if not finished:
         raise RuntimeError("no trial finished its budget; nothing to register")
     best = finished[0]  # rows are sorted best first
-    data, evals = sweep.base.data, sweep.base.eval
-    evaluation = json.dumps([sweep.metric, data.path, data.val_path, data.val_fraction,
-                             evals.zeroshot, evals.max_pairs])  # fmt: skip
-    return tracking.promote(sweep.registered_model, best["model_uri"], sweep.metric,
-                   float(best[sweep.metric]), sweep.mode == "max", evaluation,
-                   {tracking.SWEEP_TAG: parent_run_id, "trial": best["trial"]})  # fmt: skip
+    pick = {"trial": best["trial"], "model_uri": best["model_uri"], "value": best[sweep.metric]}
+    if (source := warm_start(sweep)) and _better(sweep, source["value"], pick["value"]):
+        pick = source
+    log.info("crowning the %s (%s %.4f; best trial %.4f)", pick["trial"], sweep.metric,
+             pick["value"], best[sweep.metric])  # fmt: skip
+    tags = {tracking.SWEEP_TAG: parent_run_id, "trial": pick["trial"]}
+    if sweep.base.init.source:
+        tags["init.from"] = sweep.base.init.source
+    evaluation = json.dumps([sweep.metric, *sweep.base.eval_setup()])
+    return {"crowned": pick["trial"]} | tracking.promote(
+        sweep.registered_model, pick["model_uri"], sweep.metric, float(pick["value"]),
+        sweep.mode == "max", evaluation, tags,
+    )  # fmt: skip
+
+
+def warm_start(sweep: SweepConfig) -> dict[str, Any] | None:
+    """The trials' shared warm start as a candidate for champion: its training run's model and
+    last figure on the sweep's metric, when that run was evaluated as the trials are (its
+    ``mmray.eval_setup`` tag); None otherwise (no warm start, a folder, another evaluation)."""
+    source = sweep.base.init.source
+    if not source.startswith(tracking.MODEL_URI_SCHEMES):
+        return None
+    run_id = tracking.registry_ref(source).run_id
+    data = tracking.run_data(run_id) if run_id else None
+    setup = json.dumps(sweep.base.eval_setup())
+    if data is None or data.tags.get(tracking.EVAL_SETUP_TAG) != setup:
+        log.info("the warm start %s was evaluated otherwise: it does not compete", source)
+        return None
+    if sweep.metric not in data.metrics or tracking.MODEL_TAG not in data.tags:
+        return None
+    value = data.metrics[sweep.metric]
+    return {"trial": "warm start", "model_uri": data.tags[tracking.MODEL_TAG], "value": value}
+
+
+def _better(sweep: SweepConfig, value: float, than: float) -> bool:
+    return value > than if sweep.mode == "max" else value < than
 
 
 def run(sweep: SweepConfig) -> dict[str, Any]:

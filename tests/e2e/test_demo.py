@@ -49,6 +49,9 @@ def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
         summary = json.loads(run.stdout.strip().splitlines()[-1])
         assert summary["samples_kept"] > 100 and summary["trials"] == 2
         assert summary["champion"].startswith("models:/mmray-tiny/")
+        # The model the sweep fine-tuned competes too: the champion is never the worse of them.
+        shape = "eval/zeroshot/shape/top1"
+        assert summary["champion_metrics"][shape] >= summary["train_metrics"][shape]
         assert summary["classify_ms_p95"] > 0 and summary["train_metrics"]
         assert summary["classify_of"] == 20 and summary["search_hits"] == 5
         _report_renders(Path(summary["report"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import mlflow
 import pandas as pd
@@ -86,3 +87,55 @@ def test_pyfunc_captions_and_answers_as_the_engine(mlflow_server, tmp_path, monk
     assert out["caption"].tolist() == [t for t, _ in Engine(model).caption(images)]
     with pytest.raises(Exception, match="needs a question"):
         pyfunc.predict(pd.DataFrame({"image": encoded}), params={"task": "vqa"})
+
+
+def test_a_sweep_crowns_its_warm_start_when_no_trial_beat_it(
+    mlflow_server, tmp_path, monkeypatch
+) -> None:
+    """Fine-tuning can make a model worse: the trials' shared warm start competes for
+    champion with its training run's last figure, but only where that run was evaluated as
+    the trials are (its ``mmray.eval_setup`` tag, which ``pipelines.train`` sets)."""
+    from mmcore.config import load_config
+    from mmcore.tracking import EVAL_SETUP_TAG, MODEL_TAG
+    from pipelines import tune
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    metric = "eval/zeroshot/shape/top1"
+    client = mlflow.MlflowClient(mlflow_server.url)
+
+    def logged(seed: int, tags: dict[str, str] | None = None, value: float = 0.0) -> tuple:
+        """A run that logged a model (as a training run does), its figure and tags."""
+        torch.manual_seed(seed)
+        with start_run(TrackingConfig(experiment="test-crown")) as tracker:
+            uri = log_model(save_model(build_model(ModelConfig()), tmp_path / f"m{seed}"))
+            tracker.log_metrics({metric: value}, step=10)
+            tracker.set_tags({MODEL_TAG: uri} | (tags or {}))
+        return tracker.run_id, uri
+
+    def sweep(source: str) -> tune.SweepConfig:
+        trial = {"data.path": str(tmp_path), "init.from": source, "eval.max_pairs": 300}
+        args = [f"trial={json.dumps(trial)}", "registered_model=test-crown"]
+        return load_config(tune.SweepConfig, "pipelines/configs/tune/demo.yaml", args)
+
+    def row(trial: str, uri: str, value: float) -> dict:
+        return {"trial": trial, "status": "finished", "model_uri": uri, metric: value}
+
+    setup = json.dumps(sweep("runs:/x/model").base.eval_setup())
+    base_run, base_uri = logged(0, {EVAL_SETUP_TAG: setup}, value=0.70)
+    base = sweep(base_uri)
+    _, worse = logged(1)
+    first = tune.crown(base, [row("t0", worse, 0.65)], "parent-1")
+    assert first["crowned"] == "warm start" and first["metric"] == pytest.approx(0.70)
+    champion = client.get_model_version_by_alias("test-crown", "champion")
+    assert champion.run_id == base_run and champion.tags["init.from"] == base_uri
+
+    _, better = logged(2)  # a trial that beats it is crowned, and beats the champion
+    second = tune.crown(base, [row("t1", better, 0.75)], "parent-2")
+    assert second["crowned"] == "t1" and second["champion_moved"]
+
+    # A warm start measured on other held-out data does not compete, whatever its figure.
+    other_run, other_uri = logged(3, {EVAL_SETUP_TAG: setup.replace(str(tmp_path), "/else")}, 0.99)
+    third = tune.crown(sweep(other_uri), [row("t2", worse, 0.65)], "parent-3")
+    assert third["crowned"] == "t2" and not third["champion_moved"]
+    champion = client.get_model_version_by_alias("test-crown", "champion")
+    assert f"models:/test-crown/{champion.version}" == second["model_uri"]

@@ -21,7 +21,7 @@ from PIL import Image
 
 from mmcore.config import load_config
 from mmcore.eval.run import zeroshot_eval
-from mmcore.tracking import load
+from mmcore.tracking import EVAL_SETUP_TAG, load
 from pipelines import evaluate
 from pipelines.train import TrainConfig, run
 from pipelines.train import main as train_main
@@ -149,6 +149,9 @@ def test_a_warm_start_at_lr_0_keeps_the_source_weights_and_metrics(
     run_ = mlflow.MlflowClient(mlflow_server.url).get_run(warm["run_id"])
     assert run_.data.params["init.from"] == source["model_uri"]
     assert run_.data.tags["mmray.init.run_id"] == source["run_id"]
+    # how its figures were measured, for a sweep warm-started from it to compare them
+    setup = load_config(TrainConfig, tiny, warm_args).eval_setup()
+    assert json.loads(run_.data.tags[EVAL_SETUP_TAG]) == setup
     init = mlflow.artifacts.load_dict(f"runs:/{warm['run_id']}/init.json")
     assert init["fresh"] == [] and len(init["loaded"]) == len(before)
 
