@@ -36,6 +36,9 @@ export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
 # Idle worker processes stay 10 minutes (Ray's default past num_cpus: 1 s), so a job's
 # datasets and evaluations reuse them instead of starting new ones (pipelines/job.py).
 export RAY_idle_worker_killing_time_threshold_ms=${RAY_idle_worker_killing_time_threshold_ms:-600000}
+# Ray Data's console at warnings (every epoch of training ends a read with an INFO line); its
+# log file keeps everything.
+export RAY_DATA_LOGGING_CONFIG=${RAY_DATA_LOGGING_CONFIG:-$root/pipelines/ray_data_logging.yaml}
 dashboard=http://127.0.0.1:$DASHBOARD_PORT
 
 dashboard_get() {  # the dashboard asks for the token, as the job CLI sends it

@@ -10,6 +10,8 @@ full weights back from a checkpoint of every rank's files.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from collections.abc import Callable
@@ -34,6 +36,8 @@ def build_engine(cfg: TrainConfig, init: dict[str, torch.Tensor] | None = None) 
     """The DeepSpeed engine (identical initial weights on every rank: seeded, then the warm
     start's tensors ``init`` loaded over them) and its LR schedule; the text tower's feature
     memo when ``data.text_cache`` asks for one."""
+    if not cfg.scaling.use_gpu:  # what DeepSpeed would find, after a warning that it did
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import deepspeed.ops
     import ninja
@@ -108,9 +112,12 @@ def consolidate(checkpoint_dir: Path, model: torch.nn.Module, stage: int) -> tor
         files = sorted((checkpoint_dir / CHECKPOINT_TAG).glob("mp_rank_00_model_states.pt"))
         state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the tensors load on the CPU (no warning)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CHECKPOINT_TAG)
+        with contextlib.redirect_stdout(io.StringIO()) as said:  # a dozen lines of its progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), CHECKPOINT_TAG)
+        log.debug("%s", said.getvalue())
     model.load_state_dict(state, strict=True)
     return model.eval()
 
