@@ -44,7 +44,8 @@ class Progress:
     terminal a tqdm bar redrawn in place; otherwise ``file`` (stderr) gets a line at most every
     ``every_s`` seconds, and at the end (on a Ray worker too: its output reaches the job's
     log). The rate leaves out start-up (it counts from the first update), unless
-    ``from_start``: for units that take minutes each (trials), whose start-up is theirs, and
+    ``from_start``: for units that take seconds or minutes each (trials, replicas), whose
+    start-up is theirs, and
     for stages that count whole tasks (curate, embed), whose first update can come near the
     end (a 600-row crawl "ran" at 36 000 rows/s)."""
 
@@ -99,11 +100,11 @@ class Progress:
         since, done = self.first or (time.monotonic(), self.n)
         rate = (self.n - done) / max(time.monotonic() - since, 1e-9)
         left = self.total - self.n
-        eta = tqdm.format_interval(left / rate) if rate > 0 else "?"
+        eta = "00:00" if left <= 0 else tqdm.format_interval(left / rate) if rate > 0 else "?"
         percent = 100 * self.n // max(self.total, 1)
         head = f"progress: {self.stage} {self.n}/{self.total} {self.unit} ({percent}%)"
-        speed = f"{1 / rate:.3g} s/{self.unit.removesuffix('s')}" if 0 < rate < 1 else \
-            f"{rate:.3g} {self.unit}/s"  # fmt: skip
+        speed = "" if rate == 0 else f"{1 / rate:.3g} s/{self.unit.removesuffix('s')}" \
+            if rate < 1 else f"{rate:.3g} {self.unit}/s"  # fmt: skip
         return " | ".join(x for x in (head, speed, f"ETA {eta}",
                                       self._fields()) if x)  # fmt: skip
 

@@ -326,7 +326,7 @@ def _run_showing_replicas(app: Any, replicas: int) -> None:
     """``serve.run`` (it returns when the app is running), with the replicas ready so far as
     progress (``pipelines.progress``) while the model loads."""
     done = threading.Event()
-    progress = Progress("serve", replicas, "replicas", every_s=5.0)
+    progress = Progress("serve", replicas, "replicas", every_s=5.0, from_start=True)
 
     def watch() -> None:
         while not done.wait(1.0):

@@ -25,8 +25,9 @@ def test_a_log_gets_plain_lines_that_parse_back() -> None:
     first = parse(lines[0])
     assert first == {"stage": "curate", "n": 100, "total": 400, "unit": "rows",
                      "rest": first["rest"], "line": lines[0]}  # fmt: skip
-    assert "rows/s | ETA " in lines[0] and lines[0].endswith("| kept 90")
+    assert lines[0].endswith("(25%) | ETA ? | kept 90")  # no rate yet: one update so far
     assert lines[1].startswith("progress: curate 400/400 rows (100%)")
+    assert " rows/s | ETA 00:00 | kept 250" in lines[1]
 
     quiet = io.StringIO()  # a line every every_s (none in the first), the last at the end
     with Progress("train", total=10, unit="steps", done=2, file=quiet) as progress:
@@ -47,6 +48,22 @@ def test_slow_units_count_from_the_start_in_seconds_each(monkeypatch) -> None:
         p.update(1)
     lines = out.getvalue().splitlines()
     assert "| 100 s/trial | ETA 05:00" in lines[0] and "| 100 s/trial | ETA 03:20" in lines[1]
+
+
+def test_nothing_counted_since_the_first_update_shows_no_rate(monkeypatch) -> None:
+    """All of it in one update (a replica, a small crawl's one task): no "0 replicas/s",
+    and at the end ETA 00:00, not "?"."""
+    now = [0.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    out = io.StringIO()
+    with Progress("serve", total=1, unit="replicas", every_s=0, file=out) as p:
+        p.emit()
+        now[0] = 14.0
+        p.update(1)
+    assert out.getvalue().splitlines() == [
+        "progress: serve 0/1 replicas (0%) | ETA ?",
+        "progress: serve 1/1 replicas (100%) | ETA 00:00",
+    ]
 
 
 def test_a_terminal_gets_a_bar_redrawn_in_place() -> None:
