@@ -45,9 +45,8 @@ class Progress:
     ``every_s`` seconds, and at the end (on a Ray worker too: its output reaches the job's
     log). The rate leaves out start-up (it counts from the first update), unless
     ``from_start``: for units that take seconds or minutes each (trials, replicas), whose
-    start-up is theirs, and
-    for stages that count whole tasks (curate, embed), whose first update can come near the
-    end (a 600-row crawl "ran" at 36 000 rows/s)."""
+    start-up is theirs, and for stages that count whole tasks (curate, embed), whose first
+    update can come near the end (a 600-row crawl "ran" at 36 000 rows/s)."""
 
     def __init__(
         self, stage: str, total: int, unit: str, done: int = 0, every_s: float = 10.0,
@@ -103,8 +102,12 @@ class Progress:
         eta = "00:00" if left <= 0 else tqdm.format_interval(left / rate) if rate > 0 else "?"
         percent = 100 * self.n // max(self.total, 1)
         head = f"progress: {self.stage} {self.n}/{self.total} {self.unit} ({percent}%)"
-        speed = "" if rate == 0 else f"{1 / rate:.3g} s/{self.unit.removesuffix('s')}" \
-            if rate < 1 else f"{rate:.3g} {self.unit}/s"  # fmt: skip
+        if rate == 0:  # nothing counted since the first update: no rate yet
+            speed = ""
+        elif rate < 1:
+            speed = f"{1 / rate:.3g} s/{self.unit.removesuffix('s')}"
+        else:
+            speed = f"{rate:.3g} {self.unit}/s"
         return " | ".join(x for x in (head, speed, f"ETA {eta}",
                                       self._fields()) if x)  # fmt: skip
 
