@@ -50,6 +50,22 @@ def test_slow_units_count_from_the_start_in_seconds_each(monkeypatch) -> None:
     assert "| 100 s/trial | ETA 05:00" in lines[0] and "| 100 s/trial | ETA 03:20" in lines[1]
 
 
+def test_counted_from_the_start_no_eta_before_five_percent(monkeypatch) -> None:
+    """A crawl's first finished task comes after the stage's start-up: its rate says little
+    about the rest, so no ETA yet; the rate is shown, as it is."""
+    now = [0.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    out = io.StringIO()
+    with Progress("curate", total=8000, unit="rows", every_s=0, file=out, from_start=True) as p:
+        now[0] = 16.0
+        p.update(64)
+        now[0] = 30.0
+        p.update(5776)
+    first, second = out.getvalue().splitlines()
+    assert first == "progress: curate 64/8000 rows (0%) | 4 rows/s | ETA ?"
+    assert second.endswith("(73%) | 195 rows/s | ETA 00:11")
+
+
 def test_nothing_counted_since_the_first_update_shows_no_rate(monkeypatch) -> None:
     """All of it in one update (a replica, a small crawl's one task): no "0 replicas/s",
     and at the end ETA 00:00, not "?"."""
