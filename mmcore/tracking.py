@@ -363,6 +363,11 @@ def sweep_models(parent_run_id: str, errored: set[str]) -> dict[str, str]:
     return models
 
 
+def beats(value: float, than: float, higher_is_better: bool) -> bool:
+    """Whether ``value`` is strictly better than ``than`` on a metric of that direction."""
+    return value > than if higher_is_better else value < than
+
+
 def promote(
     registered_model: str, model_uri: str, metric: str, value: float, higher_is_better: bool,
     evaluation: str, tags: Mapping[str, str],
@@ -381,9 +386,7 @@ def promote(
     before = None
     if current is not None and current.tags.get("mmray.eval") == evaluation:
         before = float(current.tags[f"metric:{metric}"])
-    better = current is None or (
-        before is not None and (value > before if higher_is_better else value < before)
-    )
+    better = current is None or (before is not None and beats(value, before, higher_is_better))
     tags = {f"metric:{metric}": str(value), "champion_before": str(before),
             "mmray.eval": evaluation, **tags}  # fmt: skip
     for key, tag in tags.items():

@@ -103,8 +103,12 @@ class Progress:
         # Counted from the start, the first few units carry all of the start-up: a crawl's
         # first 64 rows after 16 s said "ETA 34:29" for a 40 s stage. No ETA before 5 %.
         early = self.from_start and self.n < 0.05 * self.total
-        eta = "00:00" if left <= 0 else "?" if rate == 0 or early else \
-            tqdm.format_interval(left / rate)  # fmt: skip
+        if left <= 0:
+            eta = "00:00"
+        elif rate == 0 or early:
+            eta = "?"
+        else:
+            eta = tqdm.format_interval(left / rate)
         percent = 100 * self.n // max(self.total, 1)
         head = f"progress: {self.stage} {self.n}/{self.total} {self.unit} ({percent}%)"
         if rate == 0:  # nothing counted since the first update: no rate yet

@@ -282,7 +282,8 @@ def crown(sweep: SweepConfig, rows: list[dict], parent_run_id: str) -> dict[str,
         raise RuntimeError("no trial finished its budget; nothing to register")
     best = finished[0]  # rows are sorted best first
     pick = {"trial": best["trial"], "model_uri": best["model_uri"], "value": best[sweep.metric]}
-    if (source := warm_start(sweep)) and _better(sweep, source["value"], pick["value"]):
+    source = warm_start(sweep)
+    if source and tracking.beats(source["value"], pick["value"], sweep.mode == "max"):
         pick = source
     log.info("crowning the %s (%s %.4f; best trial %.4f)", pick["trial"], sweep.metric,
              pick["value"], best[sweep.metric])  # fmt: skip
@@ -313,10 +314,6 @@ def warm_start(sweep: SweepConfig) -> dict[str, Any] | None:
         return None
     value = data.metrics[sweep.metric]
     return {"trial": "warm start", "model_uri": data.tags[tracking.MODEL_TAG], "value": value}
-
-
-def _better(sweep: SweepConfig, value: float, than: float) -> bool:
-    return value > than if sweep.mode == "max" else value < than
 
 
 def run(sweep: SweepConfig) -> dict[str, Any]:
