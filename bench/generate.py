@@ -1,12 +1,15 @@
 """Captioning and VQA at tiny scale: train a decoder, score its captions and answers on
 held-out compositions, time them through Serve.
 
-    python -m bench.generate [--n 3000] [--steps 600] [--requests 40]
+    python -m bench.generate [--n 3000] [--steps 600] [--base-steps 0] [--requests 40]
 
 1. A sample crawl (seed 20) and its questions are curated (`--qa`), and the tiny config
    trained on it as `hybrid` with the clip, itm, caption and vqa objectives (`mmray train`,
    Ray Train + DeepSpeed): its evaluation logs eval/caption/* and eval/vqa/accuracy on the
-   held-out pairs (seen compositions).
+   held-out pairs (seen compositions). With `--base-steps`, the tiny config as shipped (late
+   fusion, CLIP) is trained on the same crawl first, and the hybrid model starts from its
+   towers and projections (`init.from`, the way ALBEF and BLIP fine-tune a pretrained
+   backbone); its fusion module and heads start fresh.
 2. The crawl's held-out shard (`heldout/`: scenes whose first object is a composition no crawl
    image or caption has) is scored with `mmray eval caption` (greedy and 3 beams) and
    `mmray eval vqa` (greedy), beside two majority baselines: the most common answer of each
@@ -78,6 +81,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=3000, help="rows of the crawl")
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--base-steps", type=int, default=0, help="a CLIP base first (0: none)")
     p.add_argument("--requests", type=int, default=40)
     p.add_argument("--out", default="bench/out/generate")
     args = p.parse_args()
@@ -87,6 +91,8 @@ def main() -> None:
     mmray("curate", "--config", "pipelines/configs/curate_tiny.yaml", "--input",
           f"{raw}/metadata.parquet", "--qa", f"{raw}/qa.parquet",
           "--output", str(shards))  # fmt: skip
+    base = train(shards, raw, args.base_steps, out / "base") if args.base_steps else None
+    warm = [f"init.from={base['model_uri']}", "init.modules=[towers, projections]"] if base else []
     trained = train(
         shards,
         raw,
@@ -94,11 +100,13 @@ def main() -> None:
         out / "runs",
         "model.fusion=hybrid",
         "loss.terms={clip: 1.0, itm: 1.0, caption: 1.0, vqa: 1.0}",
+        *warm,
     )
     model = trained["model_uri"]
     metrics = trained["metrics"]
     names = ("eval/caption/bleu4", "eval/caption/cider", "eval/vqa/accuracy")
     result: dict = {"args": vars(args), "model": model,
+                    "base": base and base["metrics"],
                     "seen": {"/".join(k.split("/")[-2:]): metrics[k] for k in names}}  # fmt: skip
     heldout = raw / "heldout"
     for beams in (1, 3):
