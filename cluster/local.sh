@@ -97,8 +97,11 @@ status() {
 }
 
 down() {
-  # `ray stop` ends the Ray processes of this machine's user: every node of this cluster.
-  "$RAY" stop --force >/dev/null 2>&1 || true
+  # This cluster's nodes only (cluster/stop.py); `ray stop` would end every Ray of the user's.
+  local python
+  python=$(dirname "$RAY")/python
+  [ -x "$python" ] || python=python3
+  "$python" "$root/cluster/stop.py" "$GCS_PORT"
   echo "down"
 }
 

@@ -1,0 +1,60 @@
+"""`cluster/local.sh down` (and so `mmray demo --stop`) ends its own cluster only: two real
+`ray start --head` clusters, one stopped by its port, the other still running."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from pipelines.local import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = Path(sys.executable).with_name("ray")
+
+
+def _stop_module():
+    spec = importlib.util.spec_from_file_location("cluster_stop", ROOT / "cluster" / "stop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _start_head(port: int, temp: Path) -> None:
+    subprocess.run(
+        [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={temp}",
+         "--include-dashboard=false", "--object-store-memory=80000000",
+         "--disable-usage-stats"],
+        check=True, capture_output=True, env=os.environ | {"RAY_USAGE_STATS_ENABLED": "0"},
+    )  # fmt: skip
+
+
+def test_stopping_one_cluster_leaves_another_running() -> None:
+    stop = _stop_module()
+    ports = [free_port(), free_port()]
+    # Short temp folders: a node's Unix sockets live there (at most 107 characters a path).
+    temps = [Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp")) for _ in ports]
+    try:
+        for port, temp in zip(ports, temps, strict=True):
+            _start_head(port, temp)
+        mine, other = (stop.cluster_processes(port) for port in ports)
+        names = [{p.name() for p in procs} for procs in (mine, other)]
+        assert all({"gcs_server", "raylet"} <= n for n in names), names
+        assert not {p.pid for p in mine} & {p.pid for p in other}
+
+        out = subprocess.run([sys.executable, str(ROOT / "cluster" / "stop.py"), str(ports[0])],
+                             check=True, capture_output=True, text=True).stdout  # fmt: skip
+        assert f"processes of the Ray cluster on port {ports[0]}" in out
+        assert not [p.pid for p in mine if p.is_running()]
+        assert all(p.is_running() for p in other)
+        assert stop.cluster_processes(ports[0]) == []
+    finally:
+        for port in ports:
+            stop.stop(port)
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
+    assert not [p for p in other if p.is_running()]
