@@ -39,6 +39,9 @@ export RAY_idle_worker_killing_time_threshold_ms=${RAY_idle_worker_killing_time_
 # Ray Data's console at warnings (every epoch of training ends a read with an INFO line); its
 # log file keeps everything.
 export RAY_DATA_LOGGING_CONFIG=${RAY_DATA_LOGGING_CONFIG:-$root/pipelines/ray_data_logging.yaml}
+# No node of this cluster is ever drained: Ray Train's preemption watcher only adds an
+# error-level line to every training run (pipelines/__init__.py).
+export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=${RAY_TRAIN_ENABLE_PREEMPTION_WATCHER:-0}
 dashboard=http://127.0.0.1:$DASHBOARD_PORT
 
 dashboard_get() {  # the dashboard asks for the token, as the job CLI sends it

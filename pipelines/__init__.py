@@ -9,3 +9,8 @@ from pathlib import Path
 os.environ.setdefault(
     "RAY_DATA_LOGGING_CONFIG", str(Path(__file__).parent / "ray_data_logging.yaml")
 )
+# Ray Train's preemption watcher polls for node drains (spot instances being reclaimed). A Ray
+# that mmray starts on this machine (and cluster/local.sh's) has none, and every run printed
+# an error-level line from the watcher's actor ("has constructor arguments in the object
+# store and max_restarts > 0"). On a user's own cluster the cluster's environment decides.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
