@@ -36,7 +36,8 @@ def cluster_processes(port: int) -> list[psutil.Process]:
     )  # fmt: skip
     if session is None:
         return []
-    roots = [p for p, cmd in table if session in cmd or re.search(rf":{port}(\s|$)", cmd)]
+    client = re.compile(rf"ray\.util\.client\.server .*--address=\S+:{port}(\s|$)")
+    roots = [p for p, cmd in table if session in cmd or client.search(cmd)]
     found: dict[int, psutil.Process] = {}
     for proc in roots:
         found.setdefault(proc.pid, proc)

@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psutil
+
 from pipelines.local import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +47,10 @@ def test_stopping_one_cluster_leaves_another_running() -> None:
         names = [{p.name() for p in procs} for procs in (mine, other)]
         assert all({"gcs_server", "raylet"} <= n for n in names), names
         assert not {p.pid for p in mine} & {p.pid for p in other}
+        # Every process that names the first cluster's GCS address is among its processes.
+        naming = {p.pid for p in psutil.process_iter(["cmdline"])
+                  if f":{ports[0]}" in " ".join(p.info["cmdline"] or [])}  # fmt: skip
+        assert naming and naming <= {p.pid for p in mine}
 
         out = subprocess.run([sys.executable, str(ROOT / "cluster" / "stop.py"), str(ports[0])],
                              check=True, capture_output=True, text=True).stdout  # fmt: skip
