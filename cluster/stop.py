@@ -25,7 +25,7 @@ GRACE_S = 5.0
 
 
 def cluster_processes(port: int) -> list[psutil.Process]:
-    """The cluster's processes and their descendants: raylets first, the GCS server last."""
+    """The cluster's processes and their descendants."""
     table = []
     for proc in psutil.process_iter(["cmdline"]):
         table.append((proc, " ".join(proc.info["cmdline"] or [])))
@@ -43,8 +43,7 @@ def cluster_processes(port: int) -> list[psutil.Process]:
         found.setdefault(proc.pid, proc)
         for child in _children(proc):
             found.setdefault(child.pid, child)
-    order = {"raylet": 0, "gcs_server": 2}
-    return sorted(found.values(), key=lambda p: order.get(_name(p), 1))
+    return list(found.values())
 
 
 def _children(proc: psutil.Process) -> list[psutil.Process]:
@@ -64,9 +63,10 @@ def _name(proc: psutil.Process) -> str:
 def stop(port: int) -> int:
     """Stop the cluster on ``port``; returns how many processes were found."""
     procs = cluster_processes(port)
-    groups = [[p for p in procs if _name(p) == "raylet"],
-              [p for p in procs if _name(p) not in ("raylet", "gcs_server")],
-              [p for p in procs if _name(p) == "gcs_server"]]  # fmt: skip
+    order = {"raylet": 0, "gcs_server": 2}  # raylets first, the GCS last; the rest between
+    groups: list[list[psutil.Process]] = [[], [], []]
+    for proc in procs:
+        groups[order.get(_name(proc), 1)].append(proc)
     for group in groups:
         for proc in group:
             try:
