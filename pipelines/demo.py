@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import requests
 
 from pipelines.local import mlflow_server
@@ -325,13 +326,43 @@ def stop(workdir: Path) -> int:
         return 0
     state = json.loads(state_file.read_text())
     cluster("down", state["dashboard_port"], state["gcs_port"])
-    try:
-        os.killpg(state["mlflow_pid"], signal.SIGTERM)  # the server and its workers
+    if stop_session(state["mlflow_pid"]):  # the server and its workers
         say(f"stopped the MLflow server (pid {state['mlflow_pid']})")
-    except ProcessLookupError:
-        pass
     state_file.unlink()
     return 0
+
+
+def stop_session(pgid: int, grace_s: float = 10.0) -> bool:
+    """SIGTERM the process group of a server started in a session of its own and return once
+    its processes have exited (SIGKILL after ``grace_s``), so that its port is free; False when
+    none was running."""
+    procs = [p for p in psutil.process_iter() if _pgid(p.pid) == pgid]
+    found = bool(procs)
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        if not procs:
+            break
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_s
+        while (procs := [p for p in procs if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return found
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE  # a zombie holds no port
+    except psutil.Error:
+        return False
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -1,9 +1,11 @@
 """`cluster/local.sh down` (and so `mmray demo --stop`) ends its own cluster only: two real
-`ray start --head` clusters, one stopped by its port, the other still running."""
+`ray start --head` clusters, one stopped by its port, the other still running. And
+`mmray demo --stop` returns once its MLflow server is gone, not while it is still answering."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +14,10 @@ import tempfile
 from pathlib import Path
 
 import psutil
+import pytest
+import requests
 
+from pipelines import demo
 from pipelines.local import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,3 +69,20 @@ def test_stopping_one_cluster_leaves_another_running() -> None:
         for temp in temps:
             shutil.rmtree(temp, ignore_errors=True)
     assert not [p for p in other if p.is_running()]
+
+
+def test_demo_stop_returns_once_the_mlflow_server_is_gone(tmp_path: Path) -> None:
+    port = free_port()
+    pid, url = demo.start_mlflow(tmp_path, port)
+    group = [p for p in psutil.process_iter() if demo._pgid(p.pid) == pid]
+    assert len(group) >= 2, group  # the server and its worker
+    state = {"mlflow_pid": pid, "dashboard_port": free_port(), "gcs_port": free_port()}
+    (tmp_path / demo.STATE).write_text(json.dumps(state))
+    try:
+        assert demo.stop(tmp_path) == 0
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{url}/health", timeout=5)
+        assert not [p for p in group if demo._running(p)]
+        assert not (tmp_path / demo.STATE).exists()
+    finally:
+        demo.stop_session(pid, grace_s=1)
