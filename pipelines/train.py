@@ -83,7 +83,9 @@ def train_func(config: dict[str, Any]) -> None:
     warnings.filterwarnings("ignore", "`torch.distributed.all_gather_into_tensor`", FutureWarning)
     init = ray.get(config["init"]) if config["init"] is not None else None  # init.from
     engine, sched = build_engine(cfg, init)
-    epoch, skip = 0, 0  # the data position: epoch, and micro-batches of it already consumed
+    # The data position: the epoch (the first of the current read of the shards, which holds
+    # data.repeat epochs), and micro-batches of that read already consumed.
+    epoch, skip = 0, 0
     if checkpoint := ray.train.get_checkpoint():
         with _own_copy(checkpoint) as folder:
             _, position = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
@@ -123,8 +125,9 @@ def train_func(config: dict[str, Any]) -> None:
             if engine.global_steps >= last:
                 break
         if consumed <= skip and engine.global_steps < last:
-            raise RuntimeError(f"an epoch gave worker {rank} no full batch of {micro} samples")
-        epoch, skip = epoch + 1, 0
+            raise RuntimeError(f"a read of the shards gave worker {rank} no full batch of {micro} "
+                               "samples")  # fmt: skip
+        epoch, skip = epoch + cfg.data.repeat, 0
     if progress is not None:
         progress.close()
     if memo := engine.module.text_memo:
@@ -212,13 +215,19 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
 
     room = cfg.data.hold_fraction * ray.cluster_resources().get("object_store_memory", 0)
 
-    def prepared(path: str, augment: TransformConfig | None, split=None) -> ray.data.Dataset:
+    def prepared(
+        path: str, augment: TransformConfig | None, split=None, repeat: int = 1
+    ) -> ray.data.Dataset:
         tars = job.shard_paths(path)
-        ds = ray.data.read_webdataset(tars, decoder=None)
+        held = room and _fits(tars, room)
+        # data.repeat epochs in one execution: the files listed that many times in a row (a
+        # union of reads would run them side by side), or the held rows that many times.
+        ds = ray.data.read_webdataset(tars if held else tars * repeat, decoder=None)
         if split is not None:  # (fraction, val)
             ds = ds.map_batches(in_split, fn_args=split, batch_size=None, batch_format="pyarrow")
-        if room and _fits(tars, room):
+        if held:
             ds = ds.materialize()  # read once, not every epoch
+            ds = ds.union(*[ds] * (repeat - 1)) if repeat > 1 else ds
         kwargs = {
             "image_size": cfg.model.vision.image_size,
             "context_length": cfg.model.text.context_length,
@@ -230,13 +239,14 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
 
     augment = dataclasses.replace(cfg.data.augment, image_size=cfg.model.vision.image_size)
     fraction = 0.0 if cfg.data.val_path else cfg.data.val_fraction
+    repeat = cfg.data.repeat
     if not fraction:
-        datasets = {"train": prepared(cfg.data.path, augment)}
+        datasets = {"train": prepared(cfg.data.path, augment, repeat=repeat)}
         if cfg.data.val_path:
             datasets["val"] = prepared(cfg.data.val_path, None)
         return datasets
     return {
-        "train": prepared(cfg.data.path, augment, (fraction, False)),
+        "train": prepared(cfg.data.path, augment, (fraction, False), repeat),
         "val": prepared(cfg.data.path, None, (fraction, True)),
     }
 
