@@ -1,6 +1,6 @@
 """Training overhead and memory: Ray Train + DeepSpeed vs a bare PyTorch loop; ZeRO stages.
 
-    python bench/train.py [--part throughput|memory|hold|repeat|split|quality] [--steps 60]
+    python bench/train.py [--part throughput|memory|hold|split|quality] [--steps 60]
 
 1. Throughput: the training job (`pipelines.train.run`, 2 workers, ZeRO-2, Ray Data
    decoding and augmenting the curated shards) against a bare single-process PyTorch loop
@@ -15,16 +15,11 @@
    once, ``data.hold_fraction=1``) against read every epoch (``=0``), alternated, twice
    each, ``--steps`` steps on the 10 % split: mean and median step time, data wait.
 
-4. Repeat (only with --part repeat): each read of the shards holding 8 epochs
-   (``data.repeat=8``, one Ray Data execution) against one (``=1``: an execution per epoch),
-   alternated, twice each, ``--steps`` steps on the 10 % split: the job's wall time and the
-   workers' summed data wait, which holds the wait at the start of each execution.
-
-5. Split (only with --part split): reading the training split of the shards (no decoding),
+4. Split (only with --part split): reading the training split of the shards (no decoding),
    the shipped batch filter (`in_split`, pyarrow) against a row filter (`Dataset.filter`),
    alternated, five times each: wall seconds on the local Ray.
 
-6. Quality (only with --part quality): the `tiny` config as shipped, on the sample crawl:
+5. Quality (only with --part quality): the `tiny` config as shipped, on the sample crawl:
    wall time of the whole job and its final zero-shot (held-out colour × shape
    compositions) and retrieval metrics.
 
@@ -79,9 +74,7 @@ def job_throughput(cfg: TrainConfig) -> dict:
 
     uri = f"sqlite:///{OUT / 'bench-train-mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    start = time.perf_counter()
     result = run(cfg)
-    seconds = time.perf_counter() - start
     client = mlflow.MlflowClient(uri)
 
     def values(name: str) -> list[float]:
@@ -94,9 +87,7 @@ def job_throughput(cfg: TrainConfig) -> dict:
         "step_s_mean": statistics.mean(step),
         "step_s_median": statistics.median(step),
         "data_wait_fraction": sum(wait) / sum(step),
-        "data_wait_s": sum(wait),
         "steps_measured": len(step),
-        "job_s": seconds,
     }
 
 
@@ -245,7 +236,7 @@ def main() -> None:
     p.add_argument("--config", default="pipelines/configs/train/tiny.yaml")
     p.add_argument("--memory-model", default="small", help="vision/text size for the ZeRO part")
     p.add_argument("--part", action="append",
-                   choices=["throughput", "memory", "hold", "repeat", "split", "quality"],
+                   choices=["throughput", "memory", "hold", "split", "quality"],
                    help="repeatable; default: throughput and memory")  # fmt: skip
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -269,14 +260,6 @@ def main() -> None:
                 TrainConfig, ROOT / args.config, [*overrides, *held, f"data.hold_fraction={hold}"]
             ))
             for hold in (1, 0, 1, 0)
-        ]  # fmt: skip
-    if "repeat" in parts:
-        split = ["data.val_fraction=0.1"]
-        figures["repeat"] = [
-            {"repeat": repeat} | job_throughput(load_config(
-                TrainConfig, ROOT / args.config, [*overrides, *split, f"data.repeat={repeat}"]
-            ))
-            for repeat in (8, 1, 8, 1)
         ]  # fmt: skip
     if "throughput" in parts:
         cfg = load_config(TrainConfig, ROOT / args.config, overrides)

@@ -135,15 +135,8 @@ class DataConfig:
     # split) once into it and kept for every epoch, not read again each epoch (0: never).
     # Off by default: it pays where the workers wait for data (docs/BENCHMARKS.md).
     hold_fraction: float = 0.0
-    # Epochs in one read of the training shards: each read is a Ray Data execution, and the
-    # workers wait ~2-4 s at the start of each one (docs/BENCHMARKS.md). N > 1 reads the
-    # shards N times back to back in one execution, which spares N - 1 of those waits;
-    # `train/epoch` then counts in steps of N (the first epoch of the current read).
-    repeat: int = 1
 
     def validate(self) -> None:
-        if self.repeat < 1:
-            raise ValueError("data.repeat must be >= 1")
         if not 0 <= self.val_fraction < 1:
             raise ValueError("data.val_fraction must be in [0, 1)")
         if not 0 <= self.hold_fraction <= 1:

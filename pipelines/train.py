@@ -83,9 +83,7 @@ def train_func(config: dict[str, Any]) -> None:
     warnings.filterwarnings("ignore", "`torch.distributed.all_gather_into_tensor`", FutureWarning)
     init = ray.get(config["init"]) if config["init"] is not None else None  # init.from
     engine, sched = build_engine(cfg, init)
-    # The data position: the epoch (the first of the current read of the shards, which holds
-    # data.repeat epochs), and micro-batches of that read already consumed.
-    epoch, skip = 0, 0
+    epoch, skip = 0, 0  # the data position: epoch, and micro-batches of it already consumed
     if checkpoint := ray.train.get_checkpoint():
         with _own_copy(checkpoint) as folder:
             _, position = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
@@ -125,9 +123,8 @@ def train_func(config: dict[str, Any]) -> None:
             if engine.global_steps >= last:
                 break
         if consumed <= skip and engine.global_steps < last:
-            raise RuntimeError(f"a read of the shards gave worker {rank} no full batch of {micro} "
-                               "samples")  # fmt: skip
-        epoch, skip = epoch + cfg.data.repeat, 0
+            raise RuntimeError(f"an epoch gave worker {rank} no full batch of {micro} samples")
+        epoch, skip = epoch + 1, 0
     if progress is not None:
         progress.close()
     if memo := engine.module.text_memo:
@@ -215,19 +212,13 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
 
     room = cfg.data.hold_fraction * ray.cluster_resources().get("object_store_memory", 0)
 
-    def prepared(
-        path: str, augment: TransformConfig | None, split=None, repeat: int = 1
-    ) -> ray.data.Dataset:
+    def prepared(path: str, augment: TransformConfig | None, split=None) -> ray.data.Dataset:
         tars = job.shard_paths(path)
-        held = room and _fits(tars, room)
-        # data.repeat epochs in one execution: the files listed that many times in a row (a
-        # union of reads would run them side by side), or the held rows that many times.
-        ds = ray.data.read_webdataset(tars if held else tars * repeat, decoder=None)
+        ds = ray.data.read_webdataset(tars, decoder=None)
         if split is not None:  # (fraction, val)
             ds = ds.map_batches(in_split, fn_args=split, batch_size=None, batch_format="pyarrow")
-        if held:
+        if room and _fits(tars, room):
             ds = ds.materialize()  # read once, not every epoch
-            ds = ds.union(*[ds] * (repeat - 1)) if repeat > 1 else ds
         kwargs = {
             "image_size": cfg.model.vision.image_size,
             "context_length": cfg.model.text.context_length,
@@ -239,14 +230,13 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
 
     augment = dataclasses.replace(cfg.data.augment, image_size=cfg.model.vision.image_size)
     fraction = 0.0 if cfg.data.val_path else cfg.data.val_fraction
-    repeat = cfg.data.repeat
     if not fraction:
-        datasets = {"train": prepared(cfg.data.path, augment, repeat=repeat)}
+        datasets = {"train": prepared(cfg.data.path, augment)}
         if cfg.data.val_path:
             datasets["val"] = prepared(cfg.data.val_path, None)
         return datasets
     return {
-        "train": prepared(cfg.data.path, augment, (fraction, False), repeat),
+        "train": prepared(cfg.data.path, augment, (fraction, False)),
         "val": prepared(cfg.data.path, None, (fraction, True)),
     }
 
