@@ -42,6 +42,8 @@ export RAY_DATA_LOGGING_CONFIG=${RAY_DATA_LOGGING_CONFIG:-$root/pipelines/ray_da
 # No node of this cluster is ever drained: Ray Train's preemption watcher only adds an
 # error-level line to every training run (pipelines/__init__.py).
 export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=${RAY_TRAIN_ENABLE_PREEMPTION_WATCHER:-0}
+# Ray Train's DatasetManager warns of a Ray Data option it sets itself (pipelines/__init__.py).
+export PYTHONWARNINGS=${PYTHONWARNINGS:-"ignore:\`ExecutionOptions.exclude_resources\` is deprecated"}
 dashboard=http://127.0.0.1:$DASHBOARD_PORT
 
 dashboard_get() {  # the dashboard asks for the token, as the job CLI sends it

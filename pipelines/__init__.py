@@ -14,3 +14,7 @@ os.environ.setdefault(
 # an error-level line from the watcher's actor ("has constructor arguments in the object
 # store and max_restarts > 0"). On a user's own cluster the cluster's environment decides.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray Train's DatasetManager sets an option Ray Data has deprecated, and its actor printed the
+# RayDeprecationWarning (two lines) in every run. Only that message is silenced, in the
+# processes of a Ray mmray starts; a user's own PYTHONWARNINGS wins.
+os.environ.setdefault("PYTHONWARNINGS", "ignore:`ExecutionOptions.exclude_resources` is deprecated")

@@ -77,6 +77,7 @@ def test_train_starts_a_ray_sized_for_itself_and_finishes(shards, sample_dir, tm
         "Setting accelerator to CPU": "DeepSpeed's, from each worker and the driver",
         "Processing zero checkpoint": "DeepSpeed's consolidation, a dozen lines",
         "PreemptionWatcher": "Ray Train's, an error-level line from its watcher actor",
+        "exclude_resources": "Ray Data's deprecation of an option Ray Train's DatasetManager sets",
     }
     for text, what in noise.items():
         assert text not in run.stderr, what
