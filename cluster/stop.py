@@ -60,6 +60,23 @@ def _name(proc: psutil.Process) -> str:
         return ""
 
 
+def terminate(procs: list[psutil.Process], grace_s: float = GRACE_S) -> None:
+    """SIGTERM the processes, SIGKILL those left after ``grace_s``; returns once they have
+    exited."""
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=2)
+
+
 def stop(port: int) -> int:
     """Stop the cluster on ``port``; returns how many processes were found."""
     procs = cluster_processes(port)
@@ -68,18 +85,7 @@ def stop(port: int) -> int:
     for proc in procs:
         groups[order.get(_name(proc), 1)].append(proc)
     for group in groups:
-        for proc in group:
-            try:
-                proc.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(group, timeout=GRACE_S)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=2)
+        terminate(group)
     # `ray.init(address="auto")` reads the last started cluster's address from this file.
     current = Path(
         os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(), "ray", "ray_current_cluster"

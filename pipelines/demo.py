@@ -10,16 +10,17 @@ services running until ``mmray demo --stop``. Logs of every job: WORKDIR/logs/.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from pipelines.report import Report, render
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CLUSTER = ROOT / "cluster" / "local.sh"
+CLUSTER_STOP = ROOT / "cluster" / "stop.py"
 STATE = "services.json"
 EVAL_PAIRS = 300  # held-out pairs the retrieval metrics are measured on
 PER_SHAPE = 4  # held-out images of each shape the demo classifies
@@ -333,22 +335,12 @@ def stop(workdir: Path) -> int:
 
 
 def stop_session(pgid: int, grace_s: float = 10.0) -> bool:
-    """SIGTERM the process group of a server started in a session of its own and return once
-    its processes have exited (SIGKILL after ``grace_s``), so that its port is free; False when
-    none was running."""
+    """Stop the processes of a server started in a session of its own, and return once they
+    have exited (cluster/stop.py's ``terminate``), so that its port is free; False when none
+    was running."""
     procs = [p for p in psutil.process_iter() if _pgid(p.pid) == pgid]
-    found = bool(procs)
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        if not procs:
-            break
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait_s
-        while (procs := [p for p in procs if _running(p)]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    return found
+    cluster_stop().terminate(procs, grace_s)
+    return bool(procs)
 
 
 def _pgid(pid: int) -> int | None:
@@ -358,11 +350,12 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE  # a zombie holds no port
-    except psutil.Error:
-        return False
+def cluster_stop() -> ModuleType:
+    """cluster/stop.py, a script on its own (it needs only psutil), as a module."""
+    spec = importlib.util.spec_from_file_location("cluster_stop", CLUSTER_STOP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

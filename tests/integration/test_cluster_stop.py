@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -24,13 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")
 
 
-def _stop_module():
-    spec = importlib.util.spec_from_file_location("cluster_stop", ROOT / "cluster" / "stop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _start_head(port: int, temp: Path) -> None:
     subprocess.run(
         [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={temp}",
@@ -41,7 +33,7 @@ def _start_head(port: int, temp: Path) -> None:
 
 
 def test_stopping_one_cluster_leaves_another_running() -> None:
-    stop = _stop_module()
+    stop = demo.cluster_stop()
     ports = [free_port(), free_port()]
     # Short temp folders: a node's Unix sockets live there (at most 107 characters a path).
     temps = [Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp")) for _ in ports]
@@ -82,7 +74,7 @@ def test_demo_stop_returns_once_the_mlflow_server_is_gone(tmp_path: Path) -> Non
         assert demo.stop(tmp_path) == 0
         with pytest.raises(requests.ConnectionError):
             requests.get(f"{url}/health", timeout=5)
-        assert not [p for p in group if demo._running(p)]
+        assert not [p for p in group if p.is_running()]
         assert not (tmp_path / demo.STATE).exists()
     finally:
         demo.stop_session(pid, grace_s=1)
