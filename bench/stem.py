@@ -1,6 +1,7 @@
 """Why the `tiny` config has a conv stem: shape learning of the tiny ViT, patch vs conv stem.
 
     python bench/stem.py [--stem patch|conv] [--channels 24] [--steps 1500] [--seed 0] [--lr 1e-3]
+                         [--bn-batch 32] [--order fixed]
 
 A single-process loop, not the training job: the `tiny` model (frozen MiniLM, late fusion,
 CLIP loss, batch 64, AdamW, cosine lr) on the curated shards of an n-row sample crawl, with
@@ -57,6 +58,10 @@ def main() -> None:
     p.add_argument("--channels", type=int, default=24, help="the conv stem's first width")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--order", choices=["random", "fixed"], default="random",
+                   help="fixed: every epoch the same batches in the same order")  # fmt: skip
+    p.add_argument("--bn-batch", type=int, default=64,
+                   help="images per BatchNorm batch (the job: 64 / 2 workers = 32)")  # fmt: skip
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,11 +88,17 @@ def main() -> None:
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.steps, 50))
     augment, start = TransformConfig(image_size=64), time.perf_counter()
+    fixed = rng.permutation(len(train)) if args.order == "fixed" else None
     model.train()
     for step in range(1, args.steps + 1):
-        idx = rng.choice(len(train), 64, replace=False)
+        if fixed is None:
+            idx = rng.choice(len(train), 64, replace=False)
+        else:  # the k-th batch of every epoch holds the same rows
+            k = (step - 1) % (len(train) // 64)
+            idx = fixed[k * 64 : (k + 1) * 64]
         pixels = np.stack([train_transform(images[train[i]], augment, rng) for i in idx])
-        image = model.encode_image(torch.from_numpy(pixels))
+        parts = np.split(pixels, 64 // args.bn_batch)  # each a forward of its own, as on a rank
+        image = torch.cat([model.encode_image(torch.from_numpy(part)) for part in parts])
         logits = model.scales()[0] * image @ F.normalize(model.text_projection(text[idx])).T
         labels = torch.arange(len(idx))
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -99,7 +110,8 @@ def main() -> None:
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             seen = accuracy(Engine(model).class_scores(seen_images, list(SHAPES)), seen_labels)
-            row = {"stem": args.stem, "channels": args.channels, "n": args.n, "step": step,
+            row = {"stem": args.stem, "channels": args.channels, "bn_batch": args.bn_batch,
+                   "order": args.order, "n": args.n, "step": step,
                    "seconds": round(time.perf_counter() - start),
                    "shape_heldout": zeroshot_eval(model, zeroshot / "shape")["top1"],
                    "shape_seen": seen["top1"],

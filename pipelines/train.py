@@ -100,7 +100,9 @@ def train_func(config: dict[str, Any]) -> None:
     mark = time.perf_counter()
     while engine.global_steps < last:
         consumed = 0
-        batches = shard.iter_torch_batches(batch_size=micro, drop_last=True)
+        batches = shard.iter_torch_batches(
+            batch_size=micro, drop_last=True, **shuffled(cfg, rank, epoch)
+        )
         stalled = functools.partial(_stalled, rank)
         for consumed, batch in enumerate(within(batches, cfg.data.stall_timeout_s, stalled), 1):
             if consumed <= skip:  # seen before the restart
@@ -214,7 +216,9 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
 
     def prepared(path: str, augment: TransformConfig | None, split=None) -> ray.data.Dataset:
         tars = job.shard_paths(path)
-        ds = ray.data.read_webdataset(tars, decoder=None)
+        # Training reads its files in a new order each epoch (data.shuffle_buffer).
+        reorder = augment is not None and cfg.data.shuffle_buffer and not cfg.data.deterministic
+        ds = ray.data.read_webdataset(tars, decoder=None, shuffle="files" if reorder else None)
         if split is not None:  # (fraction, val)
             ds = ds.map_batches(in_split, fn_args=split, batch_size=None, batch_format="pyarrow")
         if room and _fits(tars, room):
@@ -239,6 +243,14 @@ def _datasets(cfg: TrainConfig) -> dict[str, Any]:
         "train": prepared(cfg.data.path, augment, (fraction, False)),
         "val": prepared(cfg.data.path, None, (fraction, True)),
     }
+
+
+def shuffled(cfg: TrainConfig, rank: int, epoch: int) -> dict[str, int | None]:
+    """``iter_torch_batches``' local shuffle for one worker's epoch (``data.shuffle_buffer``)."""
+    if not cfg.data.shuffle_buffer:
+        return {}
+    seed = cfg.schedule.seed * 1_000_003 + rank * 1009 + epoch if cfg.data.deterministic else None
+    return {"local_shuffle_buffer_size": cfg.data.shuffle_buffer, "local_shuffle_seed": seed}
 
 
 def _fits(paths: list[str], room: float) -> bool:

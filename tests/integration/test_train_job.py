@@ -263,3 +263,38 @@ def test_python_dash_m_driver_reproduces_the_loss_curve(
     ]  # fmt: skip
     assert len(curves[0]) == 20 and curves[0][0] != curves[0][-1]
     assert curves[1] == pytest.approx(curves[0], rel=1e-4)
+
+
+def test_each_epoch_draws_new_batches_of_the_same_rows(ray_cluster, shards) -> None:
+    """data.shuffle_buffer: a worker draws its batches at random from a buffer, so epochs
+    differ in which rows share a batch (the contrastive loss's negatives); without it every
+    epoch repeats the same batches. Under data.deterministic each row's crop is the same
+    every epoch, so a row is known by its pixels, and the draws repeat with the seed."""
+    import hashlib
+
+    from pipelines.train import _datasets, shuffled
+
+    def epochs(buffer: int, seed: int = 7) -> list[list[frozenset[str]]]:
+        cfg = load_config(TrainConfig, "pipelines/configs/train/tiny.yaml", [
+            f"data.path={shards}", "data.deterministic=true", f"data.shuffle_buffer={buffer}",
+            f"schedule.seed={seed}",
+        ])  # fmt: skip
+        train = _datasets(cfg)["train"]
+        return [
+            [
+                frozenset(hashlib.sha1(p.numpy().tobytes()).hexdigest() for p in b["pixels"])
+                for b in train.iter_torch_batches(batch_size=8, **shuffled(cfg, 0, epoch))
+            ]
+            for epoch in range(2)
+        ]
+
+    fixed = epochs(0)
+    assert fixed[0] == fixed[1] and len(fixed[0]) > 10  # the same batches, in the same order
+    drawn = epochs(64)
+    rows = [frozenset().union(*epoch) for epoch in drawn]
+    assert rows[0] == rows[1] == frozenset().union(*fixed[0])  # every row, once an epoch
+    assert sum(len(epoch) for epoch in drawn[0]) == len(rows[0])
+    assert len(set(drawn[0]) & set(drawn[1])) <= len(drawn[0]) // 4  # new batches
+    assert len(set(drawn[0]) & set(fixed[0])) <= len(drawn[0]) // 4
+    assert epochs(64) == drawn  # the seed decides the draws
+    assert epochs(64, seed=8)[0] != drawn[0]

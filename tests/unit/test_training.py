@@ -81,6 +81,8 @@ def test_train_command_refuses_bad_input_before_any_work(tmp_path, capsys) -> No
     assert f"data.path: {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
     assert main(["--data", str(tmp_path), "data.val_fraction=1.5"]) == 2
     assert "val_fraction must be in [0, 1)" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path), "data.shuffle_buffer=-1"]) == 2
+    assert "data.shuffle_buffer must be >= 0" in capsys.readouterr().err
     assert main(["--data", str(tmp_path), "data.text_cache=100"]) == 2  # a trainable tower
     assert "text_cache needs a locked text tower" in capsys.readouterr().err
 
