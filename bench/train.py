@@ -240,7 +240,9 @@ def main() -> None:
                    help="repeatable; default: throughput and memory")  # fmt: skip
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=4, object_store_memory=500 << 20, include_dashboard=False)
+    # With a dashboard, as `mmray train` starts its Ray: without one, Ray Train's placement-group
+    # cleaner printed "Failed to query Ray Train Controller actor state" every second.
+    ray.init(num_cpus=4, object_store_memory=500 << 20, dashboard_host="127.0.0.1")
     data = shards(args.n)
     parts, figures = args.part or ["throughput", "memory"], {}
     if "quality" in parts:
