@@ -1,6 +1,6 @@
 """Training overhead and memory: Ray Train + DeepSpeed vs a bare PyTorch loop; ZeRO stages.
 
-    python bench/train.py [--part throughput|memory|hold|split|quality] [--steps 60]
+    python bench/train.py [--part throughput|memory|hold|shuffle|split|quality] [--steps 60]
 
 1. Throughput: the training job (`pipelines.train.run`, 2 workers, ZeRO-2, Ray Data
    decoding and augmenting the curated shards) against a bare single-process PyTorch loop
@@ -14,6 +14,10 @@
 3. Hold (only with --part hold): the job with the shards held in the object store (read
    once, ``data.hold_fraction=1``) against read every epoch (``=0``), alternated, twice
    each, ``--steps`` steps on the 10 % split: mean and median step time, data wait.
+
+   Shuffle (only with --part shuffle): the same with ``data.shuffle_buffer`` 1000, 256
+   and 0, alternated, twice each, on all the shards: what waiting for the buffer to fill
+   at each epoch's start costs.
 
 4. Split (only with --part split): reading the training split of the shards (no decoding),
    the shipped batch filter (`in_split`, pyarrow) against a row filter (`Dataset.filter`),
@@ -236,7 +240,7 @@ def main() -> None:
     p.add_argument("--config", default="pipelines/configs/train/tiny.yaml")
     p.add_argument("--memory-model", default="small", help="vision/text size for the ZeRO part")
     p.add_argument("--part", action="append",
-                   choices=["throughput", "memory", "hold", "split", "quality"],
+                   choices=["throughput", "memory", "hold", "shuffle", "split", "quality"],
                    help="repeatable; default: throughput and memory")  # fmt: skip
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -262,6 +266,13 @@ def main() -> None:
                 TrainConfig, ROOT / args.config, [*overrides, *held, f"data.hold_fraction={hold}"]
             ))
             for hold in (1, 0, 1, 0)
+        ]  # fmt: skip
+    if "shuffle" in parts:  # data.shuffle_buffer: what waiting for the buffer costs
+        figures["shuffle"] = [
+            {"shuffle_buffer": size} | job_throughput(load_config(
+                TrainConfig, ROOT / args.config, [*overrides, f"data.shuffle_buffer={size}"]
+            ))
+            for size in (1000, 256, 0, 1000, 256, 0)
         ]  # fmt: skip
     if "throughput" in parts:
         cfg = load_config(TrainConfig, ROOT / args.config, overrides)

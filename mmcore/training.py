@@ -127,7 +127,7 @@ class DataConfig:
     # A worker that gets no batch for this long stops the run with a diagnosis (0: waits
     # forever). Covers Ray Data's start-up, so it is generous.
     stall_timeout_s: float = 300.0
-    # Batches in the same order, each image's crop a function of (schedule.seed, its key):
+    # Batches drawn as the seed decides, each image's crop a function of (schedule.seed, its key):
     # the same config and seed give the same loss curve (with one worker; several take the
     # split's blocks as they ask). Crops then repeat every epoch, and the read keeps order.
     deterministic: bool = False
@@ -138,10 +138,12 @@ class DataConfig:
     # Each worker draws its batches at random from a buffer of this many prepared rows, and
     # the shard files are read in a new order each epoch (webdataset's shard and sample
     # shuffle; 0: neither). Without it every epoch's batches hold the same rows, so the
-    # contrastive loss meets the same negatives every epoch. Memory: a row's pixels, 49 KB
-    # at 64 px, 600 KB at 224 px. Under ``deterministic`` the files keep their order and the
-    # buffer's draws are a function of (seed, rank, epoch).
-    shuffle_buffer: int = 1000
+    # contrastive loss meets the same negatives every epoch. Each epoch's first batch waits
+    # for the buffer to fill: 1000 rows made the tiny config's mean step 17 % slower, 256
+    # rows 2 % (docs/BENCHMARKS.md). Memory: a row's pixels, 49 KB at 64 px, 600 KB at 224 px.
+    # Under ``deterministic`` the files keep their order and the buffer's draws are a
+    # function of (seed, rank, epoch).
+    shuffle_buffer: int = 256
 
     def validate(self) -> None:
         if not 0 <= self.val_fraction < 1:
