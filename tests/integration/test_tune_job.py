@@ -32,10 +32,13 @@ def test_a_killed_sweep_restores_logs_the_ablation_and_crowns_a_champion(
     trial is kept, the others run, ASHA stops the weak ones, the champion is crowned."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     # One worker, deterministic data and the sweep's seeded learning-rate draws: every trial's
-    # curve, and so ASHA's decisions, are the same on every run. 30 % held out: 48 validation
-    # pairs, a metric with room to differ.
+    # curve, and so ASHA's decisions, are the same on every run. The batches in shard order
+    # (no shuffle buffer): these curves make ASHA stop a trial; the draws of a buffer give
+    # other curves, with which it stopped none. 30 % held out: 48 validation pairs, a metric
+    # with room to differ.
     training = {
         "data.path": str(shards), "scaling.num_workers": 1, "schedule.global_batch": 16,
+        "data.shuffle_buffer": 0,
         "schedule.log_every": 1, "eval.every": 2, "eval.max_pairs": 48,
         "data.val_fraction": 0.3, "data.deterministic": True, "optim.warmup_steps": 0,
         "eval.zeroshot": [str(sample_dir / "zeroshot" / "colour")],
