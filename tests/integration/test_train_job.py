@@ -293,7 +293,7 @@ def test_each_epoch_draws_new_batches_of_the_same_rows(ray_cluster, shards) -> N
     drawn = epochs(64)
     rows = [frozenset().union(*epoch) for epoch in drawn]
     assert rows[0] == rows[1] == frozenset().union(*fixed[0])  # every row, once an epoch
-    assert sum(len(epoch) for epoch in drawn[0]) == len(rows[0])
+    assert sum(len(batch) for batch in drawn[0]) == len(rows[0])
     assert len(set(drawn[0]) & set(drawn[1])) <= len(drawn[0]) // 4  # new batches
     assert len(set(drawn[0]) & set(fixed[0])) <= len(drawn[0]) // 4
     assert epochs(64) == drawn  # the seed decides the draws
