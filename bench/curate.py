@@ -1,6 +1,7 @@
 """Curation throughput: mmray curate (Ray Data) vs img2dataset, same corpus, same machine.
 
     python -m bench.curate [--n 4000] [--timeout 5] [--warm-ray] [--tracking false] [KEY=VALUE ...]
+    python -m bench.curate --ray-floor
 
 Builds (once, cached in bench/out/web-0/) a corpus that looks like a web crawl (``JUNK``:
 hanging and dropped connections, 404s and 500s, corrupt bytes, tiny images and banners,
@@ -233,6 +234,26 @@ def run_img2dataset(meta: Path, out: Path, args: argparse.Namespace) -> dict:
     return {"wall_s": wall, "kept": kept}
 
 
+# The least any job on a Ray it starts itself can take: Python, `ray.init` as mmray curate
+# calls it, one Ray Data pass of four tasks that do nothing, and the exit (Ray's shutdown).
+FLOOR = """
+from pipelines import job
+job.init_ray(job.Need(cpus=0.5, dashboard=False))
+import ray.data
+ds = ray.data.from_items([{"part": i} for i in range(4)], override_num_blocks=4)
+for _ in ds.map_batches(lambda b: b, batch_size=None, num_cpus=0.5).iter_batches():
+    pass
+"""
+
+
+def ray_floor(repeats: int = 3) -> None:
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [sys.executable, "-c", FLOOR]
+    walls = [timed(cmd, OUT / "floor.log", env)[0] for _ in range(repeats)]
+    print("Ray's floor (start, a Ray Data pass of 4 empty tasks, exit):",
+          ", ".join(f"{w:.1f}s" for w in walls))  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=4000)
@@ -243,8 +264,11 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--warm-ray", action="store_true", help="run mmray on a started Ray cluster")
     p.add_argument("--tracking", default="true", help="mmray's tracking.enabled")
+    p.add_argument("--ray-floor", action="store_true", help="time Ray's own start and exit")
     p.add_argument("overrides", nargs="*", help="more KEY=VALUE settings for mmray")
     args = p.parse_args()
+    if args.ray_floor:
+        return ray_floor()
     corpus = build_corpus(args.n)
     port = free_port()
     images = corpus.parent / "images"

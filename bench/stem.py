@@ -1,7 +1,7 @@
 """Why the `tiny` config has a conv stem: shape learning of the tiny ViT, patch vs conv stem.
 
     python bench/stem.py [--stem patch|conv] [--channels 24] [--steps 1500] [--seed 0] [--lr 1e-3]
-                         [--bn-batch 32] [--order fixed]
+                         [--bn-batch 32] [--order fixed] [--n 16000 --zeroshot-n 8000]
 
 A single-process loop, not the training job: the `tiny` model (frozen MiniLM, late fusion,
 CLIP loss, batch 64, AdamW, cosine lr) on the curated shards of an n-row sample crawl, with
@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--order", choices=["random", "fixed"], default="random",
                    help="fixed: every epoch the same batches in the same order")  # fmt: skip
+    p.add_argument("--zeroshot-n", type=int, default=0,
+                   help="score on that crawl's zeroshot/ sets (0: --n's)")  # fmt: skip
     p.add_argument("--bn-batch", type=int, default=64,
                    help="images per BatchNorm batch (the job: 64 / 2 workers = 32)")  # fmt: skip
     args = p.parse_args()
@@ -84,7 +86,7 @@ def main() -> None:
         ids, mask = tokens["input_ids"].split(256), tokens["attention_mask"].split(256)
         text = torch.cat([model.text(i, m)[1] for i, m in zip(ids, mask, strict=True)])
     seen_images, seen_labels = seen_shapes(rng, 20)
-    zeroshot = OUT / f"train-sample-{args.n}" / "zeroshot"
+    zeroshot = OUT / f"train-sample-{args.zeroshot_n or args.n}" / "zeroshot"
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.steps, 50))
     augment, start = TransformConfig(image_size=64), time.perf_counter()
