@@ -15,6 +15,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from mmcore.config import load_config
+from pipelines import job
 from pipelines.curate import CurateConfig
 from pipelines.train import TrainConfig
 from pipelines.tune import SweepConfig
@@ -88,6 +89,18 @@ def test_kuberay_parameters_are_in_one_place() -> None:
         containers += [c for g in groups for c in g["template"]["spec"]["containers"]]
     assert containers and all(c["image"] == image["name"] for c in containers)
     assert all({"configMapRef": {"name": env["name"]}} in c["envFrom"] for c in containers)
+
+
+def test_every_cluster_recipe_keeps_idle_workers_as_a_local_ray_does() -> None:
+    """The idle-worker policy of the Ray a job starts for itself (pipelines/job.py), set on
+    every cluster we ship: without it a job's later datasets start new worker processes."""
+    ((key, value),) = job.RAY_SYSTEM_CONFIG.items()
+    variable = f"RAY_{key}"  # Ray reads each system config key from RAY_<key>
+    kustomization = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())
+    assert f"{variable}={value}" in kustomization["configMapGenerator"][0]["literals"]
+    launcher = yaml.safe_load((ROOT / "cluster/launcher.yaml").read_text())
+    assert f"-e {variable}={value}" in launcher["docker"]["run_options"]
+    assert f"export {variable}=${{{variable}:-{value}}}" in (ROOT / "cluster/local.sh").read_text()
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
