@@ -51,8 +51,11 @@ class Progress:
     def __init__(
         self, stage: str, total: int, unit: str, done: int = 0, every_s: float = 10.0,
         file: IO[str] | None = None, from_start: bool = False,
+        per_unit: tuple[str, float] | None = None,
     ) -> None:  # fmt: skip
         self.stage, self.total, self.unit, self.every_s = stage, total, unit, every_s
+        # ("samples", 64): each unit is 64 samples; the line shows samples/s at the same rate
+        self.per_unit = per_unit
         self.n = done
         self.fields: dict[str, Any] = {}
         self.last, self.logged = time.monotonic(), -1  # the first line after every_s too
@@ -97,9 +100,7 @@ class Progress:
     def line(self) -> str:
         """The rate (and ETA) since the first update (or the start). Below one a second, as
         seconds each: "95.2 s/trial", not "0.0105 trials/s"."""
-        since, done = self.first or (time.monotonic(), self.n)
-        rate = (self.n - done) / max(time.monotonic() - since, 1e-9)
-        left = self.total - self.n
+        rate, left = self.rate(), self.total - self.n
         # Counted from the start, the first few units carry all of the start-up: a crawl's
         # first 64 rows after 16 s said "ETA 34:29" for a 40 s stage. No ETA before 5 %.
         early = self.from_start and self.n < 0.05 * self.total
@@ -120,8 +121,17 @@ class Progress:
         return " | ".join(x for x in (head, speed, f"ETA {eta}",
                                       self._fields()) if x)  # fmt: skip
 
+    def rate(self) -> float:
+        """Units a second since the first update (or the start)."""
+        since, done = self.first or (time.monotonic(), self.n)
+        return (self.n - done) / max(time.monotonic() - since, 1e-9)
+
     def _fields(self) -> str:
-        return " | ".join(f"{k} {_short(v)}" for k, v in self.fields.items())
+        fields = self.fields
+        if self.per_unit and (rate := self.rate()):
+            name, size = self.per_unit
+            fields = {f"{name}/s": rate * size} | fields
+        return " | ".join(f"{k} {_short(v)}" for k, v in fields.items())
 
 
 def _short(value: Any) -> str:

@@ -95,7 +95,10 @@ def train_func(config: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(cfg.schedule.seed * 1000 + rank)
     shard = ray.train.get_dataset_shard("train")
     micro, last = engine.train_micro_batch_size_per_gpu(), cfg.schedule.max_steps
-    progress = Progress("train", last, "steps", done=engine.global_steps) if rank == 0 else None
+    progress = None
+    if rank == 0:  # samples/s at the steps' rate, not one step's (a slow one made it 37, not 270)
+        samples = ("samples", cfg.schedule.global_batch)
+        progress = Progress("train", last, "steps", done=engine.global_steps, per_unit=samples)
     pending: list[dict[str, float]] = []  # the accumulation window's micro-batch losses
     mark = time.perf_counter()
     while engine.global_steps < last:
@@ -134,9 +137,9 @@ def train_func(config: dict[str, Any]) -> None:
 
 
 def progress_fields(metrics: dict[str, float]) -> dict[str, float]:
-    """A step's metrics as the progress line shows them: loss, throughput, and the last
-    evaluation's top-1 and R@5 (``eval/zeroshot/shape/top1`` → ``shape``)."""
-    fields = {"loss": metrics["train/loss"], "samples/s": metrics["train/samples_per_s"]}
+    """A step's metrics as the progress line shows them: loss and the last evaluation's top-1
+    and R@5 (``eval/zeroshot/shape/top1`` → ``shape``)."""
+    fields = {"loss": metrics["train/loss"]}
     for key, value in metrics.items():
         if key.startswith("eval/") and key.endswith(("/top1", "_r5")):
             fields[key.split("/")[-2] if key.endswith("/top1") else key.split("/")[-1]] = value

@@ -114,9 +114,28 @@ def test_follow_shows_the_stages_lines_from_a_growing_log() -> None:
     assert "50/100" in bars.getvalue() and "5/100" in bars.getvalue()  # a new run, a new bar
 
 
-def test_train_progress_shows_loss_throughput_and_the_last_evaluation() -> None:
+def test_train_progress_shows_loss_and_the_last_evaluation() -> None:
     metrics = {"train/loss": 2.5, "train/samples_per_s": 230.0, "train/lr": 1e-3,
                "eval/zeroshot/shape/top1": 0.7, "eval/zeroshot/shape/top5": 1.0,
                "eval/retrieval/i2t_r5": 0.8, "eval/retrieval/t2i_r1": 0.5}  # fmt: skip
-    assert progress_fields(metrics) == {"loss": 2.5, "samples/s": 230.0, "shape": 0.7,
-                                        "i2t_r5": 0.8}  # fmt: skip
+    assert progress_fields(metrics) == {"loss": 2.5, "shape": 0.7, "i2t_r5": 0.8}
+
+
+def test_samples_per_second_follow_the_steps_rate_not_the_last_step(monkeypatch) -> None:
+    """Training shows samples/s at the rate of the steps so far: the last step's own rate
+    swung between 37 and 270 from one line to the next (a line is likelier to follow a slow
+    step, one that waited for data), beside a steady 2 steps/s."""
+    now = [0.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    out, bar = io.StringIO(), Terminal()
+    for file in (out, bar):
+        now[0] = 0.0
+        with Progress("train", 100, "steps", every_s=0, file=file, per_unit=("samples", 64)) as p:
+            p.update(1, loss=2.0)  # the first step: the rate counts from here
+            for step in range(2, 11):  # 0.2 s a step; steps 5 and 10 wait 1.7 s
+                now[0] += 1.7 if step % 5 == 0 else 0.2
+                p.update(1, loss=1.0)
+    # 9 steps of 64 in 4.8 s; the last step alone ran at 64 / 1.7 = 37.6 samples/s
+    last = out.getvalue().splitlines()[-1]
+    assert last.endswith("| 1.87 steps/s | ETA 00:48 | samples/s 120 | loss 1")
+    assert "samples/s 120" in bar.getvalue()  # the bar's postfix too
