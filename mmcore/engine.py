@@ -115,7 +115,8 @@ def consolidate(checkpoint_dir: Path, model: torch.nn.Module, stage: int) -> tor
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the tensors load on the CPU (no warning)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()) as said:  # a dozen lines of its progress
+        # a dozen lines of its progress on stdout, its tqdm bars on stderr
+        with contextlib.redirect_stdout(io.StringIO()) as said, contextlib.redirect_stderr(said):
             state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), CHECKPOINT_TAG)
         log.debug("%s", said.getvalue())
     model.load_state_dict(state, strict=True)

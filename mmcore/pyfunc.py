@@ -9,7 +9,8 @@ an answer, as in Serve), each image's generated ``caption`` and its ``score``, f
 a model trained with the caption objective; with ``params={"task": "vqa"}``, the ``answer``
 (and ``score``) to each row's ``question`` about its image, from a model trained with the vqa
 objective. The weights stay a safetensors export in
-the model's artifacts; only this small wrapper class goes through MLflow's pickling.
+the model's artifacts; MLflow keeps ``mmcore/pyfunc_code.py``, which builds this wrapper, as
+the model's code (no pickling).
 """
 
 from __future__ import annotations

@@ -171,11 +171,11 @@ def log_model(
     """Log an export folder as a pyfunc model of the active run; returns its model URI."""
     import mlflow
 
-    from mmcore.pyfunc import INPUT_EXAMPLE, SIGNATURE, ImageTextPyfunc
+    from mmcore.pyfunc import INPUT_EXAMPLE, SIGNATURE
 
     info = mlflow.pyfunc.log_model(
         name=name,
-        python_model=ImageTextPyfunc(),
+        python_model=str(Path(__file__).with_name("pyfunc_code.py")),  # code, not a pickle
         artifacts={"model": str(export_dir)},
         signature=SIGNATURE,
         input_example=INPUT_EXAMPLE,

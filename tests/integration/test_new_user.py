@@ -76,6 +76,7 @@ def test_train_starts_a_ray_sized_for_itself_and_finishes(shards, sample_dir, tm
         "Progress bars disabled": "Ray Data's, from each process that reads",
         "Setting accelerator to CPU": "DeepSpeed's, from each worker and the driver",
         "Processing zero checkpoint": "DeepSpeed's consolidation, a dozen lines",
+        "Loading checkpoint shards": "DeepSpeed's consolidation, its tqdm bars",
         "PreemptionWatcher": "Ray Train's, an error-level line from its watcher actor",
         "exclude_resources": "Ray Data's deprecation of an option Ray Train's DatasetManager sets",
     }
