@@ -83,7 +83,7 @@ def run_one(folder: Path, rows: int, near: bool) -> dict:
     from pipelines.job import RAY_SYSTEM_CONFIG
 
     ray.init(num_cpus=os.cpu_count(), object_store_memory=1 << 30, log_to_driver=False,
-             logging_level="ERROR", _system_config=RAY_SYSTEM_CONFIG)  # fmt: skip
+             logging_level="ERROR", _system_config=dict(RAY_SYSTEM_CONFIG))  # fmt: skip
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

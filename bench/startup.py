@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--ray-default-pool", action="store_true")
     args = p.parse_args()
-    system = {} if args.ray_default_pool else RAY_SYSTEM_CONFIG
+    system = {} if args.ray_default_pool else dict(RAY_SYSTEM_CONFIG)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         make_sample_data(work / "sample", n=300, seed=1)

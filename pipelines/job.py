@@ -24,6 +24,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TextIO, TypeVar
 
 import yaml
@@ -38,8 +39,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Ray keeps an idle worker process past num_cpus for 1 s only. A training job's actors
 # (controller, workers, Ray Data's coordinators) are already past it, so every dataset and
 # every evaluation started fresh task processes: 20-30 s of a short run on 2 cores. Idle
-# workers of a local Ray stay 10 minutes (cluster/local.sh sets the same).
-RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 600_000}
+# workers of a local Ray stay 10 minutes (cluster/local.sh sets the same). Read-only: ray.init
+# writes its session's spill folder into the dict it is given, so pass a copy.
+RAY_SYSTEM_CONFIG = MappingProxyType({"idle_worker_killing_time_threshold_ms": 600_000})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +165,7 @@ def init_ray(need: Need, address: str | None = None, log_to_driver: bool = True)
             ray.init(
                 num_cpus=cpus, log_to_driver=log_to_driver,
                 include_dashboard=None if need.dashboard else False,  # None: Ray's default
-                _system_config=RAY_SYSTEM_CONFIG,
+                _system_config=dict(RAY_SYSTEM_CONFIG),
             )  # fmt: skip
     fits(need, capacity())
 

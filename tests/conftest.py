@@ -65,7 +65,7 @@ def ray_cluster(s3):
     port = free_port()
     ray.init(num_cpus=4, object_store_memory=400 << 20, include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False,
-             _system_config=RAY_SYSTEM_CONFIG)  # fmt: skip
+             _system_config=dict(RAY_SYSTEM_CONFIG))  # fmt: skip
     try:
         yield Cluster(ray.get_runtime_context().gcs_address, f"http://127.0.0.1:{port}")
     finally:

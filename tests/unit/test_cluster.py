@@ -94,6 +94,8 @@ def test_kuberay_parameters_are_in_one_place() -> None:
 def test_every_cluster_recipe_keeps_idle_workers_as_a_local_ray_does() -> None:
     """The idle-worker policy of the Ray a job starts for itself (pipelines/job.py), set on
     every cluster we ship: without it a job's later datasets start new worker processes."""
+    with pytest.raises(TypeError):  # ray.init writes into the dict it gets: it gets a copy
+        job.RAY_SYSTEM_CONFIG["object_spilling_config"] = "{}"  # type: ignore[index]
     ((key, value),) = job.RAY_SYSTEM_CONFIG.items()
     variable = f"RAY_{key}"  # Ray reads each system config key from RAY_<key>
     kustomization = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())
