@@ -68,12 +68,14 @@ def build_engine(cfg: TrainConfig, init: dict[str, torch.Tensor] | None = None) 
     engine, _, _, sched = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=cfg.ds_config
     )
+    say = engine.global_rank == 0  # one line a job, not one a rank
     if cfg.data.text_cache and cfg.deepspeed.stage == 3:
-        log.warning("data.text_cache is off under ZeRO-3: every rank runs the text tower")
+        if say:
+            log.warning("data.text_cache is off under ZeRO-3: every rank runs the text tower")
     elif cfg.data.text_cache:
         folder = os.path.expanduser(cfg.data.text_cache_dir) if cfg.data.text_cache_dir else None
         memo = engine.module.text_memo = TextMemo(engine.module.text, cfg.data.text_cache, folder)
-        if memo.loaded:
+        if memo.loaded and say:
             log.info("text features of %d captions from %s", memo.loaded, memo.folder)
     return engine, sched
 

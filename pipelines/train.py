@@ -81,6 +81,11 @@ def train_func(config: dict[str, Any]) -> None:
     # back every few steps (Ray Data's batch conversion resets the warnings registry): most
     # of a job's log.
     warnings.filterwarnings("ignore", "`torch.distributed.all_gather_into_tensor`", FutureWarning)
+    # Ray Train's "Reporting training result" line, from each rank at each report, is logged
+    # under its module's file path instead of ray.train, out of LoggingConfig's reach (run()).
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     init = ray.get(config["init"]) if config["init"] is not None else None  # init.from
     engine, sched = build_engine(cfg, init)
     epoch, skip = 0, 0  # the data position: epoch, and micro-batches of it already consumed
@@ -272,7 +277,7 @@ def run(
 ) -> dict[str, Any]:  # fmt: skip
     """Train, export and log. A Tune trial passes its sweep's ``parent_run_id`` and
     ``TuneReportCallback`` in ``callbacks``."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train import DataConfig as RayDataConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -314,6 +319,10 @@ def run(
                 failure_config=FailureConfig(max_failures=cfg.schedule.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 callbacks=callbacks or [],
+                # Ray Train's INFO lines (worker group started, process group set up, every
+                # checkpoint persisted and every report, from each rank: ~15 lines a sweep
+                # trial) stay in the session's logs/train/ray-train-sys-*.log files.
+                logging_config=LoggingConfig(log_level="WARNING"),
             ),
             datasets=datasets,
             dataset_config=RayDataConfig(datasets_to_split=["train"]),  # each worker: all of val

@@ -79,6 +79,10 @@ def test_train_starts_a_ray_sized_for_itself_and_finishes(shards, sample_dir, tm
         "Loading checkpoint shards": "DeepSpeed's consolidation, its tqdm bars",
         "PreemptionWatcher": "Ray Train's, an error-level line from its watcher actor",
         "exclude_resources": "Ray Data's deprecation of an option Ray Train's DatasetManager sets",
+        "Started training worker group": "Ray Train's INFO lines, a few each run",
+        "Setting up process group": "Ray Train's, from each rank",
+        "Checkpoint successfully created": "Ray Train's, from each rank at each checkpoint",
+        "Reporting training result": "Ray Train's, from each rank at each report",
     }
     for text, what in noise.items():
         assert text not in run.stderr, what
