@@ -44,9 +44,9 @@ class Progress:
     terminal a tqdm bar redrawn in place; otherwise ``file`` (stderr) gets a line at most every
     ``every_s`` seconds, and at the end (on a Ray worker too: its output reaches the job's
     log). The rate leaves out start-up (it counts from the first update), unless
-    ``from_start``: for units that take seconds or minutes each (trials, replicas), whose
-    start-up is theirs, and for stages that count whole tasks (curate, embed), whose first
-    update can come near the end (a 600-row crawl "ran" at 36 000 rows/s)."""
+    ``from_start``: for units that take seconds each (replicas), whose start-up is theirs, and
+    for stages that count whole tasks or trials (curate, embed, tune), whose first update can
+    come near the end (a 600-row crawl "ran" at 36 000 rows/s)."""
 
     def __init__(
         self, stage: str, total: int, unit: str, done: int = 0, every_s: float = 10.0,
@@ -99,7 +99,7 @@ class Progress:
 
     def line(self) -> str:
         """The rate (and ETA) since the first update (or the start). Below one a second, as
-        seconds each: "95.2 s/trial", not "0.0105 trials/s"."""
+        seconds each: "12.5 s/replica", not "0.08 replicas/s"."""
         rate, left = self.rate(), self.total - self.n
         # Counted from the start, the first few units carry all of the start-up: a crawl's
         # first 64 rows after 16 s said "ETA 34:29" for a 40 s stage. No ETA before 5 %.

@@ -37,10 +37,11 @@ def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         steps = [line for line in run.stdout.splitlines() if line.startswith("[")]
         assert [s[:5] for s in steps] == [f"[{i}/7]" for i in range(1, 8)]
-        for stage, unit in [("curate", "rows"), ("train", "steps"), ("tune", "trials"),
+        for stage, unit in [("curate", "rows"), ("train", "steps"), ("tune", "samples"),
                             ("serve", "replicas")]:  # fmt: skip
             assert f"    progress: {stage} " in run.stdout and f" {unit} (" in run.stdout, stage
-        assert "    progress: tune 2/2 trials (100%)" in run.stdout
+        swept = [x for x in run.stdout.splitlines() if x.startswith("    progress: tune ")]
+        assert "(100%)" in swept[-1] and " | trials 2/2 | " in swept[-1]  # the sweep's budget
         # Readable: none of the libraries' chatter in the demo's output or the jobs' logs.
         logs = [f.read_text() for f in (tmp_path / "demo" / "logs").glob("*.log")]
         for noise in ["Downloading artifacts", "all_gather_into_tensor", "is now ignored by "

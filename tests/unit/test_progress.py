@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 from pipelines import progress
@@ -139,3 +140,32 @@ def test_samples_per_second_follow_the_steps_rate_not_the_last_step(monkeypatch)
     last = out.getvalue().splitlines()[-1]
     assert last.endswith("| 1.87 steps/s | ETA 00:48 | samples/s 120 | loss 1")
     assert "samples/s 120" in bar.getvalue()  # the bar's postfix too
+
+
+def test_a_sweep_counts_samples_and_a_trial_stopped_early_counts_whole(monkeypatch, capsys) -> None:
+    from mmcore.config import load_config
+    from pipelines import tune
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    sweep = load_config(tune.SweepConfig, "pipelines/configs/tune/demo.yaml",
+                        ["trial.data.path=x", "samples_per_trial=100"])  # fmt: skip
+    callback = tune._progress(sweep)  # 2 trials of 100 samples
+    callback.setup()
+    metric = {sweep.metric: 0.5}
+    first, second = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
+    callback.on_trial_start(0, [], first)
+    callback.on_trial_result(0, [], first, {"train/samples_seen": 50} | metric)
+    assert callback.progress.n == 50
+    first.last_result = {"train/samples_seen": 50}  # stopped there (ASHA)
+    callback.on_trial_complete(0, [], first)
+    assert callback.progress.n == 100  # the half it skipped is not left to do either
+    callback.on_trial_start(0, [], second)
+    callback.on_trial_result(0, [], second, {"train/samples_seen": 30})
+    callback.on_trial_result(0, [], second, {"train/samples_seen": 10})  # restored: not negative
+    callback.on_trial_result(0, [], second, {"train/samples_seen": 100, sweep.metric: 0.7})
+    second.last_result = {"train/samples_seen": 100}
+    callback.on_trial_complete(0, [], second)
+    callback.on_experiment_end([])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("progress: tune 200/200 samples (100%)")
+    assert line.endswith(f"trials 2/2 | running 0 | stopped early 1 | best {sweep.metric} 0.700")
