@@ -174,14 +174,19 @@ def _boundary(
 
 def _stalled(rank: int, waited: float) -> str:
     import ray
+    from ray._private.state import available_resources_per_node
 
     total, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
+    # A task runs on one node: 1.8 CPUs free as 0.9 on each of two nodes (two sweep trials of
+    # one worker each, beside their trial processes' 0.1) start no Ray Data task.
+    most = max((r.get("CPU", 0) for r in available_resources_per_node().values()), default=0)
     return (
         f"worker {rank} received no batch from Ray Data in {waited:g} s "
-        f"(data.stall_timeout_s); the cluster has {total:g} CPU, {free:g} free. When the "
-        "training workers hold every CPU, Ray Data's read and preprocessing tasks never run: "
-        "give Ray more CPUs than scaling.num_workers x scaling.cpus_per_worker, or use fewer "
-        "workers. Also check that every node can read data.path"
+        f"(data.stall_timeout_s); the cluster has {total:g} CPU, {free:g} free, at most "
+        f"{most:g} on one node. Ray Data's read and preprocessing tasks need a whole CPU on one "
+        "node: when the training workers (and a sweep's trial processes) hold the rest, they "
+        "never run. Give Ray more CPUs than scaling.num_workers x scaling.cpus_per_worker, or "
+        "use fewer workers or concurrent trials. Also check that every node can read data.path"
     )
 
 
