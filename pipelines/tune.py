@@ -235,6 +235,13 @@ def _progress(sweep: SweepConfig) -> Any:
             self.seen: dict[str, int] = {}  # trial id → samples counted
             self.running, self.ended, self.stopped, self.best = set(), 0, 0, None
 
+        def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+            # A restored sweep's trials that ended before it was stopped: counted once here
+            # (every trial of this run is in ``seen`` from its start).
+            for trial in trials:
+                if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self.seen:
+                    self._ended(trial, failed=trial.status == "ERROR")
+
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.running.add(trial.trial_id)
             self._show(trial, 0)
@@ -247,17 +254,17 @@ def _progress(sweep: SweepConfig) -> Any:
             self._show(trial, min(result.get("train/samples_seen", 0), budget))
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            seen = (trial.last_result or {}).get("train/samples_seen", 0)
-            self.stopped += seen < budget  # ASHA stopped it
             self._ended(trial)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._ended(trial)
+            self._ended(trial, failed=True)
 
         def on_experiment_end(self, trials: list, **info: Any) -> None:
             self.progress.close()
 
-        def _ended(self, trial: Any) -> None:
+        def _ended(self, trial: Any, failed: bool = False) -> None:
+            seen = (trial.last_result or {}).get("train/samples_seen", 0)
+            self.stopped += not failed and seen < budget  # ASHA stopped it
             self.running.discard(trial.trial_id)
             self.ended += 1
             self._show(trial, budget)  # what it did not train is not left to do either

@@ -152,7 +152,7 @@ def test_a_sweep_counts_samples_and_a_trial_stopped_early_counts_whole(monkeypat
     callback = tune._progress(sweep)  # 2 trials of 100 samples
     callback.setup()
     metric = {sweep.metric: 0.5}
-    first, second = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
+    first, second = (SimpleNamespace(trial_id=x, status="RUNNING", last_result={}) for x in "ab")
     callback.on_trial_start(0, [], first)
     callback.on_trial_result(0, [], first, {"train/samples_seen": 50} | metric)
     assert callback.progress.n == 50
@@ -165,7 +165,18 @@ def test_a_sweep_counts_samples_and_a_trial_stopped_early_counts_whole(monkeypat
     callback.on_trial_result(0, [], second, {"train/samples_seen": 100, sweep.metric: 0.7})
     second.last_result = {"train/samples_seen": 100}
     callback.on_trial_complete(0, [], second)
+    second.status = first.status = "TERMINATED"
+    callback.on_step_begin(0, [first, second])  # both counted already
     callback.on_experiment_end([])
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("progress: tune 200/200 samples (100%)")
     assert line.endswith(f"trials 2/2 | running 0 | stopped early 1 | best {sweep.metric} 0.700")
+
+    # The same sweep restored after a kill: the first trial had ended, the second starts again.
+    restored = tune._progress(sweep)
+    restored.setup()
+    second.status, second.last_result = "PENDING", {}
+    restored.on_step_begin(0, [first, second])
+    restored.on_step_begin(1, [first, second])  # counted once
+    restored.on_trial_start(1, [], second)
+    assert restored.progress.n == 100 and restored.stopped == 1 and restored.ended == 1
