@@ -8,7 +8,7 @@
     mmray demo [--quick] | mmray demo --stop
     mmray embed --model URI --data SHARDS --output DIR [key.sub=value ...]
     mmray index --embeddings DIR --output DIR
-    mmray eval {zeroshot,retrieval} --model URI ...
+    mmray eval {zeroshot,retrieval,caption,vqa} --model URI ...
     mmray export --model URI --format {hf,safetensors,onnx,torch-export,torchscript} --output DIR
 Each job is also ``python -m pipelines.<job>`` (for ``ray job submit``).
 """
