@@ -282,12 +282,7 @@ def check_model_uri(uri: str) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    store = tracking_uri()
-    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).exists():
-        raise ConfigError(  # looking would create an empty store there
-            f"model {uri}: there is no MLflow store at {store}; set MLFLOW_TRACKING_URI to "
-            "the store that holds it"
-        )
+    store = _existing_store(f"model {uri}")
     try:
         ref = registry_ref(uri)
         if uri.startswith("runs:/"):
@@ -300,6 +295,30 @@ def check_model_uri(uri: str) -> None:
             f"{'is set' if os.environ.get('MLFLOW_TRACKING_URI') else 'is not set'}): "
             f"{e.message}"
         ) from e
+
+
+def check_run(run_id: str, what: str) -> None:
+    """``ConfigError`` (``what`` says whose run it is) unless the tracking store has the run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    store = _existing_store(what)
+    try:
+        mlflow.MlflowClient(store).get_run(run_id)
+    except MlflowException as e:
+        raise ConfigError(f"{what}: MLflow run {run_id} is not in the store {store}") from e
+
+
+def _existing_store(what: str) -> str:
+    """The tracking URI, or ``ConfigError`` where it names a SQLite file that does not exist
+    (looking there would create an empty store)."""
+    store = tracking_uri()
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).exists():
+        raise ConfigError(
+            f"{what}: there is no MLflow store at {store}; set MLFLOW_TRACKING_URI to the "
+            "store that holds it"
+        )
+    return store
 
 
 def lineage_tags() -> dict[str, str]:

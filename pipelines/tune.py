@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mmcore import storage, tracking
-from mmcore.config import flatten, load_config, replace, to_dict
+from mmcore.config import ConfigError, flatten, load_config, replace, to_dict
 from mmcore.losses.fusion import check_objectives
 from mmcore.models.model import OBJECTIVES, build_model
 from mmcore.tracking import TrackingConfig
@@ -334,9 +334,14 @@ def warm_start(sweep: SweepConfig) -> dict[str, Any] | None:
     return {"trial": "warm start", "model_uri": data.tags[tracking.MODEL_TAG], "value": value}
 
 
-def run(sweep: SweepConfig) -> dict[str, Any]:
+def _state(sweep: SweepConfig) -> tuple[str, str]:
+    """The sweep's folder, and its file with the parent run id (for a restored sweep)."""
     path = storage.join(job.output_root(sweep.output), sweep.name)
-    state = storage.join(path, "mmray_sweep.json")  # the parent run id, for a restored sweep
+    return path, storage.join(path, "mmray_sweep.json")
+
+
+def run(sweep: SweepConfig) -> dict[str, Any]:
+    path, state = _state(sweep)
     restoring = storage.exists(state)
     parent_run_id = storage.read_json(state)["parent_run_id"] if restoring else None
     with tracking.start_run(sweep.tracking, sweep.name, run_id=parent_run_id) as tracker:
@@ -383,6 +388,17 @@ def check(sweep: SweepConfig) -> None:
     fusions = {cell["model.fusion"] for cell in sweep.space.cells()} - {base.model.fusion}
     for fusion in sorted(fusions) if base.init.source else []:
         plan(base.init, build_model(dataclasses.replace(base.model, fusion=fusion)))
+    path, state = _state(sweep)
+    if sweep.tracking.enabled and storage.exists(state):  # the same sweep again: restored
+        if run_id := storage.read_json(state)["parent_run_id"]:
+            try:
+                tracking.check_run(run_id, f"sweep {sweep.name!r} ({path})")
+            except ConfigError as e:
+                raise ConfigError(
+                    f"{e}. Running a sweep again restores it into its parent run: restore it "
+                    "with the MLFLOW_TRACKING_URI it started with, or start a new sweep "
+                    f"(name=..., output=..., or remove {path})"
+                ) from e
 
 
 def need(sweep: SweepConfig) -> job.Need:

@@ -135,3 +135,25 @@ def test_bad_sweep_config_fails_before_any_work(tmp_path, capsys) -> None:
     assert "no fusion × loss cell is valid" in capsys.readouterr().err
     assert tune.main([*bad[:4], "metric=train/loss"]) == 2
     assert "evaluation metric" in capsys.readouterr().err
+
+
+def test_a_sweep_whose_parent_run_another_store_holds_fails_before_any_work(
+    shards, mlflow_server, tmp_path, monkeypatch, capsys
+) -> None:
+    # A sweep of the same name left by a run against another tracking store (another folder's
+    # embedded store): restoring it would need its parent run, which this store does not have.
+    folder = tmp_path / "sweeps" / "again"
+    folder.mkdir(parents=True)
+    (folder / "mmray_sweep.json").write_text(json.dumps({"parent_run_id": "0" * 32}))
+    args = ["--config", "pipelines/configs/tune/tiny.yaml", "--data", str(shards),
+            f"output={tmp_path / 'sweeps'}", "name=again"]  # fmt: skip
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    assert tune.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"sweep 'again' ({folder}): MLflow run {'0' * 32} is not in the store" in err
+    assert "restore it with the MLFLOW_TRACKING_URI it started with" in err
+    store = tmp_path / "mlflow.db"  # an embedded store that is not there is not created
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    assert tune.main(args) == 2
+    assert f"there is no MLflow store at sqlite:///{store}" in capsys.readouterr().err
+    assert not store.exists() and os.listdir(folder) == ["mmray_sweep.json"]
