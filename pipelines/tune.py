@@ -271,8 +271,9 @@ def _progress(sweep: SweepConfig) -> Any:
 
         def _show(self, trial: Any, seen: int) -> None:
             # A trial restored from a checkpoint reports fewer samples than it had: not negative.
-            done = max(seen - self.seen.get(trial.trial_id, 0), 0)
-            self.seen[trial.trial_id] = self.seen.get(trial.trial_id, 0) + done
+            before = self.seen.get(trial.trial_id, 0)
+            self.seen[trial.trial_id] = max(seen, before)
+            done = self.seen[trial.trial_id] - before
             best = "-" if self.best is None else f"{self.best:.3f}"
             self.progress.update(done, trials=f"{self.ended}/{n_trials}", running=len(self.running),
                                  **{"stopped early": self.stopped,
