@@ -58,7 +58,8 @@ class Progress:
         self.per_unit = per_unit
         self.n = done
         self.fields: dict[str, Any] = {}
-        self.last, self.logged = time.monotonic(), -1  # the first line after every_s too
+        # (count, fields) of the last line written; the first line comes after every_s too
+        self.last, self.logged = time.monotonic(), None
         self.from_start = from_start
         self.first = (time.monotonic(), done) if from_start else None  # (time, count)
         self.file = file or sys.stderr
@@ -89,12 +90,12 @@ class Progress:
         if self.bar is None:  # not print(): Ray Train's print patch doubled every line
             self.file.write(self.line() + "\n")
             self.file.flush()
-            self.last, self.logged = time.monotonic(), self.n
+            self.last, self.logged = time.monotonic(), (self.n, dict(self.fields))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.logged != self.n:  # the last count, once
+        elif self.logged != (self.n, self.fields):  # the last count and fields, once
             self.emit()
 
     def line(self) -> str:

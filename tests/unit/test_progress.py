@@ -180,3 +180,15 @@ def test_a_sweep_counts_samples_and_a_trial_stopped_early_counts_whole(monkeypat
     restored.on_step_begin(1, [first, second])  # counted once
     restored.on_trial_start(1, [], second)
     assert restored.progress.n == 100 and restored.stopped == 1 and restored.ended == 1
+
+
+def test_the_closing_line_carries_fields_that_changed_after_the_last_count() -> None:
+    # A sweep's last trial reports its last samples, then ends: the count is whole already,
+    # but the last line must say so ("trials 2/2", not "trials 1/2 | running 1").
+    out = io.StringIO()
+    with Progress("tune", total=2, unit="samples", every_s=0, file=out) as progress:
+        progress.update(2, trials="1/2")
+        progress.every_s = 60  # the end comes sooner than the next line
+        progress.update(0, trials="2/2")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[-1].endswith("| trials 2/2")
