@@ -10,7 +10,6 @@ export_hf(model, "hf-model/")       # transformers loads it (CLIPModel, or AutoM
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -56,14 +55,18 @@ def check_folder(folder: str | Path) -> None:
 
 
 def local_folder(folder: str | Path) -> Path:
-    """The export as a local folder: itself, or for a URI a downloaded copy (in a temporary
-    folder kept for the life of the process)."""
+    """The export as a local folder: itself, or for a URI a copy in ``storage.cached``, keyed
+    by the URI and its weights' size and time (a model written again there is fetched again)."""
     check_folder(folder)
     if not storage.is_uri(str(folder)):
         return Path(storage.absolute(folder))
-    copy = Path(tempfile.mkdtemp(prefix="mmray-model-"))
-    storage.download_dir(str(folder), copy)
-    return copy
+    weights = storage.info(storage.join(folder, WEIGHTS))
+
+    def fetch(tmp: Path) -> Path:
+        storage.download_dir(str(folder), tmp)
+        return tmp
+
+    return storage.cached(f"{storage.absolute(folder)} {weights.size} {weights.mtime_ns}", fetch)
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ImageTextModel:

@@ -11,14 +11,20 @@ Object stores have no rename. ``write_bytes`` and ``put_file`` make a file appea
 not at all: locally through a temporary name and a rename, in a bucket because an object
 is visible only once its upload completes. Readers of a multi-file output therefore rely on
 a marker written last (a shard's ``_stats.json``, a dataset's ``manifest.json``).
+
+Copies of remote models and indexes live in one cache per machine (``cached``), fetched once
+and shared by every process there, instead of a temporary folder per process that a killed
+Ray worker would leave behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -203,6 +209,33 @@ def download_dir(path: str, local: str | Path) -> None:
     fs, inner = resolve(path)
     Path(local).mkdir(parents=True, exist_ok=True)
     pafs.copy_files(inner, str(Path(local).resolve()), source_filesystem=fs)
+
+
+def downloads_dir() -> Path:
+    """Where copies of remote models and indexes are kept: ``$MMRAY_DOWNLOADS``, else
+    ``~/.cache/mmray/downloads``. Deleting it while no job runs is safe."""
+    return Path(os.environ.get("MMRAY_DOWNLOADS") or "~/.cache/mmray/downloads").expanduser()
+
+
+def cached(key: str, fetch: Callable[[Path], str | Path]) -> Path:
+    """The local copy of what ``key`` names (something that never changes under that key: a
+    model version, a run's artifact, an object at one mtime), fetched once per machine.
+    ``fetch(tmp)`` writes it under the empty folder ``tmp`` and returns the folder holding it;
+    that folder is renamed into the cache whole, so a reader never sees a partial copy, and
+    of two processes fetching at once the first rename wins (the copies are the same)."""
+    folder = downloads_dir() / hashlib.sha256(key.encode()).hexdigest()[:32]
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".partial-", dir=folder.parent)
+    try:
+        os.rename(fetch(Path(tmp)), folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def check_readable(key: str, path: str) -> None:

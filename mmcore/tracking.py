@@ -158,11 +158,29 @@ def start_run(
 
 
 def download_artifacts(uri: str) -> Path:
-    """A ``runs:/…`` or ``models:/NAME@ALIAS`` URI → a local folder with its files."""
-    import mlflow
+    """A ``runs:/…``, ``models:/…`` or ``mlflow-artifacts:/…`` URI → a local folder with its
+    files: the store's own folder where it keeps artifacts as local files, else a copy in
+    ``storage.cached`` (fetched once per machine, keyed by the store and the artifacts'
+    location, which an alias that moves changes)."""
+    from urllib.parse import urlparse
 
-    mlflow.set_tracking_uri(tracking_uri())
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    import mlflow
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    store = tracking_uri()
+    mlflow.set_tracking_uri(store)
+    if uri.startswith("runs:/"):
+        uri = RunsArtifactRepository.get_underlying_uri(uri)
+    elif uri.startswith("models:/"):
+        uri = ModelsArtifactRepository.get_underlying_uri(uri)
+    if urlparse(uri).scheme in ("", "file"):
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+
+    def fetch(tmp: Path) -> str:
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp))
+
+    return storage.cached(f"{store} {uri}", fetch)
 
 
 def log_model(

@@ -198,7 +198,8 @@ def write_report(
                      "eval/retrieval/i2t_r5")
     }  # fmt: skip
     plots = Path(mlflow.artifacts.download_artifacts(
-        run_id=summary["sweep_run"], artifact_path="plots", tracking_uri=mlflow_url))  # fmt: skip
+        run_id=summary["sweep_run"], artifact_path="plots", tracking_uri=mlflow_url,
+        dst_path=str(workdir)))  # fmt: skip
     report = Report(
         table=table, status_counts=status_counts, curves=curves,
         ablation=[p.read_bytes() for p in sorted(plots.glob("*.png"))],

@@ -19,6 +19,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def downloads(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """mmray's download cache in the session's temporary folder instead of ~/.cache: the Ray
+    workers and CLI processes the tests start inherit it."""
+    os.environ["MMRAY_DOWNLOADS"] = str(tmp_path_factory.mktemp("downloads"))
+
+
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 300-row synthetic crawl (6 rows of each junk kind), shared by the session."""

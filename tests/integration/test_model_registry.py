@@ -12,14 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
+from mmcore import storage
 from mmcore.export import save_model
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig, tokenize
-from mmcore.tracking import TrackingConfig, load, log_model, start_run
+from mmcore.tracking import TrackingConfig, load, log_model, resolve_model, start_run
 
 
 def test_pyfunc_round_trip_and_model_uris(mlflow_server, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("MMRAY_DOWNLOADS", str(tmp_path / "downloads"))
     torch.manual_seed(0)
     model = build_model(ModelConfig(text=TextConfig(kind="transformer"))).eval()
     export_dir = save_model(model, tmp_path / "export")
@@ -33,7 +35,7 @@ def test_pyfunc_round_trip_and_model_uris(mlflow_server, tmp_path, monkeypatch) 
     frame = pd.DataFrame(
         {"text": ["a red circle", None], "image": [None, base64.b64encode(buf.getvalue()).decode()]}
     )
-    pyfunc = mlflow.pyfunc.load_model(uri)
+    pyfunc = _load_pyfunc(uri, tmp_path)
     out = pyfunc.predict(frame)
     with torch.no_grad():
         expected = model.encode_text(**tokenize(["a red circle"], 32))[0]
@@ -50,6 +52,17 @@ def test_pyfunc_round_trip_and_model_uris(mlflow_server, tmp_path, monkeypatch) 
             torch.testing.assert_close(
                 loaded.encode_text(**tokenize(["a red circle"], 32))[0], expected
             )
+        folder = resolve_model(model_uri).folder  # downloaded once, into mmray's cache
+        assert folder.is_relative_to(storage.downloads_dir()) and folder.is_dir()
+        assert resolve_model(model_uri).folder == folder
+    assert not [p for p in storage.downloads_dir().iterdir() if p.name.startswith(".")]
+
+
+def _load_pyfunc(uri: str, tmp_path):
+    """MLflow's pyfunc, downloaded into the test's folder (by default MLflow leaves a copy in
+    a new temporary folder each time)."""
+    (tmp_path / "pyfunc").mkdir()
+    return mlflow.pyfunc.load_model(uri, dst_path=str(tmp_path / "pyfunc"))
 
 
 def test_pyfunc_captions_and_answers_as_the_engine(mlflow_server, tmp_path, monkeypatch) -> None:
@@ -67,7 +80,7 @@ def test_pyfunc_captions_and_answers_as_the_engine(mlflow_server, tmp_path, monk
         buf = io.BytesIO()
         image.save(buf, "PNG")
         encoded.append(base64.b64encode(buf.getvalue()).decode())
-    pyfunc = mlflow.pyfunc.load_model(uri)
+    pyfunc = _load_pyfunc(uri, tmp_path)
     params = {"task": "caption", "num_beams": 2, "max_new_tokens": 6}
     out = pyfunc.predict(pd.DataFrame({"image": encoded}), params=params)
     want = Engine(model).caption(images, GenerationConfig(num_beams=2, max_new_tokens=6))

@@ -74,3 +74,35 @@ def test_a_missing_local_input_is_named_with_its_absolute_path(tmp_path, monkeyp
     with pytest.raises(ConfigError, match="cannot open nosuch://x"):
         storage.resolve("nosuch://x")
     storage.check_writable("output", "relative/is/fine")  # local folders are made on write
+
+
+def test_a_download_is_fetched_once_whole_and_shared(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MMRAY_DOWNLOADS", str(tmp_path / "downloads"))
+    fetched = []
+
+    def fetch(tmp: Path) -> Path:
+        fetched.append(tmp)
+        (tmp / "model").mkdir()
+        (tmp / "model" / "w").write_text("weights")
+        return tmp / "model"
+
+    first = storage.cached("runs:/abc/model", fetch)
+    assert storage.cached("runs:/abc/model", fetch) == first  # the second call fetches nothing
+    assert len(fetched) == 1 and (first / "w").read_text() == "weights"
+    assert first.parent == tmp_path / "downloads" and os.listdir(first.parent) == [first.name]
+
+    def fails(tmp: Path) -> Path:
+        (tmp / "half").write_text("x")
+        raise OSError("connection reset")
+
+    with pytest.raises(OSError, match="connection reset"):
+        storage.cached("runs:/other/model", fails)
+    assert os.listdir(first.parent) == [first.name]  # nothing partial left, under any name
+
+    def raced(tmp: Path) -> Path:  # another process renames its copy in while this one fetches
+        storage.cached("runs:/raced/model", fetch)
+        (tmp / "mine").write_text("same")
+        return tmp
+
+    winner = storage.cached("runs:/raced/model", raced)
+    assert (winner / "w").read_text() == "weights" and len(os.listdir(first.parent)) == 2
