@@ -68,6 +68,7 @@ def test_zero2_run_finishes_logs_and_exports(
         run_id=result["run_id"],
         artifact_path="deepspeed_config.json",
         tracking_uri=mlflow_server.url,
+        dst_path=str(tmp_path),
     )
     ds_cfg = json.loads(open(path).read())
     assert ds_cfg["zero_optimization"]["stage"] == stage and ds_cfg["train_batch_size"] == 16
