@@ -191,15 +191,21 @@ def log_model(
 
     from mmcore.pyfunc import INPUT_EXAMPLE, SIGNATURE
 
-    info = mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(Path(__file__).with_name("pyfunc_code.py")),  # code, not a pickle
-        artifacts={"model": str(export_dir)},
-        signature=SIGNATURE,
-        input_example=INPUT_EXAMPLE,
-        registered_model_name=registered_name,
-        pip_requirements=["mmray"],
-    )
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    pyfunc_log.setLevel(logging.WARNING)  # its "Validating input example" line, every model
+    try:
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(Path(__file__).with_name("pyfunc_code.py")),  # code, not a pickle
+            artifacts={"model": str(export_dir)},
+            signature=SIGNATURE,
+            input_example=INPUT_EXAMPLE,
+            registered_model_name=registered_name,
+            pip_requirements=["mmray"],
+        )
+    finally:
+        pyfunc_log.setLevel(level)
     return info.model_uri
 
 
