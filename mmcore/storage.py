@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,9 @@ def cached(key: str, fetch: Callable[[Path], str | Path]) -> Path:
     if folder.is_dir():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(".partial-*"):  # a fetch killed a day ago or more
+        if time.time() - stale.stat().st_mtime > 86_400:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=".partial-", dir=folder.parent)
     try:
         os.rename(fetch(Path(tmp)), folder)

@@ -106,3 +106,10 @@ def test_a_download_is_fetched_once_whole_and_shared(tmp_path, monkeypatch) -> N
 
     winner = storage.cached("runs:/raced/model", raced)
     assert (winner / "w").read_text() == "weights" and len(os.listdir(first.parent)) == 2
+
+    killed, running = (first.parent / ".partial-killed", first.parent / ".partial-running")
+    for folder in (killed, running):
+        (folder / "model").mkdir(parents=True)
+    os.utime(killed, (0, 0))  # a fetch that was killed long ago
+    storage.cached("runs:/next/model", fetch)
+    assert not killed.exists() and (running / "model").is_dir()
