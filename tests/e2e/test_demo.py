@@ -49,7 +49,8 @@ def test_demo_then_a_failing_job_then_stop(tmp_path) -> None:
                       "Setting accelerator to CPU", "PreemptionWatcher",
                       "exclude_resources", "Loading checkpoint shards",
                       "serialized using CloudPickle", "Checkpoint successfully created",
-                      "Reporting training result", "Validating input example"]:  # fmt: skip
+                      "Reporting training result", "Validating input example",
+                      "Connecting to existing Serve app"]:  # fmt: skip
             assert not any(noise in text for text in [run.stdout, run.stderr, *logs]), noise
         summary = json.loads(run.stdout.strip().splitlines()[-1])
         assert summary["samples_kept"] > 100 and summary["trials"] == 2
