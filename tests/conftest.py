@@ -26,10 +26,11 @@ SUITE_DISK_GB = 10  # a full run peaks at ~9 GB under the temp folder: checkpoin
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Say up front when the temp folder lacks the room a run needs: tests that fail for lack
     of disk (an MLflow server that cannot store a model, Ray that cannot spill) say little."""
-    free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    tmp = tempfile.gettempdir()
+    free = shutil.disk_usage(tmp).free / 2**30
     if free < SUITE_DISK_GB:
         session.config.pluginmanager.get_plugin("terminalreporter").write_line(
-            f"WARNING: {free:.1f} GB free under {tempfile.gettempdir()}; a full run writes about "
+            f"WARNING: {free:.1f} GB free under {tmp}; a full run writes about "
             f"{SUITE_DISK_GB - 1} GB there, so tests may fail for lack of disk"
         )
 
