@@ -394,7 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda signum, _: signals.append(signum))
     while not signals:
         time.sleep(0.2)
-    serve.shutdown()
+    # Delete the app (its replicas drain their requests), not Serve: on a shared cluster other
+    # apps keep running, and a local Ray takes Serve down when this process exits.
+    # serve.shutdown() also made the raylet print "Task ServeController.graceful_shutdown
+    # failed ... killed by `ray.kill`" at every stop (the controller ends that call by exiting).
+    serve.delete(APP)
     return 0
 
 
