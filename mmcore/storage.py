@@ -212,10 +212,17 @@ def download_dir(path: str, local: str | Path) -> None:
     pafs.copy_files(inner, str(Path(local).resolve()), source_filesystem=fs)
 
 
+def cache_root() -> str:
+    """The folder of mmray's caches on this machine (``~`` unexpanded): ``$MMRAY_CACHE``, else
+    ``~/.cache/mmray``. It holds ``downloads/`` (copies of remote models and indexes) and
+    ``text-features/`` (``data.text_cache_dir``'s default); deleting it while no job runs is
+    safe."""
+    return os.environ.get("MMRAY_CACHE") or "~/.cache/mmray"
+
+
 def downloads_dir() -> Path:
-    """Where copies of remote models and indexes are kept: ``$MMRAY_DOWNLOADS``, else
-    ``~/.cache/mmray/downloads``. Deleting it while no job runs is safe."""
-    return Path(os.environ.get("MMRAY_DOWNLOADS") or "~/.cache/mmray/downloads").expanduser()
+    """Where copies of remote models and indexes are kept."""
+    return Path(cache_root()).expanduser() / "downloads"
 
 
 def cached(key: str, fetch: Callable[[Path], str | Path]) -> Path:

@@ -122,8 +122,11 @@ class DataConfig:
     # must run the tower to gather its partitioned weights.
     text_cache: int = 0
     # Where workers keep those features for later runs of the same weights (a sweep's trials,
-    # a fine-tune): a folder on each node, "" for none.
-    text_cache_dir: str = "~/.cache/mmray/text-features"
+    # a fine-tune): a folder on each node, "" for none. Default: text-features/ in the cache
+    # root (storage.cache_root: $MMRAY_CACHE or ~/.cache/mmray).
+    text_cache_dir: str = dataclasses.field(
+        default_factory=lambda: f"{storage.cache_root()}/text-features"
+    )
     # A worker that gets no batch for this long stops the run with a diagnosis (0: waits
     # forever). Covers Ray Data's start-up, so it is generous.
     stall_timeout_s: float = 300.0

@@ -36,10 +36,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def downloads(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """mmray's download cache in the session's temporary folder instead of ~/.cache: the Ray
-    workers and CLI processes the tests start inherit it."""
-    os.environ["MMRAY_DOWNLOADS"] = str(tmp_path_factory.mktemp("downloads"))
+def cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """mmray's caches (downloads, text features) in the session's temporary folder instead of
+    ~/.cache: the Ray workers and CLI processes the tests start inherit it."""
+    os.environ["MMRAY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

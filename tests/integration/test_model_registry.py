@@ -21,7 +21,7 @@ from mmcore.tracking import TrackingConfig, load, log_model, resolve_model, star
 
 def test_pyfunc_round_trip_and_model_uris(mlflow_server, tmp_path, monkeypatch, capfd) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    monkeypatch.setenv("MMRAY_DOWNLOADS", str(tmp_path / "downloads"))
+    monkeypatch.setenv("MMRAY_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
     model = build_model(ModelConfig(text=TextConfig(kind="transformer"))).eval()
     export_dir = save_model(model, tmp_path / "export")

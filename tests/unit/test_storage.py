@@ -77,7 +77,7 @@ def test_a_missing_local_input_is_named_with_its_absolute_path(tmp_path, monkeyp
 
 
 def test_a_download_is_fetched_once_whole_and_shared(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("MMRAY_DOWNLOADS", str(tmp_path / "downloads"))
+    monkeypatch.setenv("MMRAY_CACHE", str(tmp_path / "cache"))
     fetched = []
 
     def fetch(tmp: Path) -> Path:
@@ -89,7 +89,8 @@ def test_a_download_is_fetched_once_whole_and_shared(tmp_path, monkeypatch) -> N
     first = storage.cached("runs:/abc/model", fetch)
     assert storage.cached("runs:/abc/model", fetch) == first  # the second call fetches nothing
     assert len(fetched) == 1 and (first / "w").read_text() == "weights"
-    assert first.parent == tmp_path / "downloads" and os.listdir(first.parent) == [first.name]
+    assert first.parent == tmp_path / "cache" / "downloads"
+    assert os.listdir(first.parent) == [first.name]
 
     def fails(tmp: Path) -> Path:
         (tmp / "half").write_text("x")

@@ -12,12 +12,20 @@ from mmcore.inference import trim_padding
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig
 from mmcore.training import (
+    DataConfig,
     DeepSpeedConfig,
     OptimConfig,
     cosine_lr,
     deepspeed_config,
     param_groups,
 )
+
+
+def test_the_text_features_are_kept_in_mmray_cache_root(monkeypatch) -> None:
+    monkeypatch.delenv("MMRAY_CACHE", raising=False)
+    assert DataConfig().text_cache_dir == "~/.cache/mmray/text-features"  # each node's home
+    monkeypatch.setenv("MMRAY_CACHE", "/scratch/mmray")
+    assert DataConfig().text_cache_dir == "/scratch/mmray/text-features"
 
 
 def test_deepspeed_config_from_mmray_config() -> None:
