@@ -2,6 +2,7 @@
 
     python bench/stem.py [--stem patch|conv] [--channels 24] [--steps 1500] [--seed 0] [--lr 1e-3]
                          [--bn-batch 32] [--order fixed] [--n 16000 --zeroshot-n 8000]
+                         [--scale 0.85 1 --ratio 1 1] [--gray 0.2] [--ema 0.99] [--wd 0.1]
 
 A single-process loop, not the training job: the `tiny` model (frozen MiniLM, late fusion,
 CLIP loss, batch 64, AdamW, cosine lr) on the curated shards of an n-row sample crawl, with
@@ -15,6 +16,7 @@ crawl has (`shape_seen`). Chance: shape 0.20, colour 0.17.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -62,6 +64,11 @@ def main() -> None:
                    help="fixed: every epoch the same batches in the same order")  # fmt: skip
     p.add_argument("--zeroshot-n", type=int, default=0,
                    help="score on that crawl's zeroshot/ sets (0: --n's)")  # fmt: skip
+    p.add_argument("--scale", type=float, nargs=2, default=[0.6, 1.0], help="crop area range")
+    p.add_argument("--ratio", type=float, nargs=2, default=[3 / 4, 4 / 3], help="crop w/h range")
+    p.add_argument("--wd", type=float, default=0.1, help="weight decay")
+    p.add_argument("--gray", type=float, default=0.0, help="grayscale probability")
+    p.add_argument("--ema", type=float, default=0.0, help="evaluate an EMA of the weights")
     p.add_argument("--bn-batch", type=int, default=64,
                    help="images per BatchNorm batch (the job: 64 / 2 workers = 32)")  # fmt: skip
     args = p.parse_args()
@@ -87,9 +94,10 @@ def main() -> None:
         text = torch.cat([model.text(i, m)[1] for i, m in zip(ids, mask, strict=True)])
     seen_images, seen_labels = seen_shapes(rng, 20)
     zeroshot = OUT / f"train-sample-{args.zeroshot_n or args.n}" / "zeroshot"
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.steps, 50))
-    augment, start = TransformConfig(image_size=64), time.perf_counter()
+    augment = TransformConfig(image_size=64, scale=args.scale, ratio=args.ratio)
+    start, ema = time.perf_counter(), copy.deepcopy(model) if args.ema else model
     fixed = rng.permutation(len(train)) if args.order == "fixed" else None
     model.train()
     for step in range(1, args.steps + 1):
@@ -98,7 +106,10 @@ def main() -> None:
         else:  # the k-th batch of every epoch holds the same rows
             k = (step - 1) % (len(train) // 64)
             idx = fixed[k * 64 : (k + 1) * 64]
-        pixels = np.stack([train_transform(images[train[i]], augment, rng) for i in idx])
+        batch = [images[train[i]] for i in idx]
+        if args.gray:
+            batch = [img.convert("L") if rng.random() < args.gray else img for img in batch]
+        pixels = np.stack([train_transform(img, augment, rng) for img in batch])
         parts = np.split(pixels, 64 // args.bn_batch)  # each a forward of its own, as on a rank
         image = torch.cat([model.encode_image(torch.from_numpy(part)) for part in parts])
         logits = model.scales()[0] * image @ F.normalize(model.text_projection(text[idx])).T
@@ -109,15 +120,23 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if args.ema:
+            with torch.no_grad():
+                pairs = zip(ema.state_dict().values(), model.state_dict().values(), strict=True)
+                for e, m in pairs:  # BatchNorm's counters copied, the rest averaged
+                    e.copy_(e * args.ema + m * (1 - args.ema) if e.is_floating_point() else m)
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
-            seen = accuracy(Engine(model).class_scores(seen_images, list(SHAPES)), seen_labels)
-            row = {"stem": args.stem, "channels": args.channels, "bn_batch": args.bn_batch,
+            ema.eval()
+            seen = accuracy(Engine(ema).class_scores(seen_images, list(SHAPES)), seen_labels)
+            row = {"stem": args.stem, "scale": args.scale, "ratio": args.ratio, "wd": args.wd,
+                   "ema": args.ema, "gray": args.gray, "lr": args.lr, "seed": args.seed,
+                   "channels": args.channels, "bn_batch": args.bn_batch,
                    "order": args.order, "n": args.n, "step": step,
                    "seconds": round(time.perf_counter() - start),
-                   "shape_heldout": zeroshot_eval(model, zeroshot / "shape")["top1"],
+                   "shape_heldout": zeroshot_eval(ema, zeroshot / "shape")["top1"],
                    "shape_seen": seen["top1"],
-                   "colour": zeroshot_eval(model, zeroshot / "colour")["top1"]}  # fmt: skip
+                   "colour": zeroshot_eval(ema, zeroshot / "colour")["top1"]}  # fmt: skip
             print(json.dumps(row), flush=True)
             model.train()
 
