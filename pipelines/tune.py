@@ -377,7 +377,11 @@ def run(sweep: SweepConfig) -> dict[str, Any]:
 def parse_args(argv: list[str]) -> SweepConfig:
     p = flags.parser("mmray tune", __doc__, flags.TUNE, "YAML sweep config (configs/tune/*.yaml)")
     args = p.parse_args(argv)
-    return load_config(SweepConfig, args.config, args.overrides, flags.values(args, flags.TUNE))
+    sweep = load_config(SweepConfig, args.config, args.overrides, flags.values(args, flags.TUNE))
+    beside = Path(args.config).parent / sweep.train if args.config else None
+    if beside and not Path(sweep.train).exists() and beside.exists():
+        sweep.train = str(beside)  # a training YAML kept next to the sweep's, named by its name
+    return sweep
 
 
 def check(sweep: SweepConfig) -> None:

@@ -55,6 +55,23 @@ def test_the_generative_sweep_selects_on_vqa_over_the_decoders(monkeypatch) -> N
     assert tune.parse_args([*config, "metric=eval/caption/cider"]).metric == "eval/caption/cider"
 
 
+def test_a_sweep_finds_its_training_config_from_the_working_directory_or_beside_it(
+    tmp_path, monkeypatch
+) -> None:  # fmt: skip
+    repo = flags.__file__.rsplit("/pipelines/", 1)[0]
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "train.yaml").write_text("schedule: {global_batch: 32}\n")
+    sweep = tmp_path / "exp" / "sweep.yaml"
+    sweep.write_text("train: train.yaml\n")
+    monkeypatch.chdir(repo)  # not where the sweep is
+    assert tune.parse_args(["--config", str(sweep), "--data", "s"]).base.schedule.global_batch == 32
+    sweep.write_text("train: pipelines/configs/train/tiny.yaml\n")  # the shipped form
+    assert tune.parse_args(["--config", str(sweep)]).train == "pipelines/configs/train/tiny.yaml"
+    monkeypatch.chdir(tmp_path)  # neither here nor beside the sweep: said before any work
+    with pytest.raises(ConfigError, match="cannot read config pipelines/configs/train/tiny"):
+        tune.check(tune.parse_args(["--config", str(sweep), "--data", "s"]))
+
+
 def test_a_sweep_builds_its_base_once_and_trials_from_it(monkeypatch) -> None:
     monkeypatch.chdir(flags.__file__.rsplit("/pipelines/", 1)[0])
     sweep = tune.parse_args(["--config", "pipelines/configs/tune/tiny.yaml", "--data", "s",
