@@ -165,7 +165,10 @@ def init_ray(need: Need, address: str | None = None, log_to_driver: bool = True)
             ray.init(
                 num_cpus=cpus, log_to_driver=log_to_driver,
                 include_dashboard=None if need.dashboard else False,  # None: Ray's default
-                _system_config=dict(RAY_SYSTEM_CONFIG),
+                # Ray starts at most min(cores, num_cpus) worker processes at once and warns
+                # at 4× that: a training job's 8 processes on 2 cores said "4x the maximum
+                # expected startup concurrency", though it asked for those 4 logical CPUs.
+                _system_config=dict(RAY_SYSTEM_CONFIG, worker_maximum_startup_concurrency=cpus),
             )  # fmt: skip
     fits(need, capacity())
 

@@ -83,6 +83,7 @@ def test_train_starts_a_ray_sized_for_itself_and_finishes(shards, sample_dir, tm
         "Setting up process group": "Ray Train's, from each rank",
         "Checkpoint successfully created": "Ray Train's, from each rank at each checkpoint",
         "Reporting training result": "Ray Train's, from each rank at each report",
+        "maximum expected startup concurrency": "the raylet's, for more processes than cores",
     }
     for text, what in noise.items():
         assert text not in run.stderr, what
