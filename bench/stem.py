@@ -98,6 +98,10 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.steps, 50))
     augment = TransformConfig(image_size=64, scale=args.scale, ratio=args.ratio)
     start, ema = time.perf_counter(), copy.deepcopy(model) if args.ema else model
+    # What training changes, paired once: the trained weights (not the locked text tower's)
+    # and the buffers (BatchNorm's statistics).
+    moving = lambda m: [p for p in m.parameters() if p.requires_grad] + list(m.buffers())  # noqa: E731
+    averaged = list(zip(moving(ema), moving(model), strict=True)) if args.ema else []
     fixed = rng.permutation(len(train)) if args.order == "fixed" else None
     model.train()
     for step in range(1, args.steps + 1):
@@ -120,11 +124,9 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if args.ema:
-            with torch.no_grad():
-                pairs = zip(ema.state_dict().values(), model.state_dict().values(), strict=True)
-                for e, m in pairs:  # BatchNorm's counters copied, the rest averaged
-                    e.copy_(e * args.ema + m * (1 - args.ema) if e.is_floating_point() else m)
+        with torch.no_grad():
+            for e, m in averaged:  # BatchNorm's counters copied, the rest averaged
+                e.copy_(e * args.ema + m * (1 - args.ema) if e.is_floating_point() else m)
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             ema.eval()
