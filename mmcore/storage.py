@@ -233,11 +233,10 @@ def cached(key: str, fetch: Callable[[Path], str | Path]) -> Path:
     of two processes fetching at once the first rename wins (the copies are the same)."""
     folder = downloads_dir() / hashlib.sha256(key.encode()).hexdigest()[:32]
     if folder.is_dir():
+        os.utime(folder)  # its last use: what the pruning below goes by
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in folder.parent.glob(".partial-*"):  # a fetch killed a day ago or more
-        if time.time() - stale.stat().st_mtime > 86_400:
-            shutil.rmtree(stale, ignore_errors=True)
+    _prune(folder.parent)
     tmp = tempfile.mkdtemp(prefix=".partial-", dir=folder.parent)
     try:
         os.rename(fetch(Path(tmp)), folder)
@@ -247,6 +246,25 @@ def cached(key: str, fetch: Callable[[Path], str | Path]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+CACHE_DAYS = 30  # a download no process has asked for in this long is removed
+
+
+def _prune(downloads: Path) -> None:
+    """Remove the copies unused for ``CACHE_DAYS`` and the leftovers of fetches killed a day
+    ago or more, so the cache does not grow with every model version ever served. A process
+    that still holds a pruned copy's files keeps reading them (POSIX); asking again fetches
+    it anew."""
+    now = time.time()
+    for entry in downloads.iterdir():
+        try:
+            age = now - entry.stat().st_mtime
+        except FileNotFoundError:  # pruned by another process just now
+            continue
+        limit = 86_400 if entry.name.startswith(".partial-") else CACHE_DAYS * 86_400
+        if age > limit:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def check_readable(key: str, path: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -114,3 +115,19 @@ def test_a_download_is_fetched_once_whole_and_shared(tmp_path, monkeypatch) -> N
     os.utime(killed, (0, 0))  # a fetch that was killed long ago
     storage.cached("runs:/next/model", fetch)
     assert not killed.exists() and (running / "model").is_dir()
+
+
+def test_the_download_cache_drops_what_was_not_used_for_a_month(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MMRAY_CACHE", str(tmp_path))
+
+    def fetch(tmp: Path) -> Path:
+        (tmp / "w").write_text("weights")
+        return tmp
+
+    month = storage.CACHE_DAYS * 86_400
+    old, used = storage.cached("runs:/old/model", fetch), storage.cached("runs:/used/model", fetch)
+    for folder in (old, used):
+        os.utime(folder, (time.time() - month - 60,) * 2)
+    assert storage.cached("runs:/used/model", fetch) == used  # asked for again: its use counts
+    storage.cached("runs:/new/model", fetch)  # a new fetch prunes
+    assert not old.exists() and (used / "w").read_text() == "weights"
