@@ -22,7 +22,7 @@ import torch
 
 from mmcore.eval.run import eval_metrics
 from mmcore.inference import trim_batch
-from mmcore.losses.fusion import compute_losses
+from mmcore.losses.fusion import AnswerPrior, compute_losses
 from mmcore.models.model import build_model, trains_decoder
 from mmcore.models.towers import TextMemo
 from mmcore.training import TrainConfig, cosine_lr, param_groups
@@ -69,6 +69,8 @@ def build_engine(cfg: TrainConfig, init: dict[str, torch.Tensor] | None = None) 
         model=model, optimizer=opt, lr_scheduler=sched, config=cfg.ds_config
     )
     say = engine.global_rank == 0  # one line a job, not one a rank
+    if cfg.loss.vqa_debias:
+        engine.module.answer_prior = AnswerPrior()
     if cfg.data.text_cache and cfg.deepspeed.stage == 3:
         if say:
             log.warning("data.text_cache is off under ZeRO-3: every rank runs the text tower")

@@ -10,6 +10,8 @@ variant cannot train.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,9 @@ class LossConfig:
     """``loss.terms``: the weighted sum of named terms that training minimises."""
 
     terms: dict[str, float] = dataclasses.field(default_factory=lambda: {"clip": 1.0})
+    # vqa: train the decoder as a product of experts with each question's answer prior
+    # (AnswerPrior), so it answers from the image where the prior misleads (held-out compositions)
+    vqa_debias: bool = False
 
     def validate(self) -> None:
         unknown = sorted(set(self.terms) - set(LOSSES))
@@ -32,6 +37,8 @@ class LossConfig:
             raise ValueError(f"terms must be a non-empty subset of {list(LOSSES)}; got {unknown}")
         if any(w < 0 for w in self.terms.values()):
             raise ValueError("loss weights must be >= 0")
+        if self.vqa_debias and "vqa" not in self.terms:
+            raise ValueError("vqa_debias debiases the vqa term: add vqa to loss.terms")
 
     def check(self, fusion: str) -> None:
         """Refuse terms the model variant cannot train (before any work starts)."""
@@ -125,16 +132,58 @@ def answer_targets(qa_ids: torch.Tensor, qa_mask: torch.Tensor) -> torch.Tensor:
     return qa_ids.masked_fill((after == 0) | (qa_mask == 0), -100)
 
 
+class AnswerPrior:
+    """How often each question was answered with each first answer token, over the batches
+    this process has trained on: the question-only expert of a product of experts (Clark et
+    al., 2019, "Don't Take the Easy Way Out"; ``loss.vqa_debias``). Training adds log(1 + count)
+    to the decoder's logits at the answer's first token, so the decoder gains nothing by
+    learning what the question alone predicts (in the sample crawl: the colours each shape came
+    in, which are wrong for a held-out composition) and learns to read the image instead;
+    evaluation and serving use the decoder alone. Counts are per process (each rank sees its
+    share of the data) and start afresh on resume."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[int, ...], Counter[int]] = {}
+
+    def bias(self, questions: list[tuple[int, ...]], vocab: int) -> torch.Tensor:
+        """(len(questions), vocab) log(1 + count) of each token answering each question."""
+        out = torch.zeros(len(questions), vocab)
+        for row, question in enumerate(questions):
+            for token, n in self.counts.get(question, {}).items():
+                out[row, token] = math.log1p(n)
+        return out
+
+    def add(self, questions: list[tuple[int, ...]], answers: list[int]) -> None:
+        for question, answer in zip(questions, answers, strict=True):
+            self.counts.setdefault(question, Counter())[answer] += 1
+
+
 def vqa_loss(
     model: ImageTextModel, out: ModelOutput, qa_ids: torch.Tensor, qa_mask: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """BLIP-style generative VQA: the decoder, conditioned on the image and the question (its
-    prefix: ``[CLS] question [SEP]``), predicts the answer; only the answer's tokens count."""
+    prefix: ``[CLS] question [SEP]``), predicts the answer; only the answer's tokens count.
+    With ``model.answer_prior`` (training with ``loss.vqa_debias``), the answer's first token
+    is predicted by the decoder times the question's answer prior (``AnswerPrior``)."""
     logits = model.caption_logits(out.image_tokens, qa_ids, qa_mask)[:, :-1]
     targets = answer_targets(qa_ids, qa_mask)[:, 1:]
     if (targets == -100).all():  # no row has a question: zero, with gradients of zeros
         return {"vqa": logits.sum() * 0.0}
-    return {"vqa": F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)}
+    prior: AnswerPrior | None = getattr(model, "answer_prior", None)
+    if prior is None:
+        return {"vqa": F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)}
+    answered = targets != -100
+    rows = answered.any(1).nonzero().flatten()
+    first = answered.int().argmax(1)[rows]  # the position that predicts the first answer token
+    questions = [tuple(qa_ids[r, : f + 1].tolist()) for r, f in zip(rows, first, strict=True)]
+    answers = targets[rows, first]
+    biased = logits[rows, first] + prior.bias(questions, logits.shape[-1]).to(logits)
+    rest = targets.index_put((rows, first), torch.tensor(-100))
+    total = F.cross_entropy(biased, answers, reduction="sum") + F.cross_entropy(
+        logits.flatten(0, 1), rest.flatten(), ignore_index=-100, reduction="sum"
+    )
+    prior.add(questions, answers.tolist())  # after the loss: a question's own answer is no prior
+    return {"vqa": total / answered.sum()}
 
 
 def compute_losses(

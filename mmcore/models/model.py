@@ -115,6 +115,7 @@ class ImageTextModel(nn.Module):
         self.vision = VisionTower(cfg.vision)
         self.text = TextTower(cfg.text)
         self.text_memo: TextMemo | None = None  # training's per-caption features (TextMemo)
+        self.answer_prior = None  # training's AnswerPrior (loss.vqa_debias), else None
         # The loss terms it was trained on, when known (training's export records them):
         # a decoder trained for captions only cannot answer questions, and the reverse.
         self.objectives: frozenset[str] | None = None

@@ -90,19 +90,20 @@ def test_zero2_run_finishes_logs_and_exports(
 def test_a_vqa_run_trains_the_decoder_and_logs_its_metrics(
     shards, mlflow_server, tmp_path, monkeypatch, capsys
 ):
-    """``vqa`` trains on each sample's questions; evaluation logs VQA and caption metrics (a
-    sweep compares every decoder on both); the export records its objectives."""
+    """``vqa`` trains on each sample's questions (here debiased by the questions' answer priors,
+    which the second step has); evaluation logs VQA and caption metrics (a sweep compares every
+    decoder on both); the export records its objectives."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     tiny = "pipelines/configs/train/tiny.yaml"
     args = [
         f"data.path={shards}", f"data.val_path={shards}", "model.fusion=hybrid",
-        "loss.terms={clip: 1.0, vqa: 1.0}", "schedule.max_steps=2", "schedule.checkpoint_every=2",
-        "schedule.global_batch=16", "eval.max_pairs=64", f"output={tmp_path / 'a'}",
-        "tracking.experiment=test-train-vqa",
+        "loss.terms={clip: 1.0, vqa: 1.0}", "loss.vqa_debias=true", "schedule.max_steps=2",
+        "schedule.checkpoint_every=2", "schedule.global_batch=16", "eval.max_pairs=64",
+        f"output={tmp_path / 'a'}", "tracking.experiment=test-train-vqa",
     ]  # fmt: skip
     result = run(load_config(TrainConfig, tiny, args))
     client = mlflow.MlflowClient(mlflow_server.url)
-    assert client.get_metric_history(result["run_id"], "train/vqa")
+    assert all(0 < m.value < 20 for m in client.get_metric_history(result["run_id"], "train/vqa"))
     for name in ("eval/vqa/accuracy", "eval/caption/bleu4", "eval/caption/cider"):
         (logged,) = client.get_metric_history(result["run_id"], name)
         assert logged.step == 2 and 0 <= logged.value, name

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmcore.losses.fusion import answer_targets, check_objectives, compute_losses, mask_tokens
+from mmcore.losses.fusion import (
+    AnswerPrior,
+    answer_targets,
+    check_objectives,
+    compute_losses,
+    mask_tokens,
+)
 from mmcore.models.model import OBJECTIVES, ModelConfig, build_model
 from mmcore.models.towers import TextConfig, tokenize, tokenizer
 
@@ -113,6 +119,32 @@ def test_vqa_loss_without_questions_is_zero_and_finite() -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_a_debiased_vqa_loss_is_the_decoder_times_each_questions_answer_prior() -> None:
+    model, qa = tiny("cross_attention"), batch()
+    plain = compute_losses(model, qa, {"vqa": 1.0})[1]["vqa"]
+    model.answer_prior = AnswerPrior()
+    torch.testing.assert_close(compute_losses(model, qa, {"vqa": 1.0})[1]["vqa"], plain)
+    counts = model.answer_prior.counts  # nothing was counted before: the decoder alone
+    assert sorted(tokenizer().decode(list(c)) for c in counts.values()) == ["diamond", "red", "two"]
+    assert all(n == 1 for c in counts.values() for n in c.values())
+
+    # Now each question's prior is log(1 + 1) on its answer's first token, and only there.
+    out = model(qa["pixels"], qa["input_ids"], qa["attention_mask"])
+    logits = model.caption_logits(out.image_tokens, qa["qa_ids"], qa["qa_mask"])[:, :-1]
+    targets = answer_targets(qa["qa_ids"], qa["qa_mask"])[:, 1:]
+    for row in (0, 2, 3):
+        first = (targets[row] != -100).nonzero()[0, 0]
+        logits[row, first, targets[row, first]] += torch.log(torch.tensor(2.0))
+    expected = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100
+    )
+    debiased = compute_losses(model, qa, {"vqa": 1.0})[1]["vqa"]
+    torch.testing.assert_close(debiased, expected)
+    assert debiased < plain  # the prior explains part of the answer: less left for the decoder
+    model.answer_prior = None
+    torch.testing.assert_close(compute_losses(model, qa, {"vqa": 1.0})[1]["vqa"], plain)
+
+
 def tokenize_qa(pairs: list) -> dict[str, torch.Tensor]:
     qa = tokenize(pairs, 16)
     return {"qa_ids": qa["input_ids"], "qa_mask": qa["attention_mask"]}
@@ -147,6 +179,9 @@ def test_loss_config_from_yaml_style_overrides() -> None:
         load_config(LossConfig, None, ["terms={contrastive: 1.0}"])
     with pytest.raises(ConfigError, match=">= 0"):
         load_config(LossConfig, None, ["terms={clip: -1}"])
+    assert load_config(LossConfig, None, ["terms={clip: 1, vqa: 1}", "vqa_debias=true"]).vqa_debias
+    with pytest.raises(ConfigError, match="add vqa to loss.terms"):
+        load_config(LossConfig, None, ["vqa_debias=true"])
 
 
 @pytest.mark.parametrize("fusion", ["film", "hybrid"])
