@@ -2,6 +2,7 @@
 held-out compositions, time them through Serve.
 
     python -m bench.generate [--n 3000] [--steps 600] [--base-steps 0] [--requests 40]
+                             [--override KEY=VALUE ...] [--scenes-of MODEL]
 
 1. A sample crawl (seed 20) and its questions are curated (`--qa`), and the tiny config
    trained on it as `hybrid` with the clip, itm, caption and vqa objectives (`mmray train`,
@@ -14,7 +15,11 @@ held-out compositions, time them through Serve.
    image or caption has) is scored with `mmray eval caption` (greedy and 3 beams) and
    `mmray eval vqa` (greedy), beside two majority baselines: the most common answer of each
    question type in the training questions (a prior-only answerer), and in the held-out
-   questions themselves (the best any prior-only answerer could do).
+   questions themselves (the best any prior-only answerer could do). The colour and shape
+   answers are also split by scene (``by_scene``): one object, or which of two the question
+   names, the held-out one or its seen neighbour, and how often the answer was the
+   neighbour's. ``--scenes-of MODEL`` prints only that split for a model already trained on
+   the bench's crawl; ``--override`` adds training overrides (``loss.vqa_debias=true``).
 3. `mmray serve` serves the model; `--requests` sequential /v1/caption (greedy, 3 beams) and
    /v1/vqa requests of held-out images: latency p50/p99 per image, the client on the same
    2 cores.
@@ -27,7 +32,9 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -36,10 +43,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import requests
+from PIL import Image
 
 from bench.filter import mmray, train, workdir
+from mmcore import tracking
 from mmcore.eval.run import sample_questions, tar_samples
 from mmcore.eval.vqa import normalise
+from mmcore.inference import Engine
 from pipelines.local import free_port
 
 
@@ -65,6 +75,43 @@ def prior_baseline(train_qa: Path, shard: Path) -> dict[str, float]:
     return {"accuracy": float(np.mean(every))} | {t: float(np.mean(v)) for t, v in hits.items()}
 
 
+OBJECT = re.compile(r"(?:small|large) (\w+) (\w+)")  # colour, shape in a scene's caption
+
+
+def by_scene(model: str, shard: Path) -> dict[str, dict[str, float]]:
+    """Accuracy of the colour and shape questions of the held-out shard (scenes whose first
+    object is the held-out composition) by what the question names: a lone object, the
+    held-out object of two, or its seen neighbour; for two objects that differ in what is
+    asked, also how often the answer named the neighbour's instead."""
+    images, questions, answers, groups = [], [], [], []
+    for _, sample in tar_samples(str(shard)):
+        objects = OBJECT.findall(json.loads(sample["json"])["caption"])
+        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        for qa in sample_questions(sample):
+            kind, words = qa["type"], qa["question"].rstrip("?").split()
+            if kind not in ("colour", "shape"):
+                continue
+            ask, named = (1, words[-1]) if kind == "colour" else (0, words[4])  # what is named
+            which = [i for i, o in enumerate(objects) if o[ask] == named]
+            if len(objects) == 1:
+                group, other = f"{kind}: one object", None
+            else:
+                group = f"{kind}: {('the held-out', 'the seen')[which[0]]} object of two"
+                other = objects[1 - which[0]][1 - ask]
+                group += ", objects differ" if other != qa["answer"] else ", objects alike"
+            images.append(image)
+            questions.append(qa["question"])
+            answers.append(qa["answer"])
+            groups.append((group, other))
+    predicted = [p for p, _ in Engine(tracking.load(model)).answer(images, questions)]
+    hits: dict[str, list[tuple[bool, bool]]] = collections.defaultdict(list)
+    for (group, other), answer, said in zip(groups, answers, predicted, strict=True):
+        hits[group].append((normalise(said) == answer, normalise(said) == other))
+    return {group: {"n": len(v), "right": float(np.mean([r for r, _ in v])),
+                    "neighbours": float(np.mean([o for _, o in v]))}
+            for group, v in sorted(hits.items())}  # fmt: skip
+
+
 def latency(url: str, bodies: list[dict], path: str, **settings) -> dict[str, float]:
     times = []
     for body in bodies:
@@ -84,9 +131,14 @@ def main() -> None:
     p.add_argument("--base-steps", type=int, default=0, help="a CLIP base first (0: none)")
     p.add_argument("--requests", type=int, default=40)
     p.add_argument("--out", default="bench/out/generate")
+    p.add_argument("--override", action="append", default=[], help="a training override")
+    p.add_argument("--scenes-of", metavar="MODEL", help="only the by-scene split of MODEL")
     args = p.parse_args()
     out = workdir(args.out)
     raw, shards = out / "raw", out / "shards"
+    if args.scenes_of:
+        print(json.dumps(by_scene(args.scenes_of, raw / "heldout" / "00000.tar")))
+        return
     mmray("sample-data", str(raw), "--n", str(args.n), "--seed", "20")
     mmray("curate", "--config", "pipelines/configs/curate_tiny.yaml", "--input",
           f"{raw}/metadata.parquet", "--qa", f"{raw}/qa.parquet",
@@ -101,6 +153,7 @@ def main() -> None:
         "model.fusion=hybrid",
         "loss.terms={clip: 1.0, itm: 1.0, caption: 1.0, vqa: 1.0}",
         *warm,
+        *args.override,
     )
     model = trained["model_uri"]
     metrics = trained["metrics"]
@@ -120,6 +173,7 @@ def main() -> None:
                                                     "n_questions", "examples")}  # fmt: skip
     result["heldout_vqa_prior_baseline"] = prior_baseline(raw / "qa.parquet",
                                                           heldout / "00000.tar")  # fmt: skip
+    result["heldout_vqa_by_scene"] = by_scene(model, heldout / "00000.tar")
     bodies = heldout_requests(heldout / "00000.tar")[: args.requests]
     port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).with_name("mmray")), "serve", "--model",
