@@ -19,6 +19,7 @@ Ray worker would leave behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -233,7 +234,8 @@ def cached(key: str, fetch: Callable[[Path], str | Path]) -> Path:
     of two processes fetching at once the first rename wins (the copies are the same)."""
     folder = downloads_dir() / hashlib.sha256(key.encode()).hexdigest()[:32]
     if folder.is_dir():
-        os.utime(folder)  # its last use: what the pruning below goes by
+        with contextlib.suppress(OSError):  # a read-only cache is never pruned either
+            os.utime(folder)  # its last use: what the pruning below goes by
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     _prune(folder.parent)

@@ -28,7 +28,7 @@ class LossConfig:
 
     terms: dict[str, float] = dataclasses.field(default_factory=lambda: {"clip": 1.0})
     # vqa: train the decoder as a product of experts with each question's answer prior
-    # (AnswerPrior), so it answers from the image where the prior misleads (held-out compositions)
+    # (AnswerPrior), so it does not learn what the question alone predicts
     vqa_debias: bool = False
 
     def validate(self) -> None:
@@ -138,8 +138,8 @@ class AnswerPrior:
     al., 2019, "Don't Take the Easy Way Out"; ``loss.vqa_debias``). Training adds log(1 + count)
     to the decoder's logits at the answer's first token, so the decoder gains nothing by
     learning what the question alone predicts (in the sample crawl: the colours each shape came
-    in, which are wrong for a held-out composition) and learns to read the image instead;
-    evaluation and serving use the decoder alone. Counts are per process (each rank sees its
+    in, which are wrong for a held-out composition); evaluation and serving use the decoder
+    alone. Counts are per process (each rank sees its
     share of the data) and start afresh on resume."""
 
     def __init__(self) -> None:
