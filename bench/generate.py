@@ -91,6 +91,7 @@ def by_scene(model: str, shard: Path) -> dict[str, dict[str, float]]:
             kind, words = qa["type"], qa["question"].rstrip("?").split()
             if kind not in ("colour", "shape"):
                 continue
+            answer = normalise(qa["answer"])
             ask, named = (1, words[-1]) if kind == "colour" else (0, words[4])  # what is named
             which = [i for i, o in enumerate(objects) if o[ask] == named]
             if len(objects) == 1:
@@ -98,10 +99,10 @@ def by_scene(model: str, shard: Path) -> dict[str, dict[str, float]]:
             else:
                 group = f"{kind}: {('the held-out', 'the seen')[which[0]]} object of two"
                 other = objects[1 - which[0]][1 - ask]
-                group += ", objects differ" if other != qa["answer"] else ", objects alike"
+                group += ", objects differ" if other != answer else ", objects alike"
             images.append(image)
             questions.append(qa["question"])
-            answers.append(qa["answer"])
+            answers.append(answer)
             groups.append((group, other))
     predicted = [p for p, _ in Engine(tracking.load(model)).answer(images, questions)]
     hits: dict[str, list[tuple[bool, bool]]] = collections.defaultdict(list)

@@ -139,8 +139,8 @@ class AnswerPrior:
     to the decoder's logits at the answer's first token, so the decoder gains nothing by
     learning what the question alone predicts (in the sample crawl: the colours each shape came
     in, which are wrong for a held-out composition); evaluation and serving use the decoder
-    alone. Counts are per process (each rank sees its
-    share of the data) and start afresh on resume."""
+    alone. Counts are per process (each rank sees its share of the data) and start afresh on
+    resume."""
 
     def __init__(self) -> None:
         self.counts: dict[tuple[int, ...], Counter[int]] = {}
@@ -169,7 +169,7 @@ def vqa_loss(
     targets = answer_targets(qa_ids, qa_mask)[:, 1:]
     if (targets == -100).all():  # no row has a question: zero, with gradients of zeros
         return {"vqa": logits.sum() * 0.0}
-    prior: AnswerPrior | None = getattr(model, "answer_prior", None)
+    prior: AnswerPrior | None = model.answer_prior
     if prior is None:
         return {"vqa": F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)}
     answered = targets != -100

@@ -103,7 +103,8 @@ def test_a_vqa_run_trains_the_decoder_and_logs_its_metrics(
     ]  # fmt: skip
     result = run(load_config(TrainConfig, tiny, args))
     client = mlflow.MlflowClient(mlflow_server.url)
-    assert all(0 < m.value < 20 for m in client.get_metric_history(result["run_id"], "train/vqa"))
+    vqa = client.get_metric_history(result["run_id"], "train/vqa")
+    assert vqa and all(0 < m.value < 20 for m in vqa)
     for name in ("eval/vqa/accuracy", "eval/caption/bleu4", "eval/caption/cider"):
         (logged,) = client.get_metric_history(result["run_id"], name)
         assert logged.step == 2 and 0 <= logged.value, name
