@@ -12,7 +12,8 @@ No key/value cache: every step runs the decoder over the whole prefix again. The
 runs once per image; the decoder is 2 layers of width 128 over at most ``context_length``
 (32) tokens, so re-running it costs little at this size (a greedy caption through Serve takes
 ~150 ms per image on 2 cores, docs/BENCHMARKS.md), and the code stays one call of
-``caption_logits``. That call is causal (a position never sees a later one, tested), so the
+``decoder_states``, whose last position alone goes through the vocabulary projection (the
+larger cost). That call is causal (a position never sees a later one, tested), so the
 logits of the last position are those a cached decoder would give. A larger decoder would
 want the cache.
 """
@@ -131,7 +132,7 @@ def _text(tok, ids: list[int]) -> str:
 
 def _step(model, image_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the next token after each prefix: (B, T) → (B, V)."""
-    logits = model.caption_logits(image_tokens, ids, torch.ones_like(ids))[:, -1]
+    logits = model.lm_head(model.decoder_states(image_tokens, ids, torch.ones_like(ids))[:, -1])
     return logits.float().log_softmax(-1)
 
 

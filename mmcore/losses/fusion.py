@@ -162,28 +162,25 @@ def vqa_loss(
     model: ImageTextModel, out: ModelOutput, qa_ids: torch.Tensor, qa_mask: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """BLIP-style generative VQA: the decoder, conditioned on the image and the question (its
-    prefix: ``[CLS] question [SEP]``), predicts the answer; only the answer's tokens count.
-    With ``model.answer_prior`` (training with ``loss.vqa_debias``), the answer's first token
-    is predicted by the decoder times the question's answer prior (``AnswerPrior``)."""
-    logits = model.caption_logits(out.image_tokens, qa_ids, qa_mask)[:, :-1]
+    prefix: ``[CLS] question [SEP]``), predicts the answer; only the answer's tokens count, and
+    only their positions go through the vocabulary projection. With ``model.answer_prior``
+    (training with ``loss.vqa_debias``), the answer's first token is predicted by the decoder
+    times the question's answer prior (``AnswerPrior``)."""
+    states = model.decoder_states(out.image_tokens, qa_ids, qa_mask)[:, :-1]
     targets = answer_targets(qa_ids, qa_mask)[:, 1:]
-    if (targets == -100).all():  # no row has a question: zero, with gradients of zeros
-        return {"vqa": logits.sum() * 0.0}
-    prior: AnswerPrior | None = model.answer_prior
-    if prior is None:
-        return {"vqa": F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)}
     answered = targets != -100
-    rows = answered.any(1).nonzero().flatten()
-    first = answered.int().argmax(1)[rows]  # the position that predicts the first answer token
-    questions = [tuple(qa_ids[r, : f + 1].tolist()) for r, f in zip(rows, first, strict=True)]
-    answers = targets[rows, first]
-    biased = logits[rows, first] + prior.bias(questions, logits.shape[-1]).to(logits)
-    rest = targets.index_put((rows, first), torch.tensor(-100))
-    total = F.cross_entropy(biased, answers, reduction="sum") + F.cross_entropy(
-        logits.flatten(0, 1), rest.flatten(), ignore_index=-100, reduction="sum"
-    )
-    prior.add(questions, answers.tolist())  # after the loss: a question's own answer is no prior
-    return {"vqa": total / answered.sum()}
+    if not answered.any():  # no row has a question: zero, with gradients of zeros
+        return {"vqa": model.lm_head(states).sum() * 0.0}
+    rows, cols = answered.nonzero(as_tuple=True)
+    logits, answers = model.lm_head(states[rows, cols]), targets[rows, cols]  # (N, V), (N,)
+    prior: AnswerPrior | None = model.answer_prior
+    if prior is not None:
+        first = (cols == answered.int().argmax(1)[rows]).nonzero().flatten()  # each answer's first
+        questions = [tuple(qa_ids[rows[i], : cols[i] + 1].tolist()) for i in first]
+        bias = prior.bias(questions, logits.shape[-1]).to(logits)
+        logits = logits.index_add(0, first, bias)
+        prior.add(questions, answers[first].tolist())  # after: a question's own answer is no prior
+    return {"vqa": F.cross_entropy(logits, answers)}
 
 
 def compute_losses(

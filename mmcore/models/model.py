@@ -185,11 +185,18 @@ class ImageTextModel(nn.Module):
         """(B, T, V) token logits at every fused text position."""
         return self.lm_head(self.fuse(image_tokens, text_tokens, attention_mask).tokens)
 
-    def caption_logits(self, image_tokens, input_ids, attention_mask) -> torch.Tensor:
-        """(B, T, V) next-token logits of an image-grounded causal decoder. Its input is the
-        context-free token embeddings, so no position sees a later token."""
+    def decoder_states(self, image_tokens, input_ids, attention_mask) -> torch.Tensor:
+        """(B, T, W) the last states of an image-grounded causal decoder; ``lm_head`` maps a
+        position's state to its next-token logits. Its input is the context-free token
+        embeddings, so no position sees a later token."""
         embeds = self.text.embed(input_ids)
-        return self.lm_head(self.fuse(image_tokens, embeds, attention_mask, causal=True).tokens)
+        return self.fuse(image_tokens, embeds, attention_mask, causal=True).tokens
+
+    def caption_logits(self, image_tokens, input_ids, attention_mask) -> torch.Tensor:
+        """(B, T, V) next-token logits at every position. The vocabulary projection costs
+        several times the decoder at this width: where only some positions are needed, map
+        their ``decoder_states`` alone."""
+        return self.lm_head(self.decoder_states(image_tokens, input_ids, attention_mask))
 
     @torch.no_grad()
     def pair_scores(
