@@ -2,7 +2,7 @@
 held-out compositions, time them through Serve.
 
     python -m bench.generate [--n 3000] [--steps 600] [--base-steps 0] [--requests 40]
-                             [--override KEY=VALUE ...] [--scenes-of MODEL]
+                             [--override KEY=VALUE ...] [--scenes-of MODEL] [--decode-of MODEL]
 
 1. A sample crawl (seed 20) and its questions are curated (`--qa`), and the tiny config
    trained on it as `hybrid` with the clip, itm, caption and vqa objectives (`mmray train`,
@@ -20,6 +20,8 @@ held-out compositions, time them through Serve.
    names, the held-out one or its seen neighbour, and how often the answer was the
    neighbour's. ``--scenes-of MODEL`` prints only that split for a model already trained on
    the bench's crawl; ``--override`` adds training overrides (``loss.vqa_debias=true``).
+   ``--decode-of MODEL`` prints only the engine's seconds for 100 held-out images' captions
+   (greedy, 3 beams) and the answers to their questions, without Serve.
 3. `mmray serve` serves the model; `--requests` sequential /v1/caption (greedy, 3 beams) and
    /v1/vqa requests of held-out images: latency p50/p99 per image, the client on the same
    2 cores.
@@ -33,6 +35,7 @@ import argparse
 import base64
 import collections
 import io
+import itertools
 import json
 import re
 import subprocess
@@ -49,6 +52,7 @@ from bench.filter import mmray, train, workdir
 from mmcore import tracking
 from mmcore.eval.run import sample_questions, tar_samples
 from mmcore.eval.vqa import normalise
+from mmcore.generate import GenerationConfig
 from mmcore.inference import Engine
 from pipelines.local import free_port
 
@@ -113,6 +117,26 @@ def by_scene(model: str, shard: Path) -> dict[str, dict[str, float]]:
             for group, v in sorted(hits.items())}  # fmt: skip
 
 
+def decode_seconds(model: str, shard: Path, n: int = 100) -> dict[str, float]:
+    """Seconds of the engine (no Serve) for greedy and 3-beam captions of the shard's first
+    ``n`` images and greedy answers to the questions about them."""
+    engine = Engine(tracking.load(model))
+    images, questions = [], []
+    for _, sample in itertools.islice(tar_samples(str(shard)), n):
+        images.append(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+        questions += [(images[-1], qa["question"]) for qa in sample_questions(sample)]
+    engine.caption(images[:4])  # warm-up
+    runs = {"caption_greedy": lambda: engine.caption(images),
+            "caption_3_beams": lambda: engine.caption(images, GenerationConfig(num_beams=3)),
+            "answer_greedy": lambda: engine.answer(*zip(*questions, strict=True))}  # fmt: skip
+    seconds = {}
+    for name, call in runs.items():
+        t0 = time.perf_counter()
+        call()
+        seconds[name] = round(time.perf_counter() - t0, 3)
+    return seconds | {"images": len(images), "questions": len(questions)}
+
+
 def latency(url: str, bodies: list[dict], path: str, **settings) -> dict[str, float]:
     times = []
     for body in bodies:
@@ -134,11 +158,15 @@ def main() -> None:
     p.add_argument("--out", default="bench/out/generate")
     p.add_argument("--override", action="append", default=[], help="a training override")
     p.add_argument("--scenes-of", metavar="MODEL", help="only the by-scene split of MODEL")
+    p.add_argument("--decode-of", metavar="MODEL", help="only the engine's generation times")
     args = p.parse_args()
     out = workdir(args.out)
     raw, shards = out / "raw", out / "shards"
     if args.scenes_of:
         print(json.dumps(by_scene(args.scenes_of, raw / "heldout" / "00000.tar")))
+        return
+    if args.decode_of:
+        print(json.dumps(decode_seconds(args.decode_of, raw / "heldout" / "00000.tar")))
         return
     mmray("sample-data", str(raw), "--n", str(args.n), "--seed", "20")
     mmray("curate", "--config", "pipelines/configs/curate_tiny.yaml", "--input",
