@@ -15,7 +15,7 @@ embeddings) is trained with the ``vqa`` loss (AdamW, lr 1e-3, batches of 64) to 
   two   two tokens of different colours; the answer is the named one's side of the other
 
 Accuracy is over 1 024 fresh questions, comparing the decoder's "left" and "right" logits at
-the answer's position; 0.5 is a coin flip. Prints one JSON line.
+the answer's position; 0.5 is a coin flip. Prints a JSON line per variant.
 
 ``--seen-shard DIR`` writes instead a shard of 300 two-object scenes of seen compositions
 only, drawn as ``mmray sample-data`` draws its held-out shard, for ``mmray eval vqa``: where
@@ -72,7 +72,7 @@ def run(variant: str, steps: int, seed: int) -> dict:
     for p in params:
         p.requires_grad_(True)
     optim = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
-    colours, positions = torch.randn(len(COLOURS), WIDTH), 0.3 * torch.randn(65, WIDTH)
+    colours, positions = torch.randn(len(COLOURS), WIDTH), 0.3 * torch.randn(1 + GRID * GRID, WIDTH)
     losses, t0 = [], time.perf_counter()
     for _ in range(steps):
         tokens, pairs = scenes(rng, 64, variant, colours, positions)
@@ -121,8 +121,8 @@ def main() -> None:
     if args.seen_shard:
         seen_shard(args.seen_shard, seed=args.seed)
         return
-    results = [run(v, args.steps, args.seed) for v in ("text", "one", "two")]
-    print(json.dumps(results))
+    for variant in ("text", "one", "two"):
+        print(json.dumps(run(variant, args.steps, args.seed)), flush=True)
 
 
 if __name__ == "__main__":
