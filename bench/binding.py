@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tarfile
 import time
 from pathlib import Path
 
@@ -35,7 +34,6 @@ import torch
 
 from mmcore.data import sample
 from mmcore.data.inputs import token_ids
-from mmcore.data.shards import add_sample
 from mmcore.losses.fusion import answer_targets, vqa_loss
 from mmcore.models.model import ModelConfig, ModelOutput, build_model
 from mmcore.models.towers import tokenizer
@@ -99,17 +97,15 @@ def run(variant: str, steps: int, seed: int) -> dict:
 
 def seen_shard(folder: Path, n: int = 300, seed: int = 0) -> None:
     rng = np.random.default_rng([seed, 9])
-    folder.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(folder / "00000.tar", "w", format=tarfile.PAX_FORMAT) as tar:
-        for i in range(n):
+
+    def scenes():
+        for _ in range(n):
             first = (sample._pick(rng, ("small", "large")), *sample._composition(rng))
             background = sample._pick(rng, list(sample.BACKGROUNDS))
             objects, caption = sample._pair(rng, first)
-            image = sample.render(rng, 128, 128, objects, background)
-            meta = {"caption": caption, "qa": sample.qa_pairs(objects)}
-            add_sample(tar, f"{i:09d}", {"jpg": sample._encode(image, "jpg", 95),
-                                         "txt": caption.encode(),
-                                         "json": json.dumps(meta).encode()})  # fmt: skip
+            yield sample.render(rng, 128, 128, objects, background), objects, caption
+
+    sample.write_shard(folder / "00000.tar", scenes())
 
 
 def main() -> None:

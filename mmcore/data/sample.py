@@ -27,6 +27,7 @@ import struct
 import tarfile
 import zlib
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -269,12 +270,24 @@ def _qa_table(rows: list[dict], images: Path) -> pa.Table:
     return pa.table(cols)
 
 
+def write_shard(path: Path, scenes: Iterable[tuple[Image.Image, list, str]]) -> None:
+    """A curated-format shard (KEY.jpg, KEY.txt, KEY.json with the caption and the scene's
+    questions) of ``(image, objects, caption)`` scenes, keyed by their order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i, (image, objects, caption) in enumerate(scenes):
+            meta = {"caption": caption, "qa": qa_pairs(objects)}
+            members = {"jpg": _encode(image, "jpg", 95), "txt": caption.encode(),
+                       "json": json.dumps(meta).encode()}  # fmt: skip
+            add_sample(tar, f"{i:09d}", members)
+
+
 def _write_heldout(rng: np.random.Generator, folder: Path, n: int) -> None:
     """``n`` scenes whose first object is a held-out composition (the second, in half of them,
     a seen one), captioned as the crawl's full captions are, as a shard with their questions."""
     combos = [(c, s) for c in COLOURS for s in SHAPES if heldout(c, s)]
-    folder.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(folder / "00000.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+
+    def scenes():
         for i in range(n):
             colour, shape = combos[i % len(combos)]
             size = _pick(rng, ("small", "large"))
@@ -285,11 +298,9 @@ def _write_heldout(rng: np.random.Generator, folder: Path, n: int) -> None:
                 caption = f"a {size} {colour} {shape}"
             else:
                 objects, caption = _pair(rng, (size, colour, shape))
-            image = render(rng, 128, 128, objects, background)
-            meta = {"caption": caption, "qa": qa_pairs(objects)}
-            members = {"jpg": _encode(image, "jpg", 95), "txt": caption.encode(),
-                       "json": json.dumps(meta).encode()}  # fmt: skip
-            add_sample(tar, f"{i:09d}", members)
+            yield render(rng, 128, 128, objects, background), objects, caption
+
+    write_shard(folder / "00000.tar", scenes())
 
 
 def _mismatch(rng: np.random.Generator, rows: list[dict], n: int) -> None:
