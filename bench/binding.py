@@ -45,6 +45,7 @@ from mmcore.models.model import ModelConfig, ModelOutput, build_model
 from mmcore.models.towers import tokenizer
 
 COLOURS, SHAPES = tuple(sample.COLOURS), sample.SHAPES
+SEEN, HELD = sample.compositions(held=False), sample.compositions(held=True)
 GRID, WIDTH = 8, 128  # the tiny tower at 64 px: 8 x 8 patches (+ [CLS]) of width 128
 
 
@@ -72,10 +73,9 @@ def scenes(rng: np.random.Generator, n: int, variant: str, colours, positions, s
 def named_colour(rng, tokens, colours, shapes, held: bool) -> tuple[str, str]:
     """Two objects of different shapes on two tokens; the question names one by its shape,
     a held-out composition when ``held``, else the first of two seen ones."""
-    pick = [(c, s) for c in COLOURS for s in SHAPES if sample.heldout(c, s) == held]
-    seen = [(c, s) for c in COLOURS for s in SHAPES if not sample.heldout(c, s)]
+    pick = HELD if held else SEEN
     while True:
-        named, other = pick[rng.integers(len(pick))], seen[rng.integers(len(seen))]
+        named, other = pick[rng.integers(len(pick))], SEEN[rng.integers(len(SEEN))]
         if named[1] != other[1]:
             break
     cells = rng.choice(GRID * GRID, size=2, replace=False)
@@ -121,15 +121,22 @@ def run(variant: str, steps: int, seed: int) -> dict:
             "seconds": round(time.perf_counter() - t0)}  # fmt: skip
 
 
+def two_objects(rng: np.random.Generator, size: str, colour: str, shape: str) -> tuple:
+    """(image, objects, caption): a 128 px scene of a (size, colour, shape) object and a random
+    seen one, in a random relation on a random background, as ``mmray sample-data`` draws its
+    two-object scenes."""
+    background = sample._pick(rng, list(sample.BACKGROUNDS))
+    objects, caption = sample._pair(rng, (size, colour, shape))
+    return sample.render(rng, 128, 128, objects, background), objects, caption
+
+
 def seen_shard(folder: Path, n: int = 300, seed: int = 0) -> None:
     rng = np.random.default_rng([seed, 9])
 
     def scenes():
         for _ in range(n):
-            first = (sample._pick(rng, ("small", "large")), *sample._composition(rng))
-            background = sample._pick(rng, list(sample.BACKGROUNDS))
-            objects, caption = sample._pair(rng, first)
-            yield sample.render(rng, 128, 128, objects, background), objects, caption
+            size = sample._pick(rng, ("small", "large"))
+            yield two_objects(rng, size, *sample._composition(rng))
 
     sample.write_shard(folder / "00000.tar", scenes())
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.binding import two_objects
 from mmcore import tracking
 from mmcore.data import sample
 from mmcore.data.transforms import eval_transform
@@ -36,13 +37,12 @@ COLOURS, SHAPES = list(sample.COLOURS), list(sample.SHAPES)
 
 def scenes(n: int, seed: int = 5) -> tuple[list, list]:
     rng = np.random.default_rng(seed)
-    held = [(c, s) for c in COLOURS for s in SHAPES if sample.heldout(c, s)]
+    held = sample.compositions(held=True)
     images, objects = [], []
     for i in range(n + 600):
         first = sample._composition(rng) if i < n else held[i % len(held)]
-        pair, _ = sample._pair(rng, (sample._pick(rng, ("small", "large")), *first))
-        background = sample._pick(rng, list(sample.BACKGROUNDS))
-        images.append(sample.render(rng, 128, 128, pair, background))
+        image, pair, _ = two_objects(rng, sample._pick(rng, ("small", "large")), *first)
+        images.append(image)
         objects.append(pair)
     return images, objects
 
@@ -86,11 +86,11 @@ def layers_of(uri: str, images: list, objects: list, n: int) -> list[dict]:
     fit, score = image < 0.7 * n, (image >= 0.7 * n) & (image < n)
     held = (image >= n + 300) & rows[:, 5].bool()
     ceiling = fit | ((image >= n) & (image < n + 300))
+    onehot = F.one_hot(colour, len(COLOURS)).float()
     out = []
     for layer, h in enumerate(states):
         x = h[rows[:, 0], rows[:, 1]]
         x = (x - x[fit].mean(0)) / (x[fit].std(0) + 1e-6)
-        onehot = F.one_hot(colour, len(COLOURS)).float()
         no_colour = x - onehot @ torch.linalg.lstsq(onehot[fit], x[fit]).solution
         w_shape = probe(x[fit], shape[fit], len(SHAPES))
         w_free = probe(no_colour[fit], shape[fit], len(SHAPES))

@@ -73,6 +73,11 @@ def heldout(colour: str, shape: str) -> bool:
     return (list(COLOURS).index(colour) + SHAPES.index(shape)) % 5 == 0
 
 
+def compositions(held: bool) -> list[tuple[str, str]]:
+    """The held-out (colour, shape) compositions, or the seen ones, colour by colour."""
+    return [(c, s) for c in COLOURS for s in SHAPES if heldout(c, s) == held]
+
+
 def make_sample_data(
     out: str | Path, n: int = 600, seed: int = 0, min_px: int = 96, max_px: int = 256,
     zeroshot_per_class: int = 40, noisy: float = 0.0, heldout_n: int = 200,
@@ -128,7 +133,7 @@ def make_sample_data(
         "expected_status": {"clean": "success"}
         | JUNK
         | ({"noisy": "low_alignment"} if n_noisy else {}),
-        "heldout": [f"{c} {s}" for c in COLOURS for s in SHAPES if heldout(c, s)],
+        "heldout": [f"{c} {s}" for c, s in compositions(held=True)],
         "zeroshot": zs,
         "qa": {
             "pairs": len(qa),
@@ -285,7 +290,7 @@ def write_shard(path: Path, scenes: Iterable[tuple[Image.Image, list, str]]) -> 
 def _write_heldout(rng: np.random.Generator, folder: Path, n: int) -> None:
     """``n`` scenes whose first object is a held-out composition (the second, in half of them,
     a seen one), captioned as the crawl's full captions are, as a shard with their questions."""
-    combos = [(c, s) for c in COLOURS for s in SHAPES if heldout(c, s)]
+    combos = compositions(held=True)
 
     def scenes():
         for i in range(n):
@@ -380,7 +385,7 @@ def _png_header_only(w: int, h: int) -> bytes:
 
 def _write_zeroshot(rng: np.random.Generator, root: Path, per_class: int) -> dict:
     """Single-object images of held-out compositions, by colour and by shape."""
-    combos = [(c, s) for c in COLOURS for s in SHAPES if heldout(c, s)]
+    combos = compositions(held=True)
     counts: dict[str, dict[str, int]] = {"colour": {}, "shape": {}}
     for task, classes in (("colour", list(COLOURS)), ("shape", list(SHAPES))):
         for cls in classes:
