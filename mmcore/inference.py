@@ -167,7 +167,7 @@ class Engine:
         return generate_chunks(self.model, pixels, cfg, prompts)
 
     def logit_scale(self) -> float:
-        return float(self.model.scales()[0])
+        return self.model.scales()[0].item()
 
     def logits_from_embeddings(
         self, image_embeds: np.ndarray, prompt_embeds: np.ndarray, n_labels: int
