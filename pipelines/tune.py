@@ -304,8 +304,9 @@ def crown(sweep: SweepConfig, rows: list[dict], parent_run_id: str) -> dict[str,
     source = warm_start(sweep)
     if source and tracking.beats(source["value"], pick["value"], sweep.mode == "max"):
         pick = source
-    log.info("crowning the %s (%s %.4f; best trial %.4f)", pick["trial"], sweep.metric,
-             pick["value"], best[sweep.metric])  # fmt: skip
+    name = pick["trial"] if pick is source else f"trial {pick['trial']}"
+    log.info("crowning the %s (%s %.4f; best trial %.4f)", name, sweep.metric, pick["value"],
+             best[sweep.metric])  # fmt: skip
     tags = {tracking.SWEEP_TAG: parent_run_id, "trial": pick["trial"]}
     if sweep.base.init.source:
         tags["init.from"] = sweep.base.init.source
@@ -378,9 +379,14 @@ def parse_args(argv: list[str]) -> SweepConfig:
     p = flags.parser("mmray tune", __doc__, flags.TUNE, "YAML sweep config (configs/tune/*.yaml)")
     args = p.parse_args(argv)
     sweep = load_config(SweepConfig, args.config, args.overrides, flags.values(args, flags.TUNE))
-    beside = Path(args.config).parent / sweep.train if args.config else None
-    if beside and not Path(sweep.train).exists() and beside.exists():
-        sweep.train = str(beside)  # a training YAML kept next to the sweep's, named by its name
+    # The training YAML from the working directory; else one kept next to the sweep's, named
+    # by its name; else mmray's own (the shipped sweeps name theirs from the source root).
+    if not Path(sweep.train).exists():
+        roots = [Path(args.config).parent] if args.config else []
+        for root in [*roots, Path(__file__).parents[1]]:
+            if (root / sweep.train).exists():
+                sweep.train = str(root / sweep.train)
+                break
     return sweep
 
 

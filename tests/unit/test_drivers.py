@@ -55,7 +55,7 @@ def test_the_generative_sweep_selects_on_vqa_over_the_decoders(monkeypatch) -> N
     assert tune.parse_args([*config, "metric=eval/caption/cider"]).metric == "eval/caption/cider"
 
 
-def test_a_sweep_finds_its_training_config_from_the_working_directory_or_beside_it(
+def test_a_sweep_finds_its_training_config_here_beside_it_or_in_mmray(
     tmp_path, monkeypatch
 ) -> None:  # fmt: skip
     repo = flags.__file__.rsplit("/pipelines/", 1)[0]
@@ -67,8 +67,12 @@ def test_a_sweep_finds_its_training_config_from_the_working_directory_or_beside_
     assert tune.parse_args(["--config", str(sweep), "--data", "s"]).base.schedule.global_batch == 32
     sweep.write_text("train: pipelines/configs/train/tiny.yaml\n")  # the shipped form
     assert tune.parse_args(["--config", str(sweep)]).train == "pipelines/configs/train/tiny.yaml"
-    monkeypatch.chdir(tmp_path)  # neither here nor beside the sweep: said before any work
-    with pytest.raises(ConfigError, match="cannot read config pipelines/configs/train/tiny"):
+    monkeypatch.chdir(tmp_path)  # the shipped form from elsewhere: mmray's own YAML
+    shipped = tune.parse_args(["--config", str(sweep), "--data", "s"])
+    assert shipped.train == f"{repo}/pipelines/configs/train/tiny.yaml"
+    assert shipped.base.model.vision.stem == "conv"  # tiny.yaml's, not the default
+    sweep.write_text("train: configs/nowhere.yaml\n")  # nowhere: said before any work
+    with pytest.raises(ConfigError, match="cannot read config configs/nowhere.yaml"):
         tune.check(tune.parse_args(["--config", str(sweep), "--data", "s"]))
 
 
