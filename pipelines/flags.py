@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+SOURCE = Path(__file__).resolve().parents[1]  # holds pipelines/configs/, installed or not
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +70,19 @@ JOBS = {"curate": CURATE, "train": TRAIN, "tune": TUNE, "serve": SERVE, "embed":
         "index": INDEX}  # fmt: skip
 
 
+def config_path(path: str) -> str:
+    """A config file from the working directory; else the same relative path in mmray's own
+    tree, so the shipped ``pipelines/configs/...`` YAMLs load from any folder."""
+    shipped = SOURCE / path
+    return str(shipped) if not Path(path).exists() and shipped.is_file() else path
+
+
 def parser(
     prog: str, doc: str, flags: Sequence[Flag], config_help: str, config: str | None = None
 ) -> argparse.ArgumentParser:
     """``--config``, the flags, then ``key.sub=value`` overrides."""
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
-    p.add_argument("--config", default=config, help=config_help)
+    p.add_argument("--config", default=config, type=config_path, help=config_help)
     for f in flags:
         action = "append" if f.repeat else "store"
         metavar = f.name.lstrip("-").replace("-", "_").upper()

@@ -379,14 +379,10 @@ def parse_args(argv: list[str]) -> SweepConfig:
     p = flags.parser("mmray tune", __doc__, flags.TUNE, "YAML sweep config (configs/tune/*.yaml)")
     args = p.parse_args(argv)
     sweep = load_config(SweepConfig, args.config, args.overrides, flags.values(args, flags.TUNE))
-    # The training YAML from the working directory; else one kept next to the sweep's, named
-    # by its name; else mmray's own (the shipped sweeps name theirs from the source root).
-    if not Path(sweep.train).exists():
-        roots = [Path(args.config).parent] if args.config else []
-        for root in [*roots, Path(__file__).parents[1]]:
-            if (root / sweep.train).exists():
-                sweep.train = str(root / sweep.train)
-                break
+    beside = Path(args.config).parent / sweep.train if args.config else None
+    if beside and not Path(sweep.train).exists() and beside.exists():
+        sweep.train = str(beside)  # a training YAML kept next to the sweep's, named by its name
+    sweep.train = flags.config_path(sweep.train)  # else mmray's own, as the shipped sweeps name it
     return sweep
 
 

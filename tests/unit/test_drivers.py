@@ -76,6 +76,17 @@ def test_a_sweep_finds_its_training_config_here_beside_it_or_in_mmray(
         tune.check(tune.parse_args(["--config", str(sweep), "--data", "s"]))
 
 
+def test_a_shipped_config_loads_from_any_folder(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a user's own folder: data/ here, mmray installed elsewhere
+    argv = ["--config", "pipelines/configs/train/tiny.yaml", "--data", "data/shards"]
+    assert train.parse_args(argv).model.vision.stem == "conv"  # tiny.yaml's, not the default
+    (tmp_path / "pipelines" / "configs" / "train").mkdir(parents=True)  # a copy here wins
+    (tmp_path / argv[1]).write_text("model: {vision: {stem: patch}}\n")
+    assert train.parse_args(argv).model.vision.stem == "patch"
+    with pytest.raises(ConfigError, match="cannot read config configs/tiny.yaml"):
+        train.parse_args(["--config", "configs/tiny.yaml"])  # in neither: said as before
+
+
 def test_a_sweep_builds_its_base_once_and_trials_from_it(monkeypatch) -> None:
     monkeypatch.chdir(flags.__file__.rsplit("/pipelines/", 1)[0])
     sweep = tune.parse_args(["--config", "pipelines/configs/tune/tiny.yaml", "--data", "s",
