@@ -39,10 +39,11 @@ def curated_shards(sample_dir: Path, out: Path) -> Path:
     from mmcore.config import load_config
     from pipelines.curate import CurateConfig
     from pipelines.curate import run as curate
+    from pipelines.flags import SOURCE
 
     overrides = [f"input.path={sample_dir / 'metadata.parquet'}", f"output.path={out}",
                  f"input.qa={sample_dir / 'qa.parquet'}"]  # fmt: skip
-    config = Path(__file__).resolve().parents[1] / "pipelines/configs/curate_tiny.yaml"
+    config = SOURCE / "pipelines/configs/curate_tiny.yaml"
     cfg = load_config(CurateConfig, config, [*overrides, "tracking.enabled=false"])
     curate(cfg)
     return out
