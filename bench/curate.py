@@ -187,7 +187,7 @@ def run_mmray(meta: Path, out: Path, args: argparse.Namespace) -> dict:
         "--image-size", str(args.image_size), "--resize-mode", args.resize_mode,
         "--encode-quality", "95", "--samples-per-shard", "1000", "--threads", "16",
         "--timeout", str(args.timeout), "--retries", "0",
-        f"compute.rows_per_task={args.rows_per_task}", f"tracking.enabled={args.tracking}",
+        f"tracking.enabled={args.tracking}",
         "image.min_side=0", "image.max_aspect_ratio=100",  # img2dataset's filters: none
         *args.overrides,
     ]  # fmt: skip
@@ -259,7 +259,6 @@ def main() -> None:
     p.add_argument("--n", type=int, default=4000)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--resize-mode", default="center_crop")
-    p.add_argument("--rows-per-task", type=int, default=256)
     p.add_argument("--skip-img2dataset", action="store_true")
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--warm-ray", action="store_true", help="run mmray on a started Ray cluster")

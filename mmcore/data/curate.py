@@ -109,7 +109,11 @@ class OutputConfig:
 class ComputeConfig:
     """How the work is spread over Ray; changes speed, never the result."""
 
-    rows_per_task: int = 256  # input rows per task; fetch.threads download within it
+    # Input rows per task; fetch.threads download within it. A host that hangs keeps its
+    # task open up to fetch.timeout_s after the request: a task of 512 rows has more work of
+    # its own than that wait (256 left CPUs idle, docs/BENCHMARKS.md); fewer rows, finer
+    # progress.
+    rows_per_task: int = 512
     # CPUs reserved per processing task: two tasks per CPU, so that while one waits on slow
     # or hanging hosts (its last downloads), the other keeps the CPU busy
     num_cpus: float = 0.5
