@@ -27,11 +27,11 @@ import numpy as np
 import psutil
 import requests
 
+from pipelines.flags import SOURCE as ROOT
 from pipelines.local import mlflow_server
 from pipelines.progress import Follow
 from pipelines.report import Report, render
 
-ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CLUSTER = ROOT / "cluster" / "local.sh"
 CLUSTER_STOP = ROOT / "cluster" / "stop.py"
 STATE = "services.json"

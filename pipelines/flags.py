@@ -70,11 +70,14 @@ JOBS = {"curate": CURATE, "train": TRAIN, "tune": TUNE, "serve": SERVE, "embed":
         "index": INDEX}  # fmt: skip
 
 
-def config_path(path: str) -> str:
-    """A config file from the working directory; else the same relative path in mmray's own
-    tree, so the shipped ``pipelines/configs/...`` YAMLs load from any folder."""
-    shipped = SOURCE / path
-    return str(shipped) if not Path(path).exists() and shipped.is_file() else path
+def config_path(path: str, *folders: str | Path) -> str:
+    """A config file from the working directory; else the same relative path under each of
+    ``folders``, then in mmray's own tree, so the shipped ``pipelines/configs/...`` YAMLs load
+    from any folder. Found nowhere: ``path`` as given (loading it says so)."""
+    if Path(path).exists():
+        return path
+    found = (Path(f) / path for f in (*folders, SOURCE))
+    return str(next((p for p in found if p.is_file()), path))
 
 
 def parser(

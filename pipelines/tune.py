@@ -379,10 +379,9 @@ def parse_args(argv: list[str]) -> SweepConfig:
     p = flags.parser("mmray tune", __doc__, flags.TUNE, "YAML sweep config (configs/tune/*.yaml)")
     args = p.parse_args(argv)
     sweep = load_config(SweepConfig, args.config, args.overrides, flags.values(args, flags.TUNE))
-    beside = Path(args.config).parent / sweep.train if args.config else None
-    if beside and not Path(sweep.train).exists() and beside.exists():
-        sweep.train = str(beside)  # a training YAML kept next to the sweep's, named by its name
-    sweep.train = flags.config_path(sweep.train)  # else mmray's own, as the shipped sweeps name it
+    # Here, else next to the sweep's YAML, else mmray's own (as the shipped sweeps name it).
+    beside = [Path(args.config).parent] if args.config else []
+    sweep.train = flags.config_path(sweep.train, *beside)
     return sweep
 
 

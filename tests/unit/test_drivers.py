@@ -16,7 +16,7 @@ TINY = "pipelines/configs/train/tiny.yaml"
 
 
 def test_flags_set_typed_values_that_overrides_then_win(monkeypatch) -> None:
-    monkeypatch.chdir(flags.__file__.rsplit("/pipelines/", 1)[0])
+    monkeypatch.chdir(flags.SOURCE)
     cfg = train.parse_args(["--config", TINY, "--data", "123", "--zeroshot", "a", "--zeroshot",
                             "b", "data.val_fraction=0.1"])  # fmt: skip
     assert cfg.data.path == "123" and cfg.eval.zeroshot == ["a", "b"]  # a string, a list
@@ -42,7 +42,7 @@ def test_merge_sets_dotted_keys_and_replaces_mappings() -> None:
 
 
 def test_the_generative_sweep_selects_on_vqa_over_the_decoders(monkeypatch) -> None:
-    monkeypatch.chdir(flags.__file__.rsplit("/pipelines/", 1)[0])
+    monkeypatch.chdir(flags.SOURCE)
     config = ["--config", "pipelines/configs/tune/generative.yaml", "--data", "s"]
     sweep = tune.parse_args(config)
     assert sweep.metric == "eval/vqa/accuracy" and sweep.mode == "max"
@@ -58,7 +58,7 @@ def test_the_generative_sweep_selects_on_vqa_over_the_decoders(monkeypatch) -> N
 def test_a_sweep_finds_its_training_config_here_beside_it_or_in_mmray(
     tmp_path, monkeypatch
 ) -> None:  # fmt: skip
-    repo = flags.__file__.rsplit("/pipelines/", 1)[0]
+    repo = flags.SOURCE
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "train.yaml").write_text("schedule: {global_batch: 32}\n")
     sweep = tmp_path / "exp" / "sweep.yaml"
@@ -88,7 +88,7 @@ def test_a_shipped_config_loads_from_any_folder(tmp_path, monkeypatch) -> None:
 
 
 def test_a_sweep_builds_its_base_once_and_trials_from_it(monkeypatch) -> None:
-    monkeypatch.chdir(flags.__file__.rsplit("/pipelines/", 1)[0])
+    monkeypatch.chdir(flags.SOURCE)
     sweep = tune.parse_args(["--config", "pipelines/configs/tune/tiny.yaml", "--data", "s",
                              "trial.schedule.global_batch=32"])  # fmt: skip
     assert sweep.base is sweep.base  # built once
