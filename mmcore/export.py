@@ -152,14 +152,16 @@ def _export_remote_code(model: ImageTextModel, folder: Path) -> None:
 
 
 def _save_processor(model: ImageTextModel, folder: Path) -> None:
-    from transformers import CLIPImageProcessor, CLIPProcessor
+    # The PIL backend by name: the name CLIPImageProcessor means torchvision's where it is
+    # installed and warns where it is not; PIL's resize is the one mmray's pixels equal.
+    from transformers import CLIPImageProcessorPil, CLIPProcessor
 
     from mmcore.data.transforms import MEAN, STD
     from mmcore.models.towers import tokenizer
 
     size = model.cfg.vision.image_size
     processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(
+        image_processor=CLIPImageProcessorPil(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size},
             image_mean=MEAN.tolist(), image_std=STD.tolist(),
         ),

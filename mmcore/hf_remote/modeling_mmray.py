@@ -4,7 +4,7 @@ copied into every exported folder by ``mmcore.export.export_hf`` for the models 
 transformers, not mmray.
 
     model = AutoModel.from_pretrained(folder, trust_remote_code=True)
-    processor = CLIPProcessor.from_pretrained(folder)
+    processor = CLIPProcessor.from_pretrained(folder, backend="pil")  # mmray's pixels
     image = model.get_image_features(**processor(images=[img], return_tensors="pt"))  # (B, E)
     text = model.get_text_features(**processor(text=["a red circle"], padding="max_length",
                                                max_length=32, return_tensors="pt"))  # (B, E)
