@@ -52,8 +52,8 @@ from bench.filter import mmray, train, workdir
 from mmcore import tracking
 from mmcore.eval.run import sample_questions, tar_samples
 from mmcore.eval.vqa import normalise
-from mmcore.generate import GenerationConfig
 from mmcore.inference import Engine
+from mmcore.tasks import GenerationConfig
 from pipelines.local import free_port
 
 

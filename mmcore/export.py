@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from mmcore import storage
 from mmcore.config import ConfigError, from_dict, to_dict
-from mmcore.models.model import ImageTextModel, ModelConfig, build_model
+
+if TYPE_CHECKING:  # torch and the model code load where a model is saved or built, so that
+    import torch  # checking a folder (jobs do it before any work) costs no seconds of imports
+
+    from mmcore.models.model import ImageTextModel, ModelConfig
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT = "mmray-model"
 
 
 def save_model(model: ImageTextModel, folder: str | Path) -> Path:
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -72,6 +76,10 @@ def local_folder(folder: str | Path) -> Path:
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ImageTextModel:
     """Build the model from an export folder's ``config.json`` and load its safetensors
     weights (strict). A model URI (``runs:/``, ``models:/``): ``mmcore.tracking.load``."""
+    from safetensors.torch import load_file
+
+    from mmcore.models.model import build_model
+
     model = build_model(read_config(folder))
     model.load_state_dict(load_file(Path(folder) / WEIGHTS, device=str(device)), strict=True)
     objectives = json.loads((Path(folder) / CONFIG).read_text()).get("objectives")
@@ -81,6 +89,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ImageT
 
 def read_config(folder: str | Path) -> ModelConfig:
     """The model config of a local export folder (reads no weights)."""
+    from mmcore.models.model import ModelConfig
+
     check_folder(folder)
     meta = json.loads((Path(folder) / CONFIG).read_text())
     if meta.get("format") != FORMAT:

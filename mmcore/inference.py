@@ -32,9 +32,10 @@ from PIL import Image
 
 from mmcore.data.transforms import eval_transform
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, class_prompts, zeroshot_classifier
-from mmcore.generate import ANSWER, GenerationConfig, generate_chunks, question_prompts
+from mmcore.generate import generate_chunks
 from mmcore.models.model import ImageTextModel, ModelConfig
 from mmcore.models.towers import tokenize
+from mmcore.tasks import ANSWER, GenerationConfig, question_prompts
 
 Backend = Literal["torch", "onnx", "onnx-int8"]
 HYBRID_SHORTLIST = 64  # hybrid search: ITM re-ranks this many ITC candidates

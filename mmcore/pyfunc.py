@@ -79,7 +79,7 @@ class ImageTextPyfunc(mlflow.pyfunc.PythonModel):
         self, task: str, frame: pd.DataFrame, images: pd.Series, params: dict, out: pd.DataFrame
     ) -> pd.DataFrame:
         """Each image's caption, or the answer to its row's question, and the score."""
-        from mmcore.generate import ANSWER, GenerationConfig, cannot
+        from mmcore.tasks import ANSWER, GenerationConfig, cannot
 
         if reason := cannot(self.engine.model, task):
             raise ValueError(reason)

@@ -17,7 +17,6 @@ from pathlib import Path
 from PIL import Image
 
 from mmcore.data.images import ImageConfig, Rejected, open_checked
-from mmcore.eval.run import read_shards
 
 HYBRID_SHORTLIST = 64  # hybrid search: ITM re-ranks this many ITC candidates
 CHUNK = 64  # images per forward pass when indexing or scoring pairs
@@ -94,5 +93,7 @@ class IndexRecords:
 
 
 def read_index(path: str | Path, limit: int | None = None) -> IndexRecords:
+    from mmcore.eval.run import read_shards  # torch and the model code: only where it reads
+
     keys, images, captions = read_shards(path, limit)
     return IndexRecords(keys, captions, [preview(img) for img in images], images)

@@ -18,8 +18,8 @@ from starlette.exceptions import HTTPException
 
 from mmcore.config import ConfigError, apply_overrides, from_dict, merge
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES
-from mmcore.generate import ANSWER, GenerationConfig, cannot, question_prompts
 from mmcore.serving import BadInput, Limits
+from mmcore.tasks import ANSWER, GenerationConfig, cannot, question_prompts
 
 IMPORT_PATH = "pipelines.serve:app"
 

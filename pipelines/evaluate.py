@@ -23,7 +23,7 @@ from mmcore.eval.run import (
     zeroshot_eval,
 )
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES
-from mmcore.generate import ANSWER, GenerationConfig, cannot
+from mmcore.tasks import ANSWER, GenerationConfig, cannot
 from mmcore.tracking import check_model, load
 from pipelines import job
 

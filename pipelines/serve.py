@@ -37,9 +37,8 @@ from ray import serve
 
 from mmcore.config import from_dict, to_dict
 from mmcore.eval.zeroshot import class_prompts
-from mmcore.generate import GenerationConfig, cannot
-from mmcore.inference import Engine, Index
 from mmcore.serving import BadInput, IndexRecords, Limits, decode_image, read_index
+from mmcore.tasks import GenerationConfig, cannot
 from mmcore.tracking import MODEL_URI_SCHEMES, check_model, registry_ref
 from mmcore.vectors import VectorIndex, locate, read_meta
 from pipelines import api, flags, job
@@ -56,9 +55,9 @@ APP = "mmray"  # the Serve application's name
 class _Loaded:
     """One model as loaded by one reconfigure; a request keeps the one it started with."""
 
-    engine: Engine
+    engine: "Engine"  # noqa: F821 - mmcore.inference, imported where a replica loads a model
     info: dict[str, Any]
-    index: Index | None
+    index: "Index | None"  # noqa: F821
     prompts: OrderedDict = dataclasses.field(default_factory=OrderedDict)  # text → (E,)
 
 
@@ -66,6 +65,7 @@ def _load(spec: api.ModelSpec, records: IndexRecords | None, vectors: str | None
     """The model ``spec`` names, and its search index: the shards' images embedded by it, or
     the saved index at ``vectors`` (refused unless that model version built it)."""
     from mmcore.export import load_model
+    from mmcore.inference import Engine
     from mmcore.tracking import resolve_model
 
     ref = resolve_model(spec.uri)  # an alias resolved once: the weights and the info agree

@@ -22,10 +22,11 @@ from mmcore.eval.caption import caption_metrics
 from mmcore.eval.retrieval import recall_at_k
 from mmcore.eval.vqa import vqa_metrics
 from mmcore.eval.zeroshot import DEFAULT_TEMPLATES, accuracy, image_folder
-from mmcore.generate import ANSWER, GenerationConfig, generate_chunks
+from mmcore.generate import generate_chunks
 from mmcore.inference import CHUNK, Engine
 from mmcore.models.model import ImageTextModel
 from mmcore.models.towers import tokenizer
+from mmcore.tasks import ANSWER, GenerationConfig
 
 
 def zeroshot_eval(

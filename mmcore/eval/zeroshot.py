@@ -3,17 +3,21 @@
 prompts = class_prompts(["red", "green"], DEFAULT_TEMPLATES)     # class-major
 classifier = zeroshot_classifier(encode_texts(prompts), n_classes=2)  # (C, E)
 metrics = accuracy(image_embeds @ classifier.T, labels)   # {"top1": ..., "top5": ...}
+
+The module itself does not import torch (its functions take tensors), so that the server's
+request checks can use its templates before a model is loaded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from mmcore.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -33,8 +37,8 @@ def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[s
 def zeroshot_classifier(prompt_embeds: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Class-major prompt embeddings (C·T, E), unit norm → (C, E): per class, the
     renormalised mean embedding of its prompts (open_clip's recipe)."""
-    per_class = prompt_embeds.view(n_classes, -1, prompt_embeds.shape[-1])  # (C, T, E)
-    return F.normalize(per_class.mean(1), dim=-1)
+    mean = prompt_embeds.view(n_classes, -1, prompt_embeds.shape[-1]).mean(1)  # (C, E)
+    return mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize's arithmetic
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict:

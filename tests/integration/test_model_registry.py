@@ -67,8 +67,8 @@ def _load_pyfunc(uri: str, tmp_path):
 
 
 def test_pyfunc_captions_and_answers_as_the_engine(mlflow_server, tmp_path, monkeypatch) -> None:
-    from mmcore.generate import ANSWER, GenerationConfig
     from mmcore.inference import Engine
+    from mmcore.tasks import ANSWER, GenerationConfig
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     torch.manual_seed(1)

@@ -400,7 +400,7 @@ def test_captions_and_answers_after_the_switch_equal_the_engines(served, tmp_pat
     """After the switch above, the champion is version 2, a hybrid: it has a decoder."""
     from playwright.sync_api import sync_playwright
 
-    from mmcore.generate import GenerationConfig
+    from mmcore.tasks import GenerationConfig
 
     engine = Engine(load(f"models:/{NAME}/2"))
     colours = [(220, 30, 30), (30, 30, 230), (30, 200, 30), (240, 220, 40)]

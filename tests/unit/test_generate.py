@@ -15,11 +15,12 @@ from mmcore.eval.caption import caption_metrics
 from mmcore.eval.run import eval_metrics, read_questions, read_shards
 from mmcore.eval.vqa import vqa_metrics
 from mmcore.export import load_model, save_model
-from mmcore.generate import ANSWER, GenerationConfig, generate, generate_chunks
+from mmcore.generate import generate, generate_chunks
 from mmcore.inference import Engine
 from mmcore.losses.fusion import caption_loss, vqa_loss
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig, VisionConfig
+from mmcore.tasks import ANSWER, GenerationConfig
 from pipelines import evaluate
 
 

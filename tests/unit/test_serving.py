@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -121,6 +123,23 @@ def test_onnx_int8_backend_agrees_with_torch(late: Engine) -> None:
     with pytest.raises(ValueError, match="fusion=late"):
         Engine(build_model(ModelConfig(fusion="hybrid", text=TextConfig(kind="transformer"))),
                backend="onnx")  # fmt: skip
+
+
+def test_the_server_driver_starts_without_the_model_code() -> None:
+    """`mmray serve` (and `serve run`) builds the application without torch, transformers or
+    the model code, which only the replicas load: its start and its config errors come
+    seconds sooner."""
+    code = (
+        "import sys; from pipelines import api, serve\n"
+        "a = serve.parse_args(['--model', 'nowhere'])\n"
+        "cfg, _ = api.config_from(a.config, a.overrides, a.values)\n"
+        "try: serve.check(cfg)\n"
+        "except Exception as e: print(e)\n"
+        "print(sorted({'torch', 'transformers', 'mmcore.inference'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    refused, loaded = out.stdout.strip().splitlines()
+    assert "model nowhere: " in refused and loaded == "[]"
 
 
 def test_preview_is_a_small_jpeg_data_url() -> None:
