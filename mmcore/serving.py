@@ -18,9 +18,6 @@ from PIL import Image
 
 from mmcore.data.images import ImageConfig, Rejected, open_checked
 
-HYBRID_SHORTLIST = 64  # hybrid search: ITM re-ranks this many ITC candidates
-CHUNK = 64  # images per forward pass when indexing or scoring pairs
-
 
 class BadInput(ValueError):
     """A request the API refuses, with the HTTP status to answer (4xx) and a message."""
