@@ -27,7 +27,7 @@ import time
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import Request
@@ -44,6 +44,9 @@ from mmcore.vectors import VectorIndex, locate, read_meta
 from pipelines import api, flags, job
 from pipelines.progress import Progress
 
+if TYPE_CHECKING:  # torch and the model code: a replica imports them where it loads a model
+    from mmcore.inference import Engine, Index
+
 log = logging.getLogger(__name__)
 CONFIG = Path(__file__).parent / "configs" / "serve.yaml"
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -55,9 +58,9 @@ APP = "mmray"  # the Serve application's name
 class _Loaded:
     """One model as loaded by one reconfigure; a request keeps the one it started with."""
 
-    engine: "Engine"  # noqa: F821 - mmcore.inference, imported where a replica loads a model
+    engine: "Engine"
     info: dict[str, Any]
-    index: "Index | None"  # noqa: F821
+    index: "Index | None"
     prompts: OrderedDict = dataclasses.field(default_factory=OrderedDict)  # text → (E,)
 
 
