@@ -50,7 +50,8 @@ from PIL import Image
 
 from bench.filter import mmray, train, workdir
 from mmcore import tracking
-from mmcore.eval.run import sample_questions, tar_samples
+from mmcore.data.shards import tar_samples
+from mmcore.eval.run import sample_questions
 from mmcore.eval.vqa import normalise
 from mmcore.inference import Engine
 from mmcore.tasks import GenerationConfig

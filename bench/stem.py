@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from bench.train import OUT, shards
 from mmcore.data.inputs import held_out
 from mmcore.data.sample import BACKGROUNDS, COLOURS, SHAPES, heldout, render
+from mmcore.data.shards import read_shards
 from mmcore.data.transforms import TransformConfig, train_transform
-from mmcore.eval.run import read_shards, zeroshot_eval
+from mmcore.eval.run import zeroshot_eval
 from mmcore.eval.zeroshot import accuracy
 from mmcore.inference import Engine
 from mmcore.models.model import ModelConfig, build_model

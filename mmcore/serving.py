@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from mmcore.data.images import ImageConfig, Rejected, open_checked
+from mmcore.data.shards import read_shards
 
 
 class BadInput(ValueError):
@@ -90,7 +91,5 @@ class IndexRecords:
 
 
 def read_index(path: str | Path, limit: int | None = None) -> IndexRecords:
-    from mmcore.eval.run import read_shards  # torch and the model code: only where it reads
-
     keys, images, captions = read_shards(path, limit)
     return IndexRecords(keys, captions, [preview(img) for img in images], images)

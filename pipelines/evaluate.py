@@ -14,10 +14,10 @@ import sys
 from typing import Any
 
 from mmcore.config import ConfigError
+from mmcore.data.shards import read_shards
 from mmcore.eval.run import (
     caption_eval,
     read_questions,
-    read_shards,
     retrieval_eval,
     vqa_eval,
     zeroshot_eval,

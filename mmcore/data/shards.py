@@ -11,6 +11,8 @@ The folder may be local or in object storage (``mmcore.storage``). Every file ap
 (renamed from a temporary name on disk; an object is visible once its upload completes), so
 a killed job never leaves a partial file under a final name; ``_stats.json`` is written last
 and marks a finished shard, ``manifest.json`` the finished dataset.
+Read back with ``read_shards`` (keys, images, captions) or sample by sample with
+``tar_samples``; this module needs no torch, so the server's driver imports it cheaply.
 Tars are byte-for-byte reproducible (fixed member metadata), so a resumed run produces the
 same sha256 as an uninterrupted one.
 """
@@ -21,11 +23,12 @@ import collections
 import csv
 import hashlib
 import io
+import itertools
 import json
 import re
 import tarfile
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -34,8 +37,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from PIL import Image
 
 from mmcore import storage
+from mmcore.config import ConfigError
 
 SUCCESS = "success"
 STATS_SUFFIX = "_stats.json"
@@ -246,3 +251,46 @@ def failures_csv(failures: list[tuple[str, dict[str, int]]]) -> str:
     writer.writerow(["host", "status", "rows"])
     writer.writerows((host, status, n) for host, counts in failures for status, n in counts.items())
     return buf.getvalue()
+
+
+def read_shards(
+    path: str | Path, limit: int | None = None
+) -> tuple[list[str], list[Image.Image], list[str]]:
+    """Keys, images and captions from curated WebDataset shards (a folder or bucket prefix of
+    .tar, or one .tar), local or in object storage."""
+    keys, images, captions = [], [], []
+    for key, sample in itertools.chain.from_iterable(map(tar_samples, shard_tars(path))):
+        keys.append(key)
+        images.append(sample_image(sample))
+        captions.append(sample["txt"].decode())
+        if limit and len(images) >= limit:
+            break
+    return keys, images, captions
+
+
+def shard_tars(path: str | Path) -> list[str]:
+    """The .tar shards of a folder (bucket prefix), or the one .tar given."""
+    path = str(path)
+    tars = storage.list_files(path, ".tar") if storage.is_dir(path) else [path]
+    if not tars:
+        raise ConfigError(f"no .tar shards in {storage.absolute(path)}")
+    return tars
+
+
+def sample_image(sample: dict[str, bytes]) -> Image.Image:
+    """A sample's image (its ``jpg`` or ``webp`` member), decoded to RGB."""
+    return Image.open(io.BytesIO(sample.get("jpg", sample.get("webp")))).convert("RGB")
+
+
+def tar_samples(tar: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of a WebDataset tar, streamed in order."""
+    with storage.open_input(tar) as f, tarfile.open(fileobj=f, mode="r|") as archive:
+        key, sample = None, {}
+        for member in archive:
+            stem, _, ext = member.name.partition(".")
+            if stem != key and sample:
+                yield key, sample
+                sample = {}
+            key, sample[ext] = stem, archive.extractfile(member).read()
+        if sample:
+            yield key, sample

@@ -5,19 +5,16 @@ their ITM head per (image, prompt) pair, hybrid on an ITC shortlist).
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
-import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from mmcore import storage
-from mmcore.config import ConfigError
+from mmcore.data.shards import sample_image, shard_tars, tar_samples
 from mmcore.eval.caption import caption_metrics
 from mmcore.eval.retrieval import recall_at_k
 from mmcore.eval.vqa import vqa_metrics
@@ -149,7 +146,7 @@ def read_questions(
         pairs = sample_questions(sample)
         if not pairs:
             continue
-        image = _image(sample)
+        image = sample_image(sample)
         for qa in pairs:
             images.append(image)
             questions.append(qa["question"])
@@ -159,45 +156,3 @@ def read_questions(
         if limit and samples >= limit:
             break
     return images, questions, answers, types
-
-
-def read_shards(
-    path: str | Path, limit: int | None = None
-) -> tuple[list[str], list[Image.Image], list[str]]:
-    """Keys, images and captions from curated WebDataset shards (a folder or bucket prefix of
-    .tar, or one .tar), local or in object storage."""
-    keys, images, captions = [], [], []
-    for key, sample in itertools.chain.from_iterable(map(tar_samples, shard_tars(path))):
-        keys.append(key)
-        images.append(_image(sample))
-        captions.append(sample["txt"].decode())
-        if limit and len(images) >= limit:
-            break
-    return keys, images, captions
-
-
-def shard_tars(path: str | Path) -> list[str]:
-    """The .tar shards of a folder (bucket prefix), or the one .tar given."""
-    path = str(path)
-    tars = storage.list_files(path, ".tar") if storage.is_dir(path) else [path]
-    if not tars:
-        raise ConfigError(f"no .tar shards in {storage.absolute(path)}")
-    return tars
-
-
-def _image(sample: dict[str, bytes]) -> Image.Image:
-    return Image.open(io.BytesIO(sample.get("jpg", sample.get("webp")))).convert("RGB")
-
-
-def tar_samples(tar: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of a WebDataset tar, streamed in order."""
-    with storage.open_input(tar) as f, tarfile.open(fileobj=f, mode="r|") as archive:
-        key, sample = None, {}
-        for member in archive:
-            stem, _, ext = member.name.partition(".")
-            if stem != key and sample:
-                yield key, sample
-                sample = {}
-            key, sample[ext] = stem, archive.extractfile(member).read()
-        if sample:
-            yield key, sample

@@ -21,7 +21,7 @@ import requests
 import torch
 
 from mmcore.config import load_config
-from mmcore.eval.run import read_shards
+from mmcore.data.shards import read_shards
 from mmcore.export import save_model
 from mmcore.inference import Transforms
 from mmcore.models.model import ModelConfig, build_model

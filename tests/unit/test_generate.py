@@ -11,8 +11,9 @@ import webdataset as wds
 from PIL import Image
 
 from mmcore.data.inputs import token_ids
+from mmcore.data.shards import read_shards
 from mmcore.eval.caption import caption_metrics
-from mmcore.eval.run import eval_metrics, read_questions, read_shards
+from mmcore.eval.run import eval_metrics, read_questions
 from mmcore.eval.vqa import vqa_metrics
 from mmcore.export import load_model, save_model
 from mmcore.generate import generate, generate_chunks
