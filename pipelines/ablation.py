@@ -53,7 +53,9 @@ def ablation_rows(
             "model_uri": models.get(trial.id, ""),
         })  # fmt: skip
     sign = -1 if mode == "max" else 1
-    scored = sorted((r for r in rows if r[metric] is not None), key=lambda r: sign * r[metric])
+    scored = sorted(
+        (r for r in rows if r[metric] is not None), key=lambda r: (sign * r[metric], r["trial"])
+    )  # ties by trial id: a restored sweep (its trials in another order) ranks them the same
     return scored + [r for r in rows if r[metric] is None]
 
 

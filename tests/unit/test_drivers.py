@@ -129,6 +129,11 @@ def test_ablation_rows_rank_trials_and_count_the_compute_saved(tmp_path) -> None
     assert ablation.to_csv(rows).splitlines()[0].startswith("trial,fusion,loss,seed")
     plots = ablation.plots(trials, rows, "eval/m", tmp_path)
     assert all(p.stat().st_size > 1000 for p in plots)
+    # Ties rank by trial id whatever order the trials come in (a restored sweep's differs).
+    tied = [trial("e", "late", 0.5, 6), trial("d", "late", 0.5, 6)]
+    for order in (tied, tied[::-1]):
+        rows = ablation.ablation_rows(order, "eval/m", "max", 96, 16, {})
+        assert [r["trial"] for r in rows] == ["d", "e"]
 
 
 def test_request_checks_refuse_with_a_status_and_a_message() -> None:
