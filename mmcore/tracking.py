@@ -417,25 +417,34 @@ def promote(
 ) -> dict[str, Any]:  # fmt: skip
     """Register ``model_uri`` as a new version; move alias ``champion`` to it only if its
     ``metric`` beats the current champion's figure from the same ``evaluation`` (a string
-    naming the metric, data and settings; a figure from another evaluation never counts)."""
+    naming the metric, data and settings; a figure from another evaluation never counts).
+    The same promotion again (a restored sweep that had crowned already) returns the version
+    registered then and moves nothing."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri())
-    version = mlflow.register_model(model_uri, registered_model)
-    try:
-        current = client.get_model_version_by_alias(registered_model, "champion")
-    except mlflow.exceptions.MlflowException:  # no champion yet
-        current = None
-    before = None
-    if current is not None and current.tags.get("mmray.eval") == evaluation:
-        before = float(current.tags[f"metric:{metric}"])
-    better = current is None or (before is not None and beats(value, before, higher_is_better))
-    tags = {f"metric:{metric}": str(value), "champion_before": str(before),
-            "mmray.eval": evaluation, **tags}  # fmt: skip
-    for key, tag in tags.items():
-        client.set_model_version_tag(registered_model, version.version, key, tag)
-    if better:
-        client.set_registered_model_alias(registered_model, "champion", version.version)
+    tags = {f"metric:{metric}": str(value), "mmray.eval": evaluation, **tags}
+    done = [
+        v for v in client.search_model_versions(f"name='{registered_model}'")
+        if v.source == model_uri and tags.items() <= v.tags.items()
+    ]  # fmt: skip
+    if done:
+        version, better = done[0], False
+        before = None if (b := version.tags["champion_before"]) == "None" else float(b)
+    else:
+        version = mlflow.register_model(model_uri, registered_model)
+        try:
+            current = client.get_model_version_by_alias(registered_model, "champion")
+        except mlflow.exceptions.MlflowException:  # no champion yet
+            current = None
+        before = None
+        if current is not None and current.tags.get("mmray.eval") == evaluation:
+            before = float(current.tags[f"metric:{metric}"])
+        better = current is None or (before is not None and beats(value, before, higher_is_better))
+        for key, tag in (tags | {"champion_before": str(before)}).items():
+            client.set_model_version_tag(registered_model, version.version, key, tag)
+        if better:
+            client.set_registered_model_alias(registered_model, "champion", version.version)
     return {
         "model_uri": f"models:/{registered_model}/{version.version}",
         "metric": value,

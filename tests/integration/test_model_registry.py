@@ -146,6 +146,10 @@ def test_a_sweep_crowns_its_warm_start_when_no_trial_beat_it(
     _, better = logged(2)  # a trial that beats it is crowned, and beats the champion
     second = tune.crown(base, [row("t1", better, 0.75)], "parent-2")
     assert second["crowned"] == "t1" and second["champion_moved"]
+    # The same crowning again (a restored sweep) registers nothing new and moves nothing.
+    assert tune.crown(base, [row("t1", better, 0.75)], "parent-2") == second | {
+        "champion_moved": False
+    }
 
     # A warm start measured on other held-out data does not compete, whatever its figure.
     other_run, other_uri = logged(3, {EVAL_SETUP_TAG: setup.replace(str(tmp_path), "/else")}, 0.99)

@@ -118,6 +118,7 @@ def test_a_killed_sweep_restores_logs_the_ablation_and_crowns_a_champion(
         [parent.info.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{result['run_id']}'"
     )
     assert len(rerun) == len(every) and not again["champion_moved"]
+    assert again["model_uri"] == result["model_uri"]  # not registered a second time
     assert client.get_model_version_by_alias("test-tune", "champion").version == version.version
 
     capsys.readouterr()
