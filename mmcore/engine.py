@@ -23,8 +23,9 @@ import torch
 from mmcore.eval.run import eval_metrics
 from mmcore.inference import trim_batch
 from mmcore.losses.fusion import AnswerPrior, compute_losses
-from mmcore.models.model import build_model, trains_decoder
+from mmcore.models.model import build_model
 from mmcore.models.towers import TextMemo
+from mmcore.models.variants import trains_decoder
 from mmcore.training import TrainConfig, cosine_lr, param_groups
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from mmcore import storage
 from mmcore.config import ConfigError, load_config, to_dict
 from mmcore.data.inputs import preprocess, texts
 from mmcore.export import read_config
-from mmcore.models.model import VARIANTS
+from mmcore.models.variants import VARIANTS
 from mmcore.tracking import (
     ModelRef,
     TrackingConfig,

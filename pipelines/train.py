@@ -34,7 +34,8 @@ from mmcore.data.transforms import TransformConfig
 from mmcore.engine import CHECKPOINT_TAG, Evaluator, build_engine, consolidate, train_step
 from mmcore.eval.run import has_questions
 from mmcore.export import save_model
-from mmcore.models.model import build_model, trains_decoder
+from mmcore.models.model import build_model
+from mmcore.models.variants import trains_decoder
 from mmcore.tracking import (
     EVAL_SETUP_TAG,
     MODEL_TAG,

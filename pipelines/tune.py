@@ -30,7 +30,8 @@ from typing import Any, Literal
 from mmcore import storage, tracking
 from mmcore.config import ConfigError, flatten, load_config, replace, to_dict
 from mmcore.losses.fusion import check_objectives
-from mmcore.models.model import OBJECTIVES, build_model
+from mmcore.models.model import build_model
+from mmcore.models.variants import OBJECTIVES
 from mmcore.tracking import TrackingConfig
 from mmcore.warmstart import plan
 from pipelines import flags, job

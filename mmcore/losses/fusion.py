@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcore.losses.contrastive import clip_loss, combine, siglip_loss
-from mmcore.models.model import ITC, VARIANTS, ImageTextModel, ModelOutput
+from mmcore.models.model import ImageTextModel, ModelOutput
 from mmcore.models.towers import tokenizer
+from mmcore.models.variants import ITC, VARIANTS
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -9,7 +9,7 @@ Every variant has the two towers and their contrastive (ITC) projections. ``late
 dual encoder (CLIP): a pair's score is the cosine similarity and retrieval is one matrix
 product. The other variants add a fusion module (``fusion.py``) with an image-text-matching
 head, and, where the module keeps text tokens, a language-model head for MLM and captioning.
-``OBJECTIVES`` lists the loss terms each variant trains.
+``variants.py`` lists what each variant can do and the loss terms it trains.
 
 Scoring cost: ``late`` ranks N images against M texts with one (N, M) matrix product. A pure
 fusion variant needs a fusion pass per pair, N·M passes; ``hybrid`` re-ranks only the ITC
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,43 +35,9 @@ from mmcore.models.towers import (
     VisionTower,
     tokenizer,
 )
+from mmcore.models.variants import VARIANTS, Fusion
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps the learnt temperature at 1/100
-Fusion = Literal["late", "early", "cross_attention", "gated", "film", "hybrid"]
-ITC = frozenset({"clip", "siglip"})  # contrastive terms, on the tower embeddings
-PAIR = frozenset({"itm", "mlm", "caption", "vqa"})  # terms on the fusion module
-DECODER = frozenset({"caption", "vqa"})  # terms that train the causal decoder
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """What a fusion variant can do, decided here once; code asks the model
-    (``model.has_itc``), never the variant's name."""
-
-    objectives: frozenset[str]  # the loss terms it trains
-    # Trained contrastive embeddings: ranking is one matrix product (and hybrid shortlists).
-    has_itc: bool
-    scores_pairs: bool  # a fusion module whose ITM head scores each (image, text) pair
-    generates: bool  # the fusion module keeps text tokens: an LM head (MLM, captions, VQA)
-
-
-# The pure fusion variants learn to match pairs inside the fusion module only; hybrid (ALBEF)
-# contrasts first, then matches, so it needs an ITC term, mines ITM hard negatives from it,
-# and ranks by an ITC shortlist at inference.
-VARIANTS: dict[str, Variant] = {
-    "late": Variant(ITC, has_itc=True, scores_pairs=False, generates=False),
-    "early": Variant(PAIR, has_itc=False, scores_pairs=True, generates=True),
-    "cross_attention": Variant(PAIR, has_itc=False, scores_pairs=True, generates=True),
-    "gated": Variant(frozenset({"itm"}), has_itc=False, scores_pairs=True, generates=False),
-    "film": Variant(frozenset({"itm"}), has_itc=False, scores_pairs=True, generates=False),
-    "hybrid": Variant(ITC | PAIR, has_itc=True, scores_pairs=True, generates=True),
-}
-OBJECTIVES = {name: v.objectives for name, v in VARIANTS.items()}
-
-
-def trains_decoder(fusion: str, terms: dict[str, float]) -> bool:
-    """Whether training ``fusion`` on ``terms`` trains the causal decoder (captions, VQA)."""
-    return VARIANTS[fusion].generates and bool(DECODER & set(terms))
 
 
 @dataclasses.dataclass(kw_only=True)

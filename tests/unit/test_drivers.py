@@ -3,11 +3,14 @@ and the Serve API's request checks."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 
 from mmcore.config import ConfigError, load_config, merge, replace
-from mmcore.models.model import trains_decoder
+from mmcore.models.variants import trains_decoder
 from mmcore.serving import BadInput, Limits
 from mmcore.training import TrainConfig
 from pipelines import ablation, api, curate, flags, train, tune
@@ -154,3 +157,14 @@ def test_request_checks_refuse_with_a_status_and_a_message() -> None:
         api.check_embed(api.EmbedRequest(), limits)
     with pytest.raises(BadInput, match="at least 1"):
         api.check_match(api.MatchRequest(image="x", texts=[]), limits)
+
+
+def test_index_and_embed_drivers_start_without_the_model_code() -> None:
+    """`mmray index` (and `mmray embed --help`) needs neither torch nor the model code: the
+    fusion variants' table is torch-free (mmcore.models.variants)."""
+    code = (
+        "import sys; from pipelines import embed, index\n"
+        "print(sorted({'torch', 'transformers', 'mmcore.models.model'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

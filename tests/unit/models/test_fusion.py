@@ -12,8 +12,9 @@ from mmcore.losses.fusion import (
     compute_losses,
     mask_tokens,
 )
-from mmcore.models.model import OBJECTIVES, ModelConfig, build_model
+from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig, tokenize, tokenizer
+from mmcore.models.variants import OBJECTIVES
 
 CAPTIONS = ["a red circle", "a small blue square above a green cross", "a purple diamond",
             "a large yellow triangle to the left of a red square"]  # fmt: skip
