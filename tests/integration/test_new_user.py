@@ -51,6 +51,7 @@ def test_curate_starts_its_own_ray_and_prints_one_json_line(sample_dir, tmp_path
     assert len(done) == 1 and "rows/s | ETA 00:00 | kept " in done[0]  # not a terminal: lines
     cpus = os.cpu_count() or 1
     assert f"starting a local Ray for this job: {cpus} logical CPUs without a dash" in run.stderr
+    assert "Token authentication" not in run.stderr  # Ray's notice on each start: dropped
     assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar"))[0] == "00000.tar"
 
 
