@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -42,14 +43,17 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # workers of a local Ray stay 10 minutes (cluster/local.sh sets the same). Read-only: ray.init
 # writes its session's spill folder into the dict it is given, so pass a copy.
 RAY_SYSTEM_CONFIG = MappingProxyType({"idle_worker_killing_time_threshold_ms": 600_000})
-# Ray 2.60 turns token authentication on for each local cluster that ray.init starts, and says
-# so in a warning every time. The job keeps it on (the README's `ray job submit` needs the
-# token) and drops that line: a new user's every command printed it.
-RAY_AUTH_LOG = "ray._private.authentication.authentication_token_setup"
 
 
-def not_the_auth_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Token authentication is enabled")
+@functools.cache  # one filter per prefix: adding it again to a logger adds nothing
+def _not_starting_with(prefix: str) -> Callable[[logging.LogRecord], bool]:
+    return lambda record: not record.getMessage().startswith(prefix)
+
+
+def drop_log_lines(logger: str, prefix: str) -> None:
+    """Drop ``logger``'s records whose message starts with ``prefix``: notices Ray prints on
+    every start that tell a user of the job nothing."""
+    logging.getLogger(logger).addFilter(_not_starting_with(prefix))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +174,10 @@ def init_ray(need: Need, address: str | None = None, log_to_driver: bool = True)
                 " without a dashboard (for one, `ray start --head` first: the job joins it)"
             )  # fmt: skip
             log.info("starting a local Ray for this job: %d logical CPUs%s", cpus, hint)
-            logging.getLogger(RAY_AUTH_LOG).addFilter(not_the_auth_notice)  # added once only
+            # Ray 2.60 turns token auth on for each local cluster ray.init starts and warns
+            # so every time: the job keeps it on (`ray job submit` needs the token).
+            drop_log_lines("ray._private.authentication.authentication_token_setup",
+                           "Token authentication is enabled")  # fmt: skip
             ray.init(
                 num_cpus=cpus, log_to_driver=log_to_driver,
                 include_dashboard=None if need.dashboard else False,  # None: Ray's default

@@ -380,9 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
         serve.start(http_options={"host": host, "port": port})
         # serve.run then finds the controller serve.start made and says so, every time.
-        logging.getLogger("ray.serve").addFilter(
-            lambda r: not r.getMessage().startswith("Connecting to existing Serve app")
-        )
+        job.drop_log_lines("ray.serve", "Connecting to existing Serve app")
         _run_showing_replicas(build(cfg), cfg.replicas.min_replicas)
         url = f"http://{host}:{port}"
         return {"url": url, "docs": f"{url}/docs", "model": cfg.model.uri}
