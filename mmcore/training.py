@@ -174,10 +174,16 @@ class EvalConfig:
 class ScheduleConfig:
     global_batch: int = 64  # samples per optimizer step, over all workers
     max_steps: int = 300
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # steps between checkpoints; 0: at the last step only
     log_every: int = 10
-    max_failures: int = 1  # worker-group restarts from the last checkpoint
+    max_failures: int = 1  # worker-group restarts from the last checkpoint (-1: no limit)
     seed: int = 0
+
+    def validate(self) -> None:
+        if min(self.global_batch, self.max_steps, self.log_every) < 1:
+            raise ValueError("need global_batch, max_steps and log_every >= 1")
+        if self.checkpoint_every < 0 or self.max_failures < -1:
+            raise ValueError("need checkpoint_every >= 0 and max_failures >= -1")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -185,6 +191,10 @@ class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+
+    def validate(self) -> None:
+        if self.num_workers < 1 or self.cpus_per_worker < 0:
+            raise ValueError("need num_workers >= 1 and cpus_per_worker >= 0")
 
 
 @dataclasses.dataclass(kw_only=True)

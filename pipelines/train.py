@@ -167,7 +167,7 @@ def _boundary(
         metrics |= evaluator(engine)  # every rank takes part (ZeRO-3 gathers weights)
     if rank == 0 and config["run_id"] and (step % sch.log_every == 0 or evaluate):
         log_metrics_to(config["run_id"], metrics, step, config["tracking_uri"])
-    if step % sch.checkpoint_every == 0 or last:
+    if last or (sch.checkpoint_every and step % sch.checkpoint_every == 0):
         _report(engine, metrics | {"step": step}, position)
     elif evaluate:  # eval metrics reach Ray (and Tune) at every evaluation
         ray.train.report(metrics | {"step": step})

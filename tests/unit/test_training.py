@@ -82,6 +82,12 @@ def test_train_command_refuses_bad_input_before_any_work(tmp_path, capsys) -> No
     assert "does not support loss term(s) ['itm']" in capsys.readouterr().err
     assert main(["--data", str(tmp_path), "schedule.global_batch=15"]) == 2
     assert "not divisible" in capsys.readouterr().err
+    for bad in ["schedule.max_steps=0", "schedule.log_every=0", "schedule.global_batch=0",
+                "schedule.checkpoint_every=-1", "schedule.max_failures=-2",
+                "scaling.num_workers=0", "scaling.cpus_per_worker=-1"]:  # fmt: skip
+        assert main(["--data", str(tmp_path), bad]) == 2, bad
+        section = bad.split(".")[0]
+        assert f"{section}: need " in capsys.readouterr().err, bad
     (tmp_path / "00000.tar").touch()  # references are checked after the config's values
     assert main(["--data", str(tmp_path), "--zeroshot", str(tmp_path / "nope")]) == 2
     assert f"{tmp_path / 'nope'} does not exist" in capsys.readouterr().err
