@@ -46,6 +46,8 @@ class OptimConfig:
         # lr 0 is allowed: a warm start then keeps its weights (checks, evaluation runs)
         if self.lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
             raise ValueError("need lr, weight_decay, warmup_steps and grad_clip >= 0")
+        if self.eps < 0 or len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("need eps >= 0 and two betas in [0, 1)")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -182,8 +184,8 @@ class ScheduleConfig:
     def validate(self) -> None:
         if min(self.global_batch, self.max_steps, self.log_every) < 1:
             raise ValueError("need global_batch, max_steps and log_every >= 1")
-        if self.checkpoint_every < 0 or self.max_failures < -1:
-            raise ValueError("need checkpoint_every >= 0 and max_failures >= -1")
+        if self.checkpoint_every < 0 or self.max_failures < -1 or self.seed < 0:
+            raise ValueError("need checkpoint_every >= 0, max_failures >= -1 and seed >= 0")
 
 
 @dataclasses.dataclass(kw_only=True)

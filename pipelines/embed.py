@@ -61,6 +61,8 @@ class ComputeConfig:
     def validate(self) -> None:
         if self.concurrency < 1 or self.batch_size < 1:
             raise ValueError("concurrency and batch_size must be >= 1")
+        if self.prepare_cpus <= 0 or min(self.num_cpus, self.num_gpus) < 0:
+            raise ValueError("need prepare_cpus > 0, num_cpus >= 0 and num_gpus >= 0")
         if self.prepare_cpus == self.num_cpus and not self.num_gpus:
             raise ValueError("prepare_cpus must differ from num_cpus (or Ray Data fuses them)")
 

@@ -59,6 +59,8 @@ class SpaceConfig:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
 
     def validate(self) -> None:
+        if self.num_samples < 1 or self.draw_seed < 0 or min(self.seeds, default=-1) < 0:
+            raise ValueError("need num_samples >= 1, draw_seed >= 0 and seeds: [N >= 0, ...]")
         for key, dist in self.sample.items():
             if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
                 raise ValueError(f"space.sample.{key}: one of {DISTRIBUTIONS} with its arguments")
@@ -85,6 +87,10 @@ class AshaConfig:
     enabled: bool = True
     grace_evals: int = 2  # evaluations every trial gets before it may be stopped
     reduction_factor: int = 2
+
+    def validate(self) -> None:
+        if self.grace_evals < 1 or self.reduction_factor < 2:
+            raise ValueError("need grace_evals >= 1 and reduction_factor >= 2")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -127,6 +127,14 @@ class ComputeConfig:
     model_cpus: float = 1.0
     model_gpus: float = 0.0
 
+    def validate(self) -> None:
+        if self.rows_per_task < 1 or self.process_threads < 1 or self.model_actors < 1:
+            raise ValueError("need rows_per_task, process_threads and model_actors >= 1")
+        if self.num_cpus <= 0 or (self.concurrency is not None and self.concurrency < 1):
+            raise ValueError("need num_cpus > 0 and concurrency >= 1 (or null: as CPUs allow)")
+        if min(self.dedup_one_task_rows, self.model_cpus, self.model_gpus) < 0:
+            raise ValueError("need dedup_one_task_rows, model_cpus and model_gpus >= 0")
+
 
 @dataclasses.dataclass(kw_only=True)
 class CurateConfig:
@@ -145,10 +153,8 @@ class CurateConfig:
     def validate(self) -> None:
         if not self.input.path or not self.output.path:
             raise ValueError("input.path (--input) and output.path (--output) are required")
-        if self.output.samples_per_shard < 1 or self.compute.rows_per_task < 1:
-            raise ValueError("samples_per_shard and rows_per_task must be >= 1")
-        if self.compute.model_actors < 1:
-            raise ValueError("compute.model_actors must be >= 1")
+        if self.output.samples_per_shard < 1:
+            raise ValueError("samples_per_shard must be >= 1")
         if self.dedup.semantic and not self.alignment.model:
             raise ValueError("dedup.semantic compares the image embeddings of alignment.model: "
                              "give one")  # fmt: skip

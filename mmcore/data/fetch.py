@@ -52,8 +52,10 @@ class FetchConfig:
     def validate(self) -> None:
         if self.timeout_s <= 0 or self.retries < 0 or self.threads < 1 or self.max_bytes < 1:
             raise ValueError("need timeout_s > 0, retries >= 0, threads >= 1, max_bytes >= 1")
-        if self.per_host_concurrency < 0 or self.max_retry_after_s < 0:
-            raise ValueError("need per_host_concurrency >= 0 and max_retry_after_s >= 0")
+        if self.per_host_concurrency < 0 or self.max_retry_after_s < 0 or self.backoff_s < 0:
+            raise ValueError(
+                "need per_host_concurrency >= 0, max_retry_after_s >= 0 and backoff_s >= 0"
+            )
         if any(d != d.strip().lower() or not d for d in self.disallowed_directives):
             raise ValueError("disallowed_directives: lower-case directives, e.g. noai")
 

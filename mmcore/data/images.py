@@ -65,8 +65,10 @@ class ImageConfig:
     def validate(self) -> None:
         if self.image_size < 1 or not 1 <= self.encode_quality <= 100:
             raise ValueError("need image_size >= 1 and 1 <= encode_quality <= 100")
-        if self.max_aspect_ratio < 1 or self.min_side > self.max_side:
-            raise ValueError("need max_aspect_ratio >= 1 and min_side <= max_side")
+        if self.max_aspect_ratio < 1 or not 0 <= self.min_side <= self.max_side:
+            raise ValueError("need max_aspect_ratio >= 1 and 0 <= min_side <= max_side")
+        if self.max_pixels < 1:  # below 1 every image would be image_too_large
+            raise ValueError("need max_pixels >= 1")
 
 
 @dataclasses.dataclass

@@ -64,7 +64,7 @@ class VisionConfig:
     stem_channels: int = 24  # the conv stem's first width (doubling at each halving after)
 
     def validate(self) -> None:
-        if self.image_size % VISION_SIZES[self.size][4]:
+        if self.image_size < 1 or self.image_size % VISION_SIZES[self.size][4]:
             raise ValueError(f"image_size must be a multiple of the {self.size} patch size")
         if self.stem_channels < 1:
             raise ValueError("stem_channels must be >= 1")
@@ -76,6 +76,11 @@ class TextConfig:
     size: Literal["tiny", "small", "base"] = "tiny"  # for kind=transformer
     context_length: int = 32  # tokens, [CLS] and [SEP] included
     frozen: bool = False  # LiT: lock the text tower, train the rest
+
+    def validate(self) -> None:
+        longest = 512 if self.kind == "minilm" else None  # MiniLM's position embeddings
+        if self.context_length < 2 or (longest and self.context_length > longest):
+            raise ValueError(f"context_length must be in [2, {longest or 'any'}] for {self.kind}")
 
 
 @functools.cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +14,7 @@ from ray.serve.schema import ServeDeploySchema
 from mmcore.config import ConfigError, flatten, load_config, to_dict
 from pipelines.api import ServeConfig, config_from
 from pipelines.curate import CurateConfig
+from pipelines.embed import EmbedConfig
 from pipelines.train import TrainConfig
 from pipelines.tune import SweepConfig
 
@@ -62,6 +64,43 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(Outer, None, [override])
+
+
+JOBS = {
+    "train": (TrainConfig, ["data.path=shards"]),
+    "curate": (CurateConfig, ["input.path=meta.parquet", "output.path=shards"]),
+    "tune": (SweepConfig, []),
+    "embed": (EmbedConfig, ["model=m", "data=shards", "output=out"]),
+}
+
+
+@pytest.mark.parametrize(
+    ("job", "override", "message"),
+    [
+        ("train", "schedule.max_steps=0", "schedule: need global_batch, max_steps and log_every"),
+        ("train", "schedule.log_every=0", "schedule: need global_batch, max_steps and log_every"),
+        ("train", "schedule.seed=-1", "schedule: need checkpoint_every >= 0, max_failures"),
+        ("train", "scaling.num_workers=0", "scaling: need num_workers >= 1"),
+        ("train", "model.vision.image_size=0", "model.vision: image_size must be a multiple"),
+        ("train", "model.text.context_length=600", "context_length must be in [2, 512]"),
+        ("train", "model.fusion_module.heads=3", "width divisible by heads"),
+        ("train", "optim.betas=[0.9, 1.0]", "optim: need eps >= 0 and two betas in [0, 1)"),
+        ("curate", "fetch.backoff_s=-1", "backoff_s >= 0"),
+        ("curate", "image.max_pixels=0", "image: need max_pixels >= 1"),
+        ("curate", "compute.process_threads=0", "compute: need rows_per_task, process_threads"),
+        ("curate", "compute.num_cpus=0", "compute: need num_cpus > 0"),
+        ("tune", "space.num_samples=0", "space: need num_samples >= 1"),
+        ("tune", "space.seeds=[-1]", "seeds: [N >= 0, ...]"),
+        ("tune", "asha.grace_evals=0", "asha: need grace_evals >= 1"),
+        ("embed", "compute.prepare_cpus=0", "compute: need prepare_cpus > 0"),
+    ],
+)
+def test_every_job_refuses_values_it_cannot_run(job: str, override: str, message: str) -> None:
+    """Each of these used to pass the config and fail later, in a worker or task (division by
+    zero, a negative sleep, a numpy seed), or quietly drop every image (max_pixels=0)."""
+    cls, required = JOBS[job]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(cls, None, [*required, override])
 
 
 def test_unreadable_yaml(tmp_path: Path) -> None:

@@ -29,6 +29,10 @@ class FusionConfig:
     layers: int = 2
     heads: int = 4
 
+    def validate(self) -> None:
+        if min(self.width, self.layers, self.heads) < 1 or self.width % self.heads:
+            raise ValueError("need width, layers, heads >= 1 and width divisible by heads")
+
 
 @dataclasses.dataclass
 class Fused:
