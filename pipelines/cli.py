@@ -33,7 +33,14 @@ def sample_data_args(argv: list[str]) -> argparse.Namespace:
         default=0.0,
         help="fraction of clean images given another scene's caption (kind noisy)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from mmcore.data.sample import check_args
+
+    try:
+        check_args(args.n, args.seed, args.min_px, args.max_px, args.noisy)
+    except ValueError as e:
+        p.error(str(e))  # exit 2, before anything is written
+    return args
 
 
 def sample_data(argv: list[str]) -> int:

@@ -78,6 +78,19 @@ def compositions(held: bool) -> list[tuple[str, str]]:
     return [(c, s) for c in COLOURS for s in SHAPES if heldout(c, s) == held]
 
 
+def check_args(n: int, seed: int, min_px: int, max_px: int, noisy: float) -> None:
+    """ValueError, before anything is written, for arguments no crawl can be drawn with."""
+    n_junk = max(2, round(n * 0.02))
+    if n - n_junk * len(JUNK) < n_junk:
+        raise ValueError(f"n={n} is too small: need at least {n_junk * (len(JUNK) + 1)} rows")
+    if seed < 0:
+        raise ValueError(f"seed={seed} must be >= 0")
+    if not 1 <= min_px <= max_px:
+        raise ValueError(f"need 1 <= min_px <= max_px (got {min_px} and {max_px})")
+    if not 0 <= noisy < 1:
+        raise ValueError(f"noisy={noisy} must be in [0, 1)")
+
+
 def make_sample_data(
     out: str | Path, n: int = 600, seed: int = 0, min_px: int = 96, max_px: int = 256,
     zeroshot_per_class: int = 40, noisy: float = 0.0, heldout_n: int = 200,
@@ -85,17 +98,13 @@ def make_sample_data(
     """Write the crawl to ``out``; returns the contents of ``sample_info.json``. ``noisy``:
     the fraction of clean rows whose caption is replaced by one of a scene with another
     colour and shape (kind ``noisy``); 0 leaves the crawl exactly as without it."""
+    check_args(n, seed, min_px, max_px, noisy)
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     n_junk = max(2, round(n * 0.02))
     n_clean = n - n_junk * len(JUNK)
-    if n_clean < n_junk:
-        raise ValueError(f"n={n} is too small: need at least {n_junk * (len(JUNK) + 1)} rows")
-
-    if not 0 <= noisy < 1:
-        raise ValueError(f"noisy={noisy} must be in [0, 1)")
     rows = [_clean_row(rng, images, f"c{i:06d}", min_px, max_px) for i in range(n_clean)]
     n_noisy = round(n_clean * noisy)
     _mismatch(np.random.default_rng([seed, 1]), rows, n_noisy)  # its own stream: see above

@@ -5,6 +5,7 @@ import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from mmcore.data.sample import COLOURS, JUNK, SHAPES, heldout, make_sample_data
 
@@ -104,3 +105,22 @@ def test_questions_match_the_scenes_and_the_heldout_shard(tmp_path: Path) -> Non
     make_sample_data(tmp_path / "b", n=300, seed=5, zeroshot_per_class=1, heldout_n=0)
     a, b = (pq.read_table(tmp_path / d / "metadata.parquet").drop_columns("url") for d in "ab")
     assert a.equals(b)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--n", "0"], "n=0 is too small"),
+        (["--seed", "-1"], "seed=-1 must be >= 0"),  # numpy's traceback before
+        (["--min-px", "0"], "need 1 <= min_px <= max_px"),  # Pillow's "cannot write empty image"
+        (["--min-px", "300"], "need 1 <= min_px <= max_px"),
+        (["--noisy", "1"], "noisy=1.0 must be in [0, 1)"),
+    ],
+)
+def test_sample_data_refuses_bad_flags_before_writing(tmp_path: Path, capsys, flags, message):
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample-data", str(tmp_path / "out"), *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
