@@ -59,6 +59,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.template = args.template or list(DEFAULT_TEMPLATES)
         if any("{}" not in t for t in args.template):
             raise ConfigError("every --template needs a {} for the class name")
+    # 0 and negative counts used to mean "all" (falsy) or "all but the last" (a slice).
+    least = {"limit": 2, "shortlist": 1, "max_pairs": 1}
+    for name, low in least.items():
+        if getattr(args, name, None) is not None and getattr(args, name) < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}")
     return args
 
 

@@ -163,3 +163,12 @@ def test_eval_commands_print_one_json_line(model_dir, sample_dir, tmp_path, caps
     )
     assert "no .tar shards in" in capsys.readouterr().err
     assert evaluate.main([*args, "--template", "no placeholder"]) == 2
+    assert "every --template needs a {}" in capsys.readouterr().err
+    # Counts below their least: 0 used to mean all pairs, -1 all but the last image.
+    data = ["--model", str(model_dir), "--data", str(tmp_path)]
+    for task, flag, value, least in [("retrieval", "--limit", "1", 2),
+                                     ("retrieval", "--shortlist", "0", 1),
+                                     ("caption", "--max-pairs", "0", 1),
+                                     ("vqa", "--max-pairs", "-1", 1)]:  # fmt: skip
+        assert evaluate.main([task, *data, flag, value]) == 2
+        assert f"{flag} must be >= {least}" in capsys.readouterr().err
