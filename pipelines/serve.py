@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import ray.exceptions
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 from PIL import Image
 from ray import serve
 
-from mmcore.config import from_dict, to_dict
+from mmcore.config import ConfigError, from_dict, to_dict
 from mmcore.eval.zeroshot import class_prompts
 from mmcore.serving import BadInput, IndexRecords, Limits, decode_image, read_index
 from mmcore.tasks import GenerationConfig, cannot
@@ -359,6 +360,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--address", help="a running Ray cluster (default: RAY_ADDRESS or local)")
     p.add_argument("--detach", action="store_true", help="deploy onto the cluster and return")
     args = p.parse_args(argv)
+    if args.port is not None and not 1 <= args.port <= 65535:
+        p.error(f"--port {args.port}: need 1-65535")
     args.values = flags.values(args, flags.SERVE)
     return args
 
@@ -378,7 +381,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def deploy(cfg: api.ServeConfig) -> dict[str, Any]:
         host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
-        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.start(http_options={"host": host, "port": port})
+        except ray.exceptions.RayTaskError as e:  # Serve's proxy could not listen there
+            if "Failed to bind" not in str(e):
+                raise
+            raise ConfigError(f"cannot listen on {host}:{port}: is another server using it? "
+                              "Give another --port") from None  # fmt: skip
         # serve.run then finds the controller serve.start made and says so, every time.
         job.drop_log_lines("ray.serve", "Connecting to existing Serve app")
         _run_showing_replicas(build(cfg), cfg.replicas.min_replicas)

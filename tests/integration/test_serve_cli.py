@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -92,3 +93,22 @@ def test_bad_serve_config_fails_before_any_work() -> None:
     )  # fmt: skip
     assert run.returncode == 2 and "batches could never fill" in run.stderr
     assert "Started a local Ray" not in run.stderr
+    run = subprocess.run([MMRAY, "serve", "--model", "x", "--port", "0"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2 and "--port 0: need 1-65535" in run.stderr  # was: 8000 instead
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path) -> None:
+    """Another server on the port: one line that says so, not Ray's 80-line traceback of the
+    proxy actor (exit 1); the local Ray stops with the command."""
+    torch.manual_seed(0)
+    model = save_model(build_model(ModelConfig(text=TextConfig(kind="transformer"))), tmp_path)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        run = subprocess.run([MMRAY, "serve", "--model", str(model), "--port", str(port)],
+                             capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"cannot listen on 127.0.0.1:{port}: is another server using it?" in run.stderr
+    assert "Traceback" not in run.stderr and not run.stdout
