@@ -28,7 +28,7 @@ import psutil
 import requests
 
 from pipelines.flags import SOURCE as ROOT
-from pipelines.local import mlflow_server
+from pipelines.local import mlflow_server, port_in_use
 from pipelines.progress import Follow
 from pipelines.report import Report, render
 
@@ -368,7 +368,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dashboard-port", type=int, default=8265)
     p.add_argument("--gcs-port", type=int, default=6380)
     p.add_argument("--serve-port", type=int, default=8000)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Before anything starts: a taken port failed the stage that needed it, Serve's after
+    # the whole run.
+    for name in [] if args.stop else ["mlflow", "dashboard", "gcs", "serve"]:
+        if port_in_use(port := getattr(args, f"{name}_port")):
+            p.error(
+                f"port {port} (--{name}-port) is in use: by a demo still running "
+                f"(mmray demo --stop) or another server; give a free one with --{name}-port"
+            )
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

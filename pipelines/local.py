@@ -55,6 +55,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(port: int) -> bool:
+    """Whether something listens on (or holds) ``port`` of the loopback interface."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 class ImageServer:
     """Serves ``root`` over HTTP on 127.0.0.1, with misbehaving endpoints:
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from pipelines.demo import ANSI, last_json
+import socket
+
+import pytest
+
+from pipelines.demo import ANSI, last_json, parse_args
+from pipelines.local import free_port
 from pipelines.report import Report, data_url, render
 
 
@@ -15,6 +20,22 @@ def test_last_json_finds_the_result_line_among_progress_output() -> None:
     )
     assert last_json(ANSI.sub("", logs)) == {"run_id": "abc", "metrics": {"eval/x": 0.5}}
     assert last_json("no result here\n") == {}
+
+
+def test_a_port_in_use_stops_the_demo_before_it_starts(capsys) -> None:
+    """Until 2026-12-08 a taken --serve-port failed the demo's last stage, after the whole run."""
+    names = ["mlflow", "dashboard", "gcs", "serve"]
+    flags = [f"--{name}-port={free_port()}" for name in names]
+    assert parse_args(flags).serve_port == int(flags[-1].split("=")[1])
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_:
+            parse_args([*flags[:3], f"--serve-port={port}"])
+        assert exit_.value.code == 2
+        assert f"port {port} (--serve-port) is in use" in capsys.readouterr().err
+        assert parse_args(["--stop", f"--serve-port={port}"]).stop  # stopping checks nothing
 
 
 def test_the_report_holds_every_section_inline() -> None:
