@@ -154,7 +154,11 @@ def start_run(
         tags=dict(tags or {}),
     ) as run:
         log.info("MLflow run %s in %s (%s)", run.info.run_id, cfg.experiment, tracking_uri())
-        yield Tracker(run.info.run_id)
+        try:
+            yield Tracker(run.info.run_id)
+        except KeyboardInterrupt:  # stopped by its user (Ctrl-C, SIGTERM): KILLED, not FAILED
+            mlflow.end_run("KILLED")
+            raise
 
 
 def download_artifacts(uri: str) -> Path:

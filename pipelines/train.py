@@ -333,7 +333,10 @@ def run(
             datasets=datasets,
             dataset_config=RayDataConfig(datasets_to_split=["train"]),  # each worker: all of val
         )  # fmt: skip
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except SystemExit:  # Ctrl-C: Ray Train's SIGINT handler aborted the run, then exits
+            raise KeyboardInterrupt from None
         with result.checkpoint.as_directory() as folder:
             model = consolidate(Path(folder), build_model(cfg.model), cfg.deepspeed.stage)
         model.objectives = frozenset(cfg.loss.terms)

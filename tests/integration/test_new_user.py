@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from mmcore.config import load_config
@@ -94,6 +96,36 @@ def test_train_starts_a_ray_sized_for_itself_and_finishes(shards, sample_dir, tm
     # Tracking is off: the resolved config lies beside the export, and loads back.
     saved = load_config(train.TrainConfig, export.parent / "config.yaml")
     assert saved.schedule.max_steps == 20 and saved.data.path == str(shards)
+
+
+def test_ctrl_c_stops_training_with_one_line_and_marks_the_run_killed(shards, tmp_path) -> None:
+    """Ctrl-C in the middle of `mmray train`: Ray Train's own SIGINT handler aborts the run,
+    then Ray raised SystemExit(1): the command exited 1 without a word and MLflow had the run
+    FAILED (until 2026-12-08)."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
+    log_path = tmp_path / "train.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [MMRAY, "train", "--config", TINY, "--data", str(shards), "schedule.max_steps=5000",
+             "schedule.global_batch=16", "eval.every=0", "output=out"],
+            cwd=tmp_path, env=clean | {"MLFLOW_TRACKING_URI": store}, stdout=subprocess.PIPE,
+            stderr=log, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 240
+            while "progress: train" not in log_path.read_text() and time.monotonic() < deadline:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) == 130, log_path.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "mmray train: interrupted" in log_path.read_text() and not proc.stdout.read()
+    client = mlflow.MlflowClient(store)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    assert [r.info.status for r in client.search_runs(ids)] == ["KILLED"]
 
 
 def test_an_unknown_model_fails_before_ray_or_serve_start(mlflow_server, tmp_path, capsys):
