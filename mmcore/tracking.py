@@ -381,11 +381,8 @@ def run_data(run_id: str) -> Any:
     return mlflow.MlflowClient(tracking_uri()).get_run(run_id).data
 
 
-def sweep_models(parent_run_id: str, errored: set[str]) -> dict[str, str]:
-    """Trial id → the model its run logged, for a sweep's child runs. Runs of trials that
-    early stopping interrupted ended as RUNNING or FAILED: they are marked KILLED here. A
-    trial that a restored sweep ran again has one run per attempt: the earlier ones, left
-    RUNNING by the driver that died, are marked KILLED and ``mmray.superseded``."""
+def _sweep_children(parent_run_id: str) -> tuple[Any, list[Any]]:
+    """An MLflow client, and the sweep's trial runs, oldest first."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri())
@@ -394,6 +391,24 @@ def sweep_models(parent_run_id: str, errored: set[str]) -> dict[str, str]:
         filter_string=f"tags.`{SWEEP_TAG}` = '{parent_run_id}'",
         order_by=["attributes.start_time ASC"],
     )
+    return client, children
+
+
+def end_interrupted_trials(parent_run_id: str) -> None:
+    """A sweep stopped by its user (Ctrl-C): its running trials' runs end KILLED, not RUNNING
+    for ever. A restored sweep runs those trials again."""
+    client, children = _sweep_children(parent_run_id)
+    for child in children:
+        if child.info.status == "RUNNING":
+            client.set_terminated(child.info.run_id, "KILLED")
+
+
+def sweep_models(parent_run_id: str, errored: set[str]) -> dict[str, str]:
+    """Trial id → the model its run logged, for a sweep's child runs. Runs of trials that
+    early stopping interrupted ended as RUNNING or FAILED: they are marked KILLED here. A
+    trial that a restored sweep ran again has one run per attempt: the earlier ones, left
+    RUNNING by the driver that died, are marked KILLED and ``mmray.superseded``."""
+    client, children = _sweep_children(parent_run_id)
     last = {child.data.tags[TRIAL_TAG]: child.info.run_id for child in children}
     models = {}
     for child in children:

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -362,7 +363,17 @@ def run(sweep: SweepConfig) -> dict[str, Any]:
             tracker.log_dict(to_dict(sweep.space) | {"cells": sweep.space.cells()},
                              "search_space.json")  # fmt: skip
         start = time.perf_counter()
-        trials = _trials(_tuner(sweep, path, param_space(sweep, parent_run_id)).fit())
+        # Ctrl-C stops a sweep as it stops any job: "interrupted", exit 130, and the same
+        # command resumes it. Tune's own SIGINT handler ended fit() as if the sweep were done,
+        # which then crowned from whatever trials had finished (or failed: none had).
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        try:
+            trials = _trials(_tuner(sweep, path, param_space(sweep, parent_run_id)).fit())
+        except KeyboardInterrupt:
+            log.warning("sweep %s stopped: the same command again resumes it", sweep.name)
+            if parent_run_id:
+                tracking.end_interrupted_trials(parent_run_id)
+            raise
         models = tracking.sweep_models(parent_run_id, {t.id for t in trials if t.errored})
         rows = ablation_rows(trials, sweep.metric, sweep.mode, sweep.samples_per_trial,
                              sweep.base.schedule.global_batch, models)  # fmt: skip

@@ -158,3 +158,39 @@ def test_a_sweep_whose_parent_run_another_store_holds_fails_before_any_work(
     assert tune.main(args) == 2
     assert f"there is no MLflow store at sqlite:///{store}" in capsys.readouterr().err
     assert not store.exists() and os.listdir(folder) == ["mmray_sweep.json"]
+
+
+def test_ctrl_c_stops_a_sweep_with_one_line_and_ends_its_runs_killed(
+    ray_cluster, shards, mlflow_server, tmp_path
+):
+    """Until 2026-12-08 Tune's own SIGINT handler ended fit() as if the sweep were done: the
+    driver then crowned from no finished trial (a RuntimeError traceback, exit 1)."""
+    training = {"data.path": str(shards), "scaling.num_workers": 1,
+                "schedule.global_batch": 16, "eval.every": 0}  # fmt: skip
+    cmd = [sys.executable, "-m", "pipelines.tune", "--config", "pipelines/configs/tune/tiny.yaml",
+           "name=ctrl-c", f"output={tmp_path}", f"trial={json.dumps(training)}",
+           "space.fusion=[late]", "space.loss=[{clip: 1.0}]", "samples_per_trial=160000",
+           "tracking.experiment=test-ctrl-c"]  # fmt: skip
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(Path.cwd()),
+                        "MLFLOW_TRACKING_URI": mlflow_server.url}  # fmt: skip
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            deadline = time.monotonic() + 300
+            while "progress: train" not in log_path.read_text() and time.monotonic() < deadline:
+                assert driver.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.2)
+            driver.send_signal(signal.SIGINT)
+            assert driver.wait(timeout=120) == 130, log_path.read_text()[-3000:]
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    text = log_path.read_text()
+    assert "sweep ctrl-c stopped: the same command again resumes it" in text
+    assert "mmray tune: interrupted" in text and "Traceback" not in text
+    assert not driver.stdout.read()  # no result line
+    client = mlflow.MlflowClient(mlflow_server.url)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "test-ctrl-c"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}  # sweep and trial
