@@ -56,8 +56,11 @@ def free_port() -> int:
 
 
 def port_in_use(port: int) -> bool:
-    """Whether something listens on (or holds) ``port`` of the loopback interface."""
+    """Whether something listens on (or holds) ``port`` of the loopback interface. As the
+    servers do, SO_REUSEADDR: the closed connections of a server just stopped (TIME_WAIT,
+    a minute) do not count."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -28,6 +28,7 @@ def test_a_port_in_use_stops_the_demo_before_it_starts(capsys) -> None:
     flags = [f"--{name}-port={free_port()}" for name in names]
     assert parse_args(flags).serve_port == int(flags[-1].split("=")[1])
     with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
@@ -36,6 +37,13 @@ def test_a_port_in_use_stops_the_demo_before_it_starts(capsys) -> None:
         assert exit_.value.code == 2
         assert f"port {port} (--serve-port) is in use" in capsys.readouterr().err
         assert parse_args(["--stop", f"--serve-port={port}"]).stop  # stopping checks nothing
+        # A server just stopped leaves its closed connections in TIME_WAIT for a minute: the
+        # port is free all the same (servers bind with SO_REUSEADDR), as after a demo --stop.
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = other.accept()
+        served.close()  # the server's side closes first: its port holds the TIME_WAIT
+        client.close()
+    assert parse_args([*flags[:3], f"--serve-port={port}"]).serve_port == port
 
 
 def test_the_report_holds_every_section_inline() -> None:
