@@ -115,9 +115,14 @@ def run_job(client, stage: str, entrypoint: str, workdir: Path, env: dict[str, s
     say(f"    job {job}: {entrypoint}")
     t0, follow = time.monotonic(), Follow((stage, "train") if stage == "tune" else (stage,))
     ended = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
-    while (status := client.get_job_status(job)) not in ended:
-        time.sleep(2)
-        follow.update(ANSI.sub("", client.get_job_logs(job)))
+    try:
+        while (status := client.get_job_status(job)) not in ended:
+            time.sleep(2)
+            follow.update(ANSI.sub("", client.get_job_logs(job)))
+    except KeyboardInterrupt:  # Ctrl-C: the stage's job stops too (the cluster keeps running)
+        follow.close()
+        client.stop_job(job)
+        raise
     logs = ANSI.sub("", client.get_job_logs(job))
     follow.update(logs)
     follow.close()
@@ -386,10 +391,11 @@ def main(argv: list[str] | None = None) -> int:
         return stop(Path(args.workdir))
     try:
         demo(args)
-    except (StageFailed, requests.RequestException, OSError) as e:
-        print(f"mmray demo: error: {e}", file=sys.stderr)
+    except (StageFailed, requests.RequestException, OSError, KeyboardInterrupt) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        print(f"mmray demo: {'interrupted' if interrupted else f'error: {e}'}", file=sys.stderr)
         print("the services started so far keep running: mmray demo --stop", file=sys.stderr)
-        return 1
+        return 130 if interrupted else 1
     return 0
 
 

@@ -5,6 +5,9 @@ in tests/e2e/test_demo.py."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,3 +36,41 @@ def test_a_submit_without_the_token_is_refused(ray_cluster) -> None:
     assert status == "SUCCEEDED"
     logs = requests.get(f"{api}{job}/logs", headers=auth, timeout=30).json()["logs"]
     assert "hello from a job" in logs
+
+
+def test_ctrl_c_while_the_demo_follows_a_stage_stops_that_stages_job(ray_cluster, tmp_path):
+    """`mmray demo` follows each stage's Ray job; Ctrl-C there left the job running on the
+    cluster (and printed a traceback) until 2026-12-08."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from pipelines.demo import auth_headers
+
+    entry = "python -c 'import time; time.sleep(600)'"
+    follow = (
+        "from pathlib import Path\n"
+        "from ray.job_submission import JobSubmissionClient\n"
+        "from pipelines.demo import auth_headers, run_job\n"
+        f"client = JobSubmissionClient({ray_cluster.dashboard!r}, headers=auth_headers())\n"
+        f"run_job(client, 'sleep', {entry!r}, Path({str(tmp_path)!r}), {{}})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", follow], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    client = JobSubmissionClient(ray_cluster.dashboard, headers=auth_headers())
+
+    def ours() -> list:
+        return [j for j in client.list_jobs() if j.entrypoint == entry]
+
+    try:
+        deadline = time.monotonic() + 120
+        while not any(j.status == JobStatus.RUNNING for j in ours()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 60
+    while ours()[0].status != JobStatus.STOPPED and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ours()[0].status == JobStatus.STOPPED
