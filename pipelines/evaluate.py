@@ -71,9 +71,7 @@ def check(args: argparse.Namespace) -> None:
     check_model(args.model)
     if args.task == "zeroshot":
         job.check_input("--image-folder", args.image_folder)
-    elif args.data.endswith(".tar"):  # one shard
-        job.check_input("--data", args.data)
-    else:  # a folder of shards
+    else:  # a folder of shards, or one
         job.shard_paths(args.data, "--data")
 
 

@@ -45,7 +45,11 @@ def work(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    check = lambda args: check_model(args.model)  # noqa: E731
+
+    def check(args: argparse.Namespace) -> None:
+        check_model(args.model)
+        job.check_output("--output", args.output)
+
     return job.main("mmray export", lambda: parse_args(argv), work, check)
 
 

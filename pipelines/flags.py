@@ -47,7 +47,7 @@ CURATE = [
     Flag("--threads", "fetch.threads", "concurrent downloads per task", int),
 ]
 TRAIN = [
-    Flag("--data", "data.path", "folder of curated shards"),
+    Flag("--data", "data.path", "folder of curated shards, or one .tar"),
     Flag("--val-data", "data.val_path", "curated shards for validation"),
     Flag("--zeroshot", "eval.zeroshot", "zero-shot folder DIR/<class>/<images>", repeat=True),
 ]
@@ -59,7 +59,7 @@ SERVE = [
 ]
 EMBED = [
     Flag("--model", "model", "folder, runs:/ID/model or models:/NAME@ALIAS"),
-    Flag("--data", "data", "folder of curated shards"),
+    Flag("--data", "data", "folder of curated shards, or one .tar"),
     Flag("--output", "output", "where the embedding parquet goes"),
 ]
 INDEX = [

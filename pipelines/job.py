@@ -32,6 +32,7 @@ import yaml
 
 from mmcore import storage, tracking
 from mmcore.config import ConfigError, to_dict
+from mmcore.data.shards import shard_tars
 from mmcore.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -219,14 +220,16 @@ def in_ray_job() -> bool:
 
 
 def check_output(key: str, path: str) -> None:
-    """Under a Ray job a relative output path would land in Ray's temporary copy of the
-    working directory and vanish with the job."""
+    """An output folder that is a file; under a Ray job, a relative output path, which would
+    land in Ray's temporary copy of the working directory and vanish with the job."""
     if path and in_ray_job() and "://" not in path and not Path(path).is_absolute():
         raise ConfigError(
             f"{key}={path!r} is relative: under `ray job submit` it would be written into the "
             "job's temporary copy of --working-dir and vanish with it; give an absolute path "
             "on storage every node can write"
         )
+    if path and "://" not in path and Path(path).is_file():
+        raise ConfigError(f"{key}: {Path(path).absolute()} is a file; give a folder")
 
 
 def output_root(path: str) -> str:
@@ -255,14 +258,13 @@ def check_input(key: str, path: str) -> None:
 
 
 def shard_paths(path: str, key: str = "data.path") -> list[str]:
-    """The curated ``.tar`` shards in folder (or bucket prefix) ``path``, as absolute paths or
-    URIs; a clear error when there are none."""
+    """The curated ``.tar`` shards in folder (or bucket prefix) ``path``, or the one ``.tar``
+    it names, as absolute paths or URIs; a clear error when there are none."""
     check_input(key, path)
-    tars = storage.list_files(path, ".tar")
-    if not tars:
-        where = storage.absolute(path)
-        raise ConfigError(f"no .tar shards in {where} (on a cluster: a path every node can read)")
-    return tars
+    try:
+        return shard_tars(storage.absolute(path))
+    except ConfigError as e:
+        raise ConfigError(f"{e} (on a cluster: a path every node can read)") from None
 
 
 def check_tracking(cfg: TrackingConfig) -> None:

@@ -271,7 +271,10 @@ def read_shards(
 def shard_tars(path: str | Path) -> list[str]:
     """The .tar shards of a folder (bucket prefix), or the one .tar given."""
     path = str(path)
-    tars = storage.list_files(path, ".tar") if storage.is_dir(path) else [path]
+    if storage.is_dir(path):
+        tars = storage.list_files(path, ".tar")
+    else:
+        tars = [path] if path.endswith(".tar") else []
     if not tars:
         raise ConfigError(f"no .tar shards in {storage.absolute(path)}")
     return tars

@@ -51,6 +51,21 @@ def test_under_ray_job_submit_relative_outputs_and_the_embedded_store_are_refuse
         job.check_input("data.path", "data/shards")  # ignored folders are not uploaded
 
 
+def test_shards_may_be_a_folder_or_one_tar_and_outputs_are_folders(tmp_path) -> None:
+    """`mmray train --data x.tar` and `--output FILE` were tracebacks until 2026-12-08."""
+    (tmp_path / "00001.tar").touch()
+    (tmp_path / "00000.tar").touch()
+    (tmp_path / "meta.parquet").touch()
+    tars = [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
+    assert job.shard_paths(str(tmp_path)) == tars
+    assert job.shard_paths(tars[1]) == tars[1:]
+    with pytest.raises(ConfigError, match="no .tar shards in .*meta.parquet"):
+        job.shard_paths(str(tmp_path / "meta.parquet"))
+    with pytest.raises(ConfigError, match="meta.parquet is a file; give a folder"):
+        job.check_output("--output", str(tmp_path / "meta.parquet"))
+    job.check_output("--output", str(tmp_path / "new"))  # made when written
+
+
 def test_job_main_prints_only_the_json_line_on_stdout(capsys) -> None:
     def work(cfg: dict) -> dict:
         print("a stray print from a library")
