@@ -92,7 +92,7 @@ def main(
             cfg = parse()
             check(cfg)
         except ValueError as e:  # ConfigError, or a check of the values (a bad config)
-            return _refuse(prog, e)
+            return refuse(prog, e)
         if dataclasses.is_dataclass(cfg):
             log.info("%s, resolved config:\n%s", prog, config_yaml(cfg).rstrip())
         if isinstance(getattr(cfg, "tracking", None), TrackingConfig):
@@ -103,7 +103,7 @@ def main(
                 _sigterm_interrupts()
             result = work(cfg)
         except ConfigError as e:
-            return _refuse(prog, e)
+            return refuse(prog, e)
         except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; the stack stops Ray
             print(f"{prog}: interrupted", file=sys.stderr, flush=True)
             return 130
@@ -149,7 +149,7 @@ def _result_stream(stack: contextlib.ExitStack) -> TextIO:
     return result
 
 
-def _refuse(prog: str, error: Exception) -> int:
+def refuse(prog: str, error: Exception) -> int:
     print(f"{prog}: error: {error}", file=sys.stderr)
     return 2
 

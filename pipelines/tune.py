@@ -433,12 +433,28 @@ def need(sweep: SweepConfig) -> job.Need:
                     data_cpus=n * trial.data_cpus)  # fmt: skip
 
 
+def report(sweep: str) -> str:
+    """The ablation table of sweep run ``sweep``; ``ConfigError`` for a run that is not one
+    (an unknown run was MLflow's traceback)."""
+    from mlflow.exceptions import MlflowException
+
+    tracking.check_run(sweep, "sweep")
+    try:
+        return tracking.load_text(f"runs:/{sweep}/ablation.md")
+    except MlflowException:
+        raise ConfigError(f"run {sweep} has no ablation.md: not a sweep (the run_id of mmray "
+                          "tune's JSON line), or one that has not finished") from None  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
         p = argparse.ArgumentParser(prog="mmray tune report")
         p.add_argument("sweep", help="the sweep's parent MLflow run id")
-        print(tracking.load_text(f"runs:/{p.parse_args(argv[1:]).sweep}/ablation.md"), end="")
+        try:
+            print(report(p.parse_args(argv[1:]).sweep), end="")
+        except ConfigError as e:
+            return job.refuse("mmray tune report", e)
         return 0
     return job.main("mmray tune", lambda: parse_args(argv), run, check, need)
 

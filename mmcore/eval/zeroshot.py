@@ -52,12 +52,16 @@ def image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     """``root/<class name>/<images>`` → (paths, labels, class names sorted by name)."""
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise ConfigError(f"{root} has no class sub-folders (expected DIR/<class name>/<images>)")
+    if len(classes) < 2:
+        raise ConfigError(f"{root} has {len(classes)} class sub-folders, zero-shot needs two or "
+                          "more (DIR/<class name>/<images>)")  # fmt: skip
     paths, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((root / name).iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 paths.append(path)
                 labels.append(label)
+    if not paths:
+        raise ConfigError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its "
+                          "class sub-folders")  # fmt: skip
     return paths, labels, classes

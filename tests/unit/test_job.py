@@ -163,3 +163,22 @@ def test_jobs_ask_for_their_workers_and_room_for_ray_data(monkeypatch) -> None:
                         ["max_concurrent_trials=2", "trial.data.path=x"])  # fmt: skip
     need = tune.need(sweep)  # each trial: its own process, 2 workers, its data tasks
     assert need.cpus == pytest.approx(2 * (tune.DRIVER_CPUS + 2)) and need.data_cpus == 4
+
+
+def test_tune_report_names_what_is_wrong(monkeypatch, tmp_path, capsys) -> None:
+    """An unknown run id, or a run that is no finished sweep: exit 2 and one line (MLflow's
+    traceback before)."""
+    import mlflow
+
+    from pipelines import tune
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    client = mlflow.MlflowClient(store)
+    run = client.create_run(client.create_experiment("x")).info.run_id
+    assert tune.main(["report", "0123456789abcdef"]) == 2
+    assert "sweep: MLflow run 0123456789abcdef is not in the store" in capsys.readouterr().err
+    assert tune.main(["report", run]) == 2
+    assert f"run {run} has no ablation.md: not a sweep" in capsys.readouterr().err
+    client.log_text(run, "| trial |", "ablation.md")
+    assert tune.main(["report", run]) == 0 and capsys.readouterr().out == "| trial |"

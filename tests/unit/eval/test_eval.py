@@ -49,5 +49,11 @@ def test_image_folder(tmp_path: Path) -> None:
     (tmp_path / "circle" / "notes.txt").write_text("not an image")
     paths, labels, classes = image_folder(tmp_path)
     assert classes == ["circle", "square"] and labels == [0, 1] and len(paths) == 2
-    with pytest.raises(ValueError, match="class sub-folders"):
+    with pytest.raises(ValueError, match="0 class sub-folders"):
         image_folder(tmp_path / "circle")
+    (tmp_path / "one" / "square").mkdir(parents=True)  # top-1 over one class: always right
+    with pytest.raises(ValueError, match="1 class sub-folders, zero-shot needs two or more"):
+        image_folder(tmp_path / "one")
+    (tmp_path / "one" / "circle").mkdir()  # no images: numpy's concatenate error before
+    with pytest.raises(ValueError, match="no images"):
+        image_folder(tmp_path / "one")
