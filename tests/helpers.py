@@ -31,6 +31,23 @@ def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout_s: f
     proc.wait(timeout=30)
 
 
+def interrupt_when_logged(
+    proc: subprocess.Popen, log: Path, marker: str, sig: int = signal.SIGINT
+) -> int:
+    """Send ``sig`` (Ctrl-C's by default) to ``proc`` once ``marker`` is in its log ``log``;
+    its exit code. It must run until then, and stop within 120 s after (killed otherwise)."""
+    try:
+        deadline = time.monotonic() + 300
+        while marker not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def train_killing_a_worker(
     train: Callable[[], dict], ready: Callable[[], bool]
 ) -> tuple[dict, int]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from mmcore.config import load_config
 from pipelines import serve, train
+from tests.helpers import interrupt_when_logged
 
 pytestmark = pytest.mark.integration
 MMRAY = str(Path(sys.executable).with_name("mmray"))
@@ -112,16 +112,8 @@ def test_ctrl_c_stops_training_with_one_line_and_marks_the_run_killed(shards, tm
             cwd=tmp_path, env=clean | {"MLFLOW_TRACKING_URI": store}, stdout=subprocess.PIPE,
             stderr=log, text=True,
         )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 240
-            while "progress: train" not in log_path.read_text() and time.monotonic() < deadline:
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                time.sleep(0.2)
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=120) == 130, log_path.read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        rc = interrupt_when_logged(proc, log_path, "progress: train")
+    assert rc == 130, log_path.read_text()[-3000:]
     assert "mmray train: interrupted" in log_path.read_text() and not proc.stdout.read()
     client = mlflow.MlflowClient(store)
     ids = [e.experiment_id for e in client.search_experiments()]

@@ -19,6 +19,7 @@ from mmcore.export import save_model
 from mmcore.models.model import ModelConfig, build_model
 from mmcore.models.towers import TextConfig
 from pipelines.local import free_port
+from tests.helpers import interrupt_when_logged
 
 pytestmark = pytest.mark.integration
 MMRAY = str(Path(sys.executable).with_name("mmray"))
@@ -71,16 +72,8 @@ def test_sigterm_while_serve_starts_interrupts_it_cleanly(tmp_path) -> None:
     log = open(log_path, "w")  # noqa: SIM115 - lives with the process
     proc = subprocess.Popen([MMRAY, "serve", "--model", str(model), "--port", str(free_port())],
                             stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while "progress: serve" not in log_path.read_text() and time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=90) == 130, log_path.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    rc = interrupt_when_logged(proc, log_path, "progress: serve", signal.SIGTERM)
+    assert rc == 130, log_path.read_text()[-3000:]
     text = log_path.read_text()
     assert "mmray serve: interrupted" in text and "SIGTERM received" not in text
     assert not proc.stdout.read()  # no result line

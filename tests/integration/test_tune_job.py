@@ -20,6 +20,7 @@ from mmcore.config import load_config
 from mmcore.tracking import SWEEP_TAG, load
 from pipelines import tune
 from pipelines.tune import SweepConfig
+from tests.helpers import interrupt_when_logged
 
 pytestmark = pytest.mark.integration
 
@@ -176,16 +177,8 @@ def test_ctrl_c_stops_a_sweep_with_one_line_and_ends_its_runs_killed(
     log_path = tmp_path / "driver.log"
     with open(log_path, "w") as log:
         driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-        try:
-            deadline = time.monotonic() + 300
-            while "progress: train" not in log_path.read_text() and time.monotonic() < deadline:
-                assert driver.poll() is None, log_path.read_text()[-3000:]
-                time.sleep(0.2)
-            driver.send_signal(signal.SIGINT)
-            assert driver.wait(timeout=120) == 130, log_path.read_text()[-3000:]
-        finally:
-            if driver.poll() is None:
-                driver.kill()
+        rc = interrupt_when_logged(driver, log_path, "progress: train")
+    assert rc == 130, log_path.read_text()[-3000:]
     text = log_path.read_text()
     assert "sweep ctrl-c stopped: the same command again resumes it" in text
     assert "mmray tune: interrupted" in text and "Traceback" not in text
